@@ -1,0 +1,244 @@
+"""GPU checks and timings of the 2:4 sparse kernels (run on an sm_90a GPU).
+
+  PYTHONPATH=. python benchmarks/kernels.py probe   # metadata-layout probe
+  PYTHONPATH=. python benchmarks/kernels.py check   # correctness, many shapes
+  PYTHONPATH=. python benchmarks/kernels.py bench   # table vs dense XLA GEMM
+
+Timing: CUPTI kernel times (``jax.experimental.mosaic.gpu.profiler.measure``),
+after a warm-up, median over ``--iters`` runs, random bf16 inputs (never zeros),
+the dense ``lax.dot_general`` of the same shape and layout timed in the same run.
+TFLOP/s count dense-equivalent flops ``2*M*N*K`` for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nmjax.kernels import pack as P
+
+SM = sys.modules  # the package shadows the module name with a function
+import nmjax.kernels.sparse_matmul  # noqa: E402,F401
+
+S = SM["nmjax.kernels.sparse_matmul"]
+
+_NT = (((1,), (1,)), ((), ()))  # contract axis 1 of both: A (M,K) x b_t (N,K)
+
+
+def random_24(key, rows, k, dtype=jnp.bfloat16):
+    """Random ``(rows, K)`` matrix and its magnitude 2:4 mask along axis 1."""
+    a = jax.random.normal(key, (rows, k), jnp.float32).astype(dtype)
+    g = jnp.abs(a.astype(jnp.float32)).reshape(rows, k // 4, 4)
+    top2 = jnp.argsort(-g, axis=-1)[..., :2]
+    mask = jnp.zeros(g.shape, bool)
+    mask = jnp.put_along_axis(mask, top2, True, axis=-1, inplace=False)
+    return a, mask.reshape(rows, k)
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def gpu_time_ms(f, *args, iters=50):
+    """Median kernel time (ms) of ``f(*args)``: CUPTI if available, else wall clock."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, times = profiler.measure(f, iterations=iters)(*args)
+        if times:
+            return statistics.median(times), "cupti"
+    except Exception as e:  # noqa: BLE001
+        print("  (cupti unavailable:", type(e).__name__, e, ")")
+    jf = jax.jit(f)
+    jax.block_until_ready(jf(*args))
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(jf(*args))
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts), "wall"
+
+
+# ------------------------------------------------------------------ layout probe
+_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+
+
+def probe(cfg=None, **kernel_kw):
+    """Finds which (thread word, nibble) of ``sp-meta`` feeds which (row, group).
+
+    One 64x128 A block, B = identity (so C = dense A). Slot ``(t, n)`` of k32
+    slice ``s`` carries digit ``s`` (base 6) of ``8*t + n`` as its index pair;
+    stored values are 1 (first) and 2 (second), so C shows both positions.
+    """
+    cfg = cfg or S.SparseMatmulConfig(tile_m=64, tile_n=128, max_concurrent_steps=2)
+    m, k, n = 64, 128, 128
+    slot = np.arange(512)
+    nib = np.zeros((4, 512), np.uint32)
+    for s in range(4):
+        digit = (slot // 6**s) % 6
+        lo, hi = np.array(_PAIRS)[digit].T
+        nib[s] = lo | (hi << 2)
+    words = np.zeros((1, 4, 64), np.uint32)
+    for s in range(4):
+        w = nib[s].reshape(64, 8)
+        words[0, s] = np.bitwise_or.reduce(w << (4 * np.arange(8, dtype=np.uint32)), axis=1)
+    values = np.tile(np.array([1.0, 2.0]), (m, k // 4))
+    packed = P.Packed24(jnp.asarray(values, jnp.bfloat16), jnp.asarray(words))
+    b_t = jnp.eye(n, k, dtype=jnp.bfloat16)
+    c = np.asarray(S.sparse_matmul_24(packed, b_t, config=cfg, **kernel_kw), np.float32)
+    found = np.full((64, 8), -1)  # (row, group in slice) -> slot index
+    ok = True
+    for r in range(64):
+        for j in range(8):
+            code = 0
+            for s in range(4):
+                grp = c[r, 32 * s + 4 * j: 32 * s + 4 * j + 4]
+                p1, p2 = np.where(grp == 1)[0], np.where(grp == 2)[0]
+                if len(p1) != 1 or len(p2) != 1 or (p1[0], p2[0]) not in _PAIRS:
+                    ok = False
+                    continue
+                code += _PAIRS.index((p1[0], p2[0])) * 6**s
+            found[r, j] = code
+    hyp = np.zeros((64, 8), int)
+    for r in range(64):
+        for j in range(8):
+            t = 16 * (r // 16) + 2 * (r % 8) + j // 4
+            nn = j % 4 + 4 * ((r % 16) // 8)
+            hyp[r, j] = 8 * t + nn
+    match = bool(ok and np.array_equal(found, hyp))
+    print(f"probe: decodable={ok} bijective={len(set(found.ravel())) == 512} "
+          f"matches_DESIGN_layout={match}")
+    if not match:
+        np.set_printoptions(linewidth=200)
+        print("found (row, group) -> (word, nibble) for rows 0..17:")
+        for r in range(18):
+            print(r, [divmod(int(x), 8) if x >= 0 else None for x in found[r]])
+        print("C[0:2, 0:32]=", c[0:2, 0:32])
+    return match
+
+
+# ------------------------------------------------------------------ correctness
+CHECK_SHAPES = [  # (M, N, K) of C = A(M,K) @ B(K,N)
+    (128, 128, 128), (256, 128, 256), (128, 384, 512), (512, 256, 768),
+    (768, 1024, 384), (1024, 512, 2048), (2048, 2048, 2048), (3072, 8192, 768),
+]
+
+
+def check(shapes=CHECK_SHAPES, cfgs=None, seed=0):
+    cfgs = cfgs or [S.SparseMatmulConfig()]
+    worst = 0.0
+    key = jax.random.key(seed)
+    for (m, n, k) in shapes:
+        key, k1, k2 = jax.random.split(key, 3)
+        a, mask = random_24(k1, m, k)
+        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+        packed = jax.jit(P.pack_24)(a, mask)
+        ref = jax.lax.dot_general(
+            jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
+            precision=jax.lax.Precision.HIGHEST)
+        for cfg in cfgs:
+            if m % cfg.tile_m or n % cfg.tile_n:
+                continue
+            for tr in (False, True):
+                out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=tr)
+                err = rel_err(out.T if tr else out, ref)
+                worst = max(worst, err)
+                print(f"check M={m} N={n} K={k} tiles=({cfg.tile_m},{cfg.tile_n}) "
+                      f"T={int(tr)} rel_err={err:.2e} {'OK' if err < 1e-2 else 'FAIL'}")
+    # The emulation branch (dense plgpu.wgmma) on the real GPU, small shapes.
+    for (m, n, k) in shapes[:3]:
+        key, k1, k2 = jax.random.split(key, 3)
+        a, mask = random_24(k1, m, k)
+        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+        out = S.sparse_matmul_24(P.pack_24(a, mask), b_t, branch="emulate")
+        err = rel_err(out, S.sparse_matmul_24_reference(P.pack_24(a, mask), b_t))
+        worst = max(worst, err)
+        print(f"check emulate-branch M={m} N={n} K={k} rel_err={err:.2e}")
+    print(f"check: worst rel_err {worst:.2e} ({'PASS' if worst < 1e-2 else 'FAIL'})")
+    return worst < 1e-2
+
+
+# ------------------------------------------------------------------------- bench
+BENCH_SHAPES = [
+    (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192),
+    (3072, 8192, 768), (768, 8192, 3072),  # BERT/ViT-B MLP, 8192 tokens
+    (4096, 8192, 4096), (16384, 8192, 4096), (4096, 8192, 16384),
+]
+
+
+def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
+    cfg = cfg or S.SparseMatmulConfig()
+    rows = []
+    key = jax.random.key(1)
+    for (m, n, k) in shapes:
+        key, k1, k2 = jax.random.split(key, 3)
+        a, mask = random_24(k1, m, k)
+        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+        a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
+        pack = jax.jit(P.pack_24)
+        packed = pack(a, mask)
+        flops = 2.0 * m * n * k
+        dense_ms, how = gpu_time_ms(
+            lambda x, y: jax.lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32
+                                             ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
+        sp = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg)
+        sparse_ms, _ = gpu_time_ms(sp, packed.values, packed.meta, b_t, iters=iters)
+        pack_ms, _ = gpu_time_ms(pack, a, mask, iters=max(10, iters // 5))
+        out = sp(packed.values, packed.meta, b_t)
+        err = rel_err(out, jax.lax.dot_general(
+            a_masked.astype(jnp.float32), b_t.astype(jnp.float32), _NT,
+            precision=jax.lax.Precision.HIGHEST))
+        row = (m, n, k, flops / dense_ms / 1e9, flops / sparse_ms / 1e9,
+               dense_ms / sparse_ms, pack_ms, err, how)
+        rows.append(row)
+        print("bench M=%d N=%d K=%d dense %.0f TF/s sparse %.0f TF/s ratio %.2fx "
+              "pack %.3f ms err %.1e (%s)" % row, flush=True)
+    return rows
+
+
+def format_table(rows, cfg):
+    lines = [
+        "| M | N | K | dense XLA bf16 TFLOP/s | sparse 2:4 kernel TFLOP/s | sparse/dense | pack ms | rel err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (m, n, k, dt, st, ratio, pk, err, _) in rows:
+        lines.append(f"| {m} | {n} | {k} | {dt:.0f} | {st:.0f} | {ratio:.2f}x | {pk:.3f} | {err:.1e} |")
+    lines.append(f"\nconfig: {cfg}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="+", choices=["probe", "check", "bench", "info"])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--tile-m", type=int, default=128)
+    ap.add_argument("--tile-n", type=int, default=128)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--shapes", default="")
+    args = ap.parse_args(argv)
+    cfg = S.SparseMatmulConfig(tile_m=args.tile_m, tile_n=args.tile_n,
+                               max_concurrent_steps=args.stages)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    if "info" in args.what:
+        print("devices:", jax.devices(), "jax", jax.__version__)
+    if "probe" in args.what:
+        probe()
+    if "check" in args.what:
+        check(cfgs=[cfg])
+    if "bench" in args.what:
+        rows = bench(shapes or BENCH_SHAPES, cfg=cfg, iters=args.iters)
+        print(format_table(rows, cfg))
+
+
+if __name__ == "__main__":
+    main()

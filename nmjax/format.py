@@ -1,0 +1,153 @@
+"""The canonical packed N:M format: kept values plus bit-packed in-group indices.
+
+Layout, for a weight grouped along ``axis`` with groups of ``m`` (``G = K / m`` groups):
+
+* ``values``: the weight's shape with ``axis`` of length ``G * n``. Group ``g`` owns slots
+  ``g*n .. g*n+n-1``, holding its kept entries in ascending in-group index. A group with
+  fewer than ``n`` kept entries fills the spare slots with explicit zeros at the smallest
+  unused indices, so every group always names ``n`` distinct ascending indices (what the
+  sparse tensor cores require: a repeated index is undefined behaviour there).
+* ``meta``: ``uint32``, the in-group index of each slot as a ``b``-bit field,
+  ``b = 1, 2 or 4`` (the smallest power of two with ``2**b >= m``), packed along ``axis``
+  little-endian: slot ``t`` (counting along the axis) sits in word ``t // (32 // b)`` at
+  bit ``b * (t % (32 // b))``. For 2:4 this is one nibble per group, lower index in the low
+  bits: the order of the hardware's metadata before any kernel-specific tiling.
+
+Kernels reorder ``meta`` for their own instruction layouts (``nmjax.kernels``); this format
+is the reference they are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nmjax.masks import _checks
+from nmjax.masks.nm import _from_groups, _to_groups, is_nm
+
+MAX_M = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedNM:
+    """A weight in the canonical packed N:M format (see the module docstring).
+
+    Attributes:
+      values: kept values, ``shape`` with ``axis`` of length ``shape[axis] * n // m``.
+      meta: ``uint32`` bit-packed in-group indices along ``axis``.
+      n, m, axis, shape: the pattern, the grouped axis and the dense shape (static).
+    """
+
+    values: jax.Array
+    meta: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+    m: int = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored index: the smallest of 1, 2, 4 with ``2**bits >= m``."""
+    return next(b for b in (1, 2, 4) if 2**b >= m)
+
+
+def _slot_indices(mask_groups: jax.Array, n: int) -> jax.Array:
+    """(..., m) bool -> (..., n) ascending in-group indices: kept ones, then unused fillers."""
+    m = mask_groups.shape[-1]
+    key = jnp.where(mask_groups, 0, m) + jnp.arange(m)  # kept first, then by index
+    chosen = jnp.sort(key, axis=-1)[..., :n] % m
+    return jnp.sort(chosen, axis=-1)
+
+
+def _pack_bits(idx: jax.Array, bits: int) -> jax.Array:
+    """(..., T) small ints -> (..., ceil(T / (32 // bits))) uint32, little-endian fields."""
+    per_word = 32 // bits
+    t = idx.shape[-1]
+    pad = -t % per_word
+    idx = jnp.pad(idx.astype(jnp.uint32), [(0, 0)] * (idx.ndim - 1) + [(0, pad)])
+    fields = idx.reshape(*idx.shape[:-1], -1, per_word)
+    shifts = (jnp.arange(per_word, dtype=jnp.uint32) * bits)
+    return jnp.bitwise_or.reduce(fields << shifts, axis=-1)
+
+
+def _unpack_bits(words: jax.Array, bits: int, count: int) -> jax.Array:
+    """Inverse of :func:`_pack_bits`: (..., W) uint32 -> (..., count) int32."""
+    per_word = 32 // bits
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+    fields = (words[..., :, None] >> shifts) & jnp.uint32(2**bits - 1)
+    return fields.reshape(*words.shape[:-1], -1)[..., :count].astype(jnp.int32)
+
+
+def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
+    """Packs ``w`` under an N:M ``mask`` into values + bit-packed index metadata.
+
+    Example::
+
+      mask = nmjax.masks.nm_mask(jnp.abs(w), 2, 4)        # w: (in, out)
+      packed = nmjax.format.pack(w, mask, 2, 4)           # values: (in // 2, out)
+      assert (nmjax.format.unpack(packed) == jnp.where(mask, w, 0)).all()
+
+    Args:
+      w: array of any rank and dtype.
+      mask: boolean, ``w.shape``, at most ``n`` kept per group of ``m`` along ``axis``.
+      n, m: the pattern, ``1 <= n <= m <= 16``.
+      axis: the grouped axis (default 0, the contraction axis of a Dense kernel).
+
+    Returns:
+      :class:`PackedNM`. Jit-able; under ``jit`` the mask's N:M validity cannot be checked
+      (it is checked eagerly whenever the mask is concrete).
+
+    Raises:
+      TypeError: ``mask`` not boolean.
+      ValueError: shapes differ, ``m > 16``, axis length not divisible by ``m``, or a
+        concrete mask keeps more than ``n`` in some group.
+    """
+    n, m = _checks.check_nm(n, m, max_m=MAX_M)
+    w = jnp.asarray(w)
+    mask = _checks.check_mask(mask)
+    if mask.shape != w.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal w shape {tuple(w.shape)}")
+    if w.ndim == 0:
+        raise ValueError("w must have at least one axis, got a scalar")
+    axis = _checks.check_axis(axis, w.ndim)
+    _checks.check_divisible(w.shape, axis, m, "w")
+    if _checks.is_concrete(mask) and not bool(is_nm(mask, n, m, axis)):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} keeps more than n={n} of some group of m={m} "
+            f"along axis {axis}; it is not {n}:{m}"
+        )
+    groups = _to_groups(w, axis, m)
+    mgroups = _to_groups(mask, axis, m)
+    idx = _slot_indices(mgroups, n)
+    vals = jnp.take_along_axis(groups, idx, axis=-1)
+    vals = jnp.where(jnp.take_along_axis(mgroups, idx, axis=-1), vals, jnp.zeros((), w.dtype))
+    flat_idx = idx.reshape(*idx.shape[:-2], -1)
+    meta = jnp.moveaxis(_pack_bits(flat_idx, index_bits(m)), -1, axis)
+    return PackedNM(_from_groups(vals, axis), meta, n, m, axis, tuple(w.shape))
+
+
+def slot_indices(packed: PackedNM) -> jax.Array:
+    """The in-group index of every value slot: ``packed.values.shape``, int32 in ``[0, m)``."""
+    count = packed.values.shape[packed.axis]
+    meta = jnp.moveaxis(packed.meta, packed.axis, -1)
+    idx = _unpack_bits(meta, index_bits(packed.m), count)
+    return jnp.moveaxis(idx, -1, packed.axis)
+
+
+def unpack(packed: PackedNM) -> jax.Array:
+    """Dense array of ``packed.shape``: the kept values in place, zeros elsewhere."""
+    n, m, axis = packed.n, packed.m, packed.axis
+    vals = _to_groups(packed.values, axis, n)  # (..., G, n)
+    idx = _to_groups(slot_indices(packed), axis, n)
+    onehot = idx[..., :, None] == jnp.arange(m)  # (..., G, n, m)
+    dense = jnp.where(onehot, vals[..., :, None], jnp.zeros((), vals.dtype)).sum(-2)
+    return _from_groups(dense.astype(vals.dtype), axis)
+
+
+def unpack_mask(packed: PackedNM) -> jax.Array:
+    """The mask of nonzero stored values (filler slots hold zeros), ``packed.shape`` bool."""
+    return unpack(packed) != 0

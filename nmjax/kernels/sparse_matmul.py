@@ -1,0 +1,325 @@
+"""2:4-sparse x dense GEMM for Hopper (sm_90a) in Pallas Mosaic GPU.
+
+``C = A @ B`` where ``A: (M, K)`` is 2:4 sparse along ``K`` and given packed
+(:class:`nmjax.kernels.pack.Packed24`: ``values (M, K/2)`` bf16 +
+``meta uint32 (M/64, K/32, 64)``), and ``B`` is given K-major as
+``b_t: (N, K)`` -- exactly how activations ``X: (batch, in)`` and output
+gradients ``dY: (batch, out)`` are stored, so neither product of a linear layer
+needs a transpose of its dense operand:
+
+* forward ``Yᵀ = Wᵀ·Xᵀ``: ``A = Wᵀ`` packed along ``in``, ``b_t = X``;
+* input gradient ``dXᵀ = W·dYᵀ``: ``A = W`` packed along ``out``, ``b_t = dY``.
+
+``transpose_out=True`` returns ``Cᵀ: (N, M)`` (``Y`` / ``dX`` directly).
+
+Two branches share the grid, the TMA pipeline, the block indexing and the
+epilogue:
+
+* ``"ptx"`` (GPU): ``wgmma.mma_async.sp.sync.aligned.m64nNk32.f32.bf16.bf16``
+  emitted through :func:`plgpu.inline_mgpu` (the way
+  ``jax.experimental.mosaic.gpu.wgmma`` emits the dense instruction); the
+  accumulator is carried through the pipeline as a WGMMA-layout array.
+* ``"emulate"`` (tests): the A tile is decompressed from values + metadata with
+  jnp ops inside the kernel and fed to the dense :func:`plgpu.wgmma`. It runs
+  under Pallas Mosaic GPU interpret mode on a CPU, so everything but the
+  sparse instruction itself is tested without a GPU.
+
+:func:`sparse_matmul_24_reference` is the plain-jnp reference of the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from nmjax.kernels import pack as _pack
+
+Branch = Literal["ptx", "emulate"]
+
+_SWIZZLE = 128
+_SWIZZLE_ELEMS = _SWIZZLE // 2  # bf16 elements per 128-byte swizzle row
+_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMatmulConfig:
+    """Tiling of :func:`sparse_matmul`.
+
+    tile_m: rows of A / C per block (multiple of 64; one warpgroup covers it).
+    tile_n: columns of C per block (multiple of 8, at most 256).
+    tile_k: logical K per pipeline step; 128 keeps A's compressed rows at 128 B.
+    max_concurrent_steps: TMA pipeline depth.
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    max_concurrent_steps: int = 3
+
+    def check(self, m: int, n: int, k: int) -> None:
+        if self.tile_m % 64 or self.tile_n % 8 or self.tile_n > 256:
+            raise ValueError(f"bad tiles {self}")
+        if self.tile_k != 2 * _SWIZZLE_ELEMS:
+            raise ValueError(f"tile_k must be {2 * _SWIZZLE_ELEMS} (got {self.tile_k})")
+        if m % self.tile_m or n % self.tile_n or k % self.tile_k:
+            raise ValueError(
+                f"(M, N, K)=({m}, {n}, {k}) must be multiples of "
+                f"({self.tile_m}, {self.tile_n}, {self.tile_k})"
+            )
+
+
+def sparse_matmul_24_reference(
+    a: _pack.Packed24, b_t: jax.Array, *, transpose_out: bool = False,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+    """Plain-jnp ``C = unpack(a) @ b_t.T`` (f32 accumulation), ``(M, N)`` or ``Cᵀ``."""
+    dense = _pack.unpack_24(a)
+    c = jnp.dot(dense, b_t.T, preferred_element_type=jnp.float32).astype(out_dtype)
+    return c.T if transpose_out else c
+
+
+# --------------------------------------------------------------------------- ptx
+def _sparse_wgmma_ptx(n: int) -> tuple[str, str, int]:
+    """PTX text + constraints of one m64nNk32 sparse bf16 wgmma (f32 acc in place)."""
+    num_acc = n // 2
+    constraints = ",".join(
+        ["=f"] * num_acc + [str(i) for i in range(num_acc)] + ["l", "l", "r"]
+    )
+    regs = itertools.count()
+    acc = "{" + ",".join(f"${next(regs)}" for _ in range(num_acc)) + "}"
+    for _ in range(num_acc):  # inputs aliased to the outputs
+        next(regs)
+    a_desc, b_desc, meta = (f"${next(regs)}" for _ in range(3))
+    # sp-sel 0: lanes 0,1 of each quad supply metadata. scale-d 1 (accumulate),
+    # scale-a/b 1, trans-a/b 0 (both operands K-major).
+    instr = (
+        f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.bf16.bf16 "
+        f"{acc}, {a_desc}, {b_desc}, {meta}, 0, 1, 1, 1, 0, 0;"
+    )
+    return instr, constraints, num_acc
+
+
+def _ptx_mma_step(config: SparseMatmulConfig):
+    """Returns ``acc -> acc + A_tile @ B_tile`` on smem tiles via the sparse PTX."""
+    from jax.experimental import mosaic as _mosaic  # noqa: F401  (registers dialects)
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import mma_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
+
+    # The package re-exports a function named ``wgmma`` over the module's name.
+    mgpu_wgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")
+    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+    acc_layout = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(
+        arg_types=(acc_layout, plgpu.RefType(_TRANSFORMS), plgpu.RefType(),
+                   plgpu.RefType(_TRANSFORMS)),
+        return_type=plgpu.ShapeDtypeStruct((tile_m, tile_n), jnp.float32, acc_layout),
+    )
+    def step(ctx, acc, a_ref, meta_ref, b_ref):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        f32 = ir.F32Type.get()
+        idx = ir.IndexType.get()
+
+        def c32(x):
+            return arith.constant(i32, x)
+
+        def add64(x, off):
+            return llvm.add(x, arith.constant(i64, mma_utils.encode_addr(off)),
+                            overflow_flags=llvm.IntegerOverflowFlags.none)
+
+        # Tiled smem refs: a (tile_m/8, 1, 8, 64), b (tile_n/8, tile_k/64, 8, 64).
+        a_strides, _ = ir.MemRefType(a_ref.type).get_strides_and_offset()
+        b_strides, _ = ir.MemRefType(b_ref.type).get_strides_and_offset()
+        a_desc0 = mma_utils.encode_descriptor(
+            a_ref, leading_byte_offset=0, stride_byte_offset=2 * a_strides[0],
+            swizzle=_SWIZZLE)
+        b_desc0 = mma_utils.encode_descriptor(
+            b_ref, leading_byte_offset=0, stride_byte_offset=2 * b_strides[0],
+            swizzle=_SWIZZLE)
+        a_m64_bytes = 2 * a_strides[0] * 8  # 64 rows = 8 row-atoms
+        b_kgroup_bytes = 2 * b_strides[1]  # next 64 logical K
+
+        tid = mgpu.thread_idx()
+        lane = arith.andi(tid, c32(31))
+        warp = arith.andi(arith.shrui(tid, c32(5)), c32(3))
+        word = arith.addi(
+            arith.muli(warp, c32(16)),
+            arith.addi(arith.muli(arith.shrui(lane, c32(2)), c32(2)),
+                       arith.andi(lane, c32(1))),
+        )
+
+        acc32 = acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT)
+        acc32 = mgpu_wgmma.wgmma_fence(acc32)
+        regs = acc32.registers.copy()
+        instr, constraints, num_acc = _sparse_wgmma_ptx(tile_n)
+        out_struct = llvm.StructType.get_literal([ir.VectorType.get((1,), f32)] * num_acc)
+        for mi in range(tile_m // 64):
+            block = regs[mi:mi + 1]
+            acc_regs = list(block.flat)
+            assert len(acc_regs) == num_acc
+            for s in range(tile_k // 32):
+                col = arith.index_cast(idx, arith.addi(word, c32(64 * s)))
+                meta = memref.load(meta_ref, [arith.constant(idx, mi), col])
+                a_desc = add64(a_desc0, mi * a_m64_bytes + 32 * s)
+                b_desc = add64(b_desc0, (s // 2) * b_kgroup_bytes + 64 * (s % 2))
+                res = llvm.inline_asm(
+                    out_struct, [*acc_regs, a_desc, b_desc, meta], instr, constraints,
+                    asm_dialect=0, has_side_effects=True)
+                acc_regs = [llvm.extractvalue(out_struct.body[0], res, [i])
+                            for i in range(num_acc)]
+            regs[mi:mi + 1] = jnp_reshape_like(acc_regs, block)
+        nvvm.wgmma_commit_group_sync_aligned()
+        nvvm.wgmma_wait_group_sync_aligned(0)
+        out = fa.FragmentedArray(
+            _registers=regs, _layout=fa.WGMMA_LAYOUT_ACC_32BIT, _is_signed=None)
+        out = fa.optimization_barrier(out)
+        return out.to_layout(fa.WGMMA_LAYOUT)
+
+    return step
+
+
+def jnp_reshape_like(values, like):
+    """Object-array reshape of a list of MLIR values to ``like``'s shape."""
+    import numpy as np
+
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr.reshape(like.shape)
+
+
+# ----------------------------------------------------------------------- emulate
+def decompress_tile(values: jax.Array, meta_words: jax.Array) -> jax.Array:
+    """Dense A tile from ``values (tm, tk/2)`` and ``meta_words (tm/64, tk*2)`` (jnp)."""
+    tm, half = values.shape
+    positions = _pack.thread_order_to_positions(meta_words.reshape(tm // 64, half // 16, 64))
+    return _pack.unpack_rows_24(values, positions)
+
+
+# ------------------------------------------------------------------------ kernel
+def sparse_matmul_24(
+    a: _pack.Packed24,
+    b_t: jax.Array,
+    *,
+    config: SparseMatmulConfig = SparseMatmulConfig(),
+    transpose_out: bool = False,
+    branch: Branch = "ptx",
+    interpret: bool | object = False,
+) -> jax.Array:
+    """``C = A @ b_t.T`` with A 2:4 sparse along K (packed), on Hopper.
+
+    Args:
+      a: :class:`Packed24` with ``values: bf16 (M, K/2)``, ``meta: uint32 (M/64, K/32, 64)``.
+      b_t: bf16 ``(N, K)`` -- B stored K-major.
+      config: tiling; M, N, K must be multiples of its tiles.
+      transpose_out: return ``Cᵀ: (N, M)`` instead of ``C: (M, N)``.
+      branch: ``"ptx"`` (sparse tensor cores, sm_90a) or ``"emulate"``
+        (decompress + dense wgmma; for interpret-mode tests).
+      interpret: passed to :func:`plgpu.kernel` (e.g. ``plgpu.InterpretParams()``).
+
+    Returns:
+      bf16 ``(M, N)`` (or ``(N, M)``), f32 accumulation.
+    """
+    values, meta = a
+    m, half = values.shape
+    k = 2 * half
+    n, k2 = b_t.shape
+    if k != k2:
+        raise ValueError(f"K mismatch: A has {k}, b_t has {k2}")
+    if values.dtype != jnp.bfloat16 or b_t.dtype != jnp.bfloat16:
+        raise ValueError("sparse_matmul takes bf16 values and b_t")
+    if meta.shape != (m // 64, k // 32, 64):
+        raise ValueError(f"meta shape {meta.shape} != {(m // 64, k // 32, 64)}")
+    config.check(m, n, k)
+    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
+    meta2d = meta.reshape(m // 64, 2 * k).astype(jnp.uint32)
+    k_iters = k // tk
+    out_dtype = jnp.bfloat16
+
+    mma_step = _ptx_mma_step(config) if branch == "ptx" else None
+
+    def kernel(a_gmem, meta_gmem, b_gmem, out_gmem, out_smem):
+        mi = lax.axis_index("m")
+        ni = lax.axis_index("n")
+        in_specs = [
+            plgpu.BlockSpec((tm, tk // 2), lambda ki: (0, ki), transforms=_TRANSFORMS),
+            plgpu.BlockSpec((tm // 64, 2 * tk), lambda ki: (0, ki)),
+            plgpu.BlockSpec((tn, tk), lambda ki: (0, ki), transforms=_TRANSFORMS),
+        ]
+        gmem_args = (
+            a_gmem.at[pl.ds(mi * tm, tm)],
+            meta_gmem.at[pl.ds(mi * (tm // 64), tm // 64)],
+            b_gmem.at[pl.ds(ni * tn, tn)],
+        )
+
+        def epilogue(acc):
+            out_smem[...] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem, out_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+            plgpu.wait_smem_to_gmem(0)
+
+        if branch == "ptx":
+            def body(_, a_smem, meta_smem, b_smem, acc):
+                return mma_step(acc, a_smem, meta_smem, b_smem)
+
+            acc0 = plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA)
+            acc = plgpu.emit_pipeline(
+                body, grid=(k_iters,), in_specs=in_specs,
+                max_concurrent_steps=config.max_concurrent_steps, init_carry=acc0,
+            )(*gmem_args)
+            epilogue(acc)
+            return
+
+        def scope(acc_ref, dense_smem):
+            def body(_, a_smem, meta_smem, b_smem):
+                dense_smem[...] = decompress_tile(a_smem[...], meta_smem[...])
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, dense_smem, b_smem.T)
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                body, grid=(k_iters,), in_specs=in_specs,
+                max_concurrent_steps=config.max_concurrent_steps,
+            )(*gmem_args)
+            epilogue(acc_ref[...])
+
+        # Register (ACC) and SMEM scopes may not be mixed in one run_scoped.
+        pl.run_scoped(
+            lambda dense_smem: pl.run_scoped(
+                lambda acc_ref: scope(acc_ref, dense_smem), plgpu.ACC((tm, tn), jnp.float32)),
+            plgpu.SMEM((tm, tk), jnp.bfloat16, transforms=_TRANSFORMS),
+        )
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        scratch_types=[plgpu.SMEM((tm, tn), out_dtype)],
+        grid=(m // tm, n // tn),
+        grid_names=("m", "n"),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret or None,
+    )
+    c = f(values, meta2d, b_t)
+    return c.T if transpose_out else c
+
+
+__all__ = [
+    "SparseMatmulConfig",
+    "decompress_tile",
+    "sparse_matmul_24",
+    "sparse_matmul_24_reference",
+]

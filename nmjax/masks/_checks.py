@@ -1,0 +1,120 @@
+"""Argument checks shared by the mask functions: one clear error per broken rule."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_nm(n: Any, m: Any, *, max_m: int | None = None) -> tuple[int, int]:
+    """Validates an N:M pair and returns it as Python ints.
+
+    Raises:
+      TypeError: ``n`` or ``m`` is not an integer.
+      ValueError: ``m < 1``, ``n < 1``, ``n > m``, or ``m > max_m``.
+    """
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be a Python int, got {value!r} ({type(value).__name__})")
+    n, m = int(n), int(m)
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got m={m}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (at least one kept entry per group), got n={n}")
+    if n > m:
+        raise ValueError(f"n must be <= m (keep at most m of every m), got n={n}, m={m}")
+    if max_m is not None and m > max_m:
+        raise ValueError(f"m must be <= {max_m} for this function, got m={m}")
+    return n, m
+
+
+def check_scores(scores: Any, name: str = "scores") -> jax.Array:
+    """Returns ``scores`` as a real (integer or floating) JAX array.
+
+    Raises:
+      TypeError: boolean, complex or non-numeric dtype.
+    """
+    dtype = jnp.result_type(scores)
+    if dtype == jnp.bool_:
+        raise TypeError(
+            f"{name} must be real numbers (|w| or another score), got a boolean array; "
+            "pass a mask to the validators (is_nm, is_transposable) instead"
+        )
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got complex dtype {dtype}; pass jnp.abs(w)")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{name} must have a real numeric dtype, got {dtype}")
+    return jnp.asarray(scores)
+
+
+def check_mask(mask: Any, name: str = "mask") -> jax.Array:
+    """Returns ``mask`` as a JAX boolean array.
+
+    Raises:
+      TypeError: ``mask`` is not boolean (0/1 integers are rejected: they hide dtype bugs).
+    """
+    dtype = jnp.result_type(mask)
+    if dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {dtype}; use mask.astype(bool)")
+    return jnp.asarray(mask)
+
+
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """Normalises ``axis`` for an array of rank ``ndim``.
+
+    Raises:
+      TypeError: ``axis`` is not an integer.
+      ValueError: ``axis`` out of range.
+    """
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
+    return axis % ndim
+
+
+def check_divisible(shape: tuple[int, ...], axis: int, m: int, name: str = "scores") -> None:
+    """Raises ValueError unless ``shape[axis]`` is a multiple of ``m``."""
+    if shape[axis] % m:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}; its axis {axis} (length {shape[axis]}) "
+            f"must be divisible by m={m} to form groups of m consecutive entries"
+        )
+
+
+def check_nan_policy(nan: str) -> str:
+    if nan not in ("smallest", "raise"):
+        raise ValueError(f"nan must be 'smallest' or 'raise', got {nan!r}")
+    return nan
+
+
+def raise_on_nan(scores: jax.Array, name: str = "scores") -> None:
+    """For ``nan='raise'``: raises ValueError if concrete ``scores`` hold NaN.
+
+    Traced scores cannot be inspected; that is a ValueError too, so ``nan='raise'``
+    never passes silently under ``jit``.
+    """
+    if isinstance(scores, jax.core.Tracer):
+        raise ValueError(
+            f"nan='raise' needs concrete {name}, but they are traced (inside jit/vmap/grad); "
+            "use nan='smallest' there, or check the weights before the transformation"
+        )
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        return
+    count = int(jnp.isnan(scores).sum())
+    if count:
+        raise ValueError(
+            f"{name} of shape {tuple(scores.shape)} contain {count} NaN value(s); "
+            "fix the weights, or pass nan='smallest' to rank NaN below every number"
+        )
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` holds values (not a tracer), so value checks can run eagerly."""
+    return not isinstance(x, jax.core.Tracer)
