@@ -109,7 +109,6 @@ def _sparse_wgmma_ptx(n: int) -> tuple[str, str, int]:
 
 def _ptx_mma_step(config: SparseMatmulConfig):
     """Returns ``acc -> acc + A_tile @ B_tile`` on smem tiles via the sparse PTX."""
-    from jax.experimental import mosaic as _mosaic  # noqa: F401  (registers dialects)
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import mma_utils
