@@ -178,3 +178,14 @@ def pack_weight_24(
     fwd = pack_24(w.T, fwd_mask.T)
     bwd = None if bwd_mask is None else pack_24(w, bwd_mask)
     return PackedWeight24(fwd, bwd)
+
+
+def from_format(packed) -> Packed24:
+    """Converts a canonical 2:4 :class:`nmjax.format.PackedNM` of a 2-D ``(rows, K)``
+    array grouped along axis 1 into the sparse-wgmma operand order."""
+    from nmjax import format as _format
+
+    if (packed.n, packed.m, packed.axis, len(packed.shape)) != (2, 4, 1, 2):
+        raise ValueError("from_format takes a 2-D 2:4 PackedNM grouped along axis 1")
+    positions = _format.slot_indices(packed)
+    return Packed24(packed.values, meta_to_thread_order(positions))

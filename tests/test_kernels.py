@@ -1,0 +1,205 @@
+"""Tests of nmjax.kernels: packing, metadata layout, the sparse GEMM kernel.
+
+CPU: the packing and layout functions, the kernel's emulation branch under Pallas
+Mosaic GPU interpret mode (tiling, pipeline, indexing, packing), and the PTX branch's
+lowering to Mosaic IR. GPU (``-m gpu``, sm_90 only): the sparse-wgmma branch itself.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nmjax.kernels.sparse_matmul  # noqa: F401
+from nmjax import format as nmformat
+from nmjax.kernels import pack as P
+
+S = sys.modules["nmjax.kernels.sparse_matmul"]
+
+
+def _random_mask(rng, rows, k, underfill=True):
+    """A 2:4 mask along axis 1; with ``underfill`` some groups keep 0 or 1."""
+    mask = np.zeros((rows, k // 4, 4), bool)
+    for r in range(rows):
+        for g in range(k // 4):
+            kept = rng.integers(0, 3) if underfill else 2
+            mask[r, g, rng.choice(4, kept, replace=False)] = True
+    return jnp.asarray(mask.reshape(rows, k))
+
+
+def _data(seed, rows, k, underfill=True):
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    return a, _random_mask(rng, rows, k, underfill)
+
+
+def _on_sm90():
+    try:
+        d = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return d.platform == "gpu" and getattr(d, "compute_capability", "") in ("9.0", "9.0a")
+
+
+gpu = pytest.mark.gpu
+needs_sm90 = pytest.mark.skipif(not _on_sm90(), reason="needs an sm_90 GPU")
+
+
+# ----------------------------------------------------------------------- packing
+def test_pair_table_is_valid():
+    for code in range(16):
+        lo, hi = P._PAIRS[code]
+        assert 0 <= lo < hi <= 3
+        kept = [p for p in range(4) if code >> p & 1]
+        if len(kept) <= 2:
+            assert set(kept) <= {lo, hi}
+
+
+@pytest.mark.parametrize("rows,k", [(64, 32), (128, 64), (192, 128)])
+def test_pack_roundtrip(rows, k):
+    a, mask = _data(rows + k, rows, k)
+    packed = P.pack_24(a, mask)
+    assert packed.values.shape == (rows, k // 2)
+    assert packed.meta.shape == (rows // 64, k // 32, 64) and packed.meta.dtype == jnp.uint32
+    np.testing.assert_array_equal(P.unpack_24(packed), jnp.where(mask, a, 0))
+
+
+def test_nibbles_are_valid_pairs():
+    a, mask = _data(1, 64, 128)
+    _, pos = P.pack_rows_24(a, mask)
+    nib = np.asarray(P.nibbles(pos))
+    assert not np.isin(nib, [0, 5, 10, 15]).any()
+    assert ((nib & 3) < (nib >> 2)).all()
+
+
+def test_meta_bit_layout_spot_check():
+    """Word 16w+2g+q bits [4j,4j+4) = row 16w+g, group 8s+4q+j; +16 bits: row +8."""
+    rng = np.random.default_rng(0)
+    rows, k = 128, 64
+    pos = np.sort(np.stack([rng.choice(4, 2, replace=False)
+                            for _ in range(rows * k // 4)]), axis=1).reshape(rows, k // 2)
+    meta = np.asarray(P.meta_to_thread_order(jnp.asarray(pos)))
+    for (b, s, w, g, q, h, j) in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 3, 7, 1, 1, 3),
+                                  (0, 1, 2, 5, 0, 1, 2), (1, 0, 1, 3, 1, 0, 1)]:
+        row = 64 * b + 16 * w + 8 * h + g
+        group = 8 * s + 4 * q + j
+        nib = pos[row, 2 * group] | (pos[row, 2 * group + 1] << 2)
+        word = meta[b, s, 16 * w + 2 * g + q]
+        assert (word >> (16 * h + 4 * j)) & 0xF == nib
+
+
+def test_meta_roundtrip():
+    a, mask = _data(2, 128, 96)
+    _, pos = P.pack_rows_24(a, mask)
+    np.testing.assert_array_equal(P.thread_order_to_positions(P.meta_to_thread_order(pos)), pos)
+
+
+def test_matches_canonical_format():
+    a, mask = _data(3, 128, 64)
+    canon = nmformat.pack(a, mask, 2, 4, axis=1)
+    values, pos = P.pack_rows_24(a, mask)
+    np.testing.assert_array_equal(values, canon.values)
+    np.testing.assert_array_equal(pos, nmformat.slot_indices(canon))
+    # canonical word 0 holds groups 0..7 of each row, nibble per group, low first
+    words = np.bitwise_or.reduce(np.asarray(P.nibbles(pos)[:, :8]) << (
+        4 * np.arange(8, dtype=np.uint32)), axis=1)
+    np.testing.assert_array_equal(words, np.asarray(canon.meta)[:, 0])
+    converted = P.from_format(canon)
+    np.testing.assert_array_equal(converted.meta, P.pack_24(a, mask).meta)
+
+
+def test_pack_weight_24_both_directions():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((128, 192)), jnp.float32)
+    fwd = _random_mask(rng, 192, 128, underfill=False).T  # 2:4 along in (axis 0)
+    bwd = _random_mask(rng, 128, 192, underfill=False)  # 2:4 along out (axis 1)
+    packed = jax.jit(P.pack_weight_24)(w, fwd, bwd)
+    assert packed.fwd.values.shape == (192, 64) and packed.bwd.values.shape == (128, 96)
+    np.testing.assert_array_equal(P.unpack_24(packed.fwd), jnp.where(fwd, w, 0).T)
+    np.testing.assert_array_equal(P.unpack_24(packed.bwd), jnp.where(bwd, w, 0))
+    assert P.pack_weight_24(w, fwd).bwd is None
+
+
+def test_pack_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        P.pack_24(jnp.zeros((64, 30)), jnp.zeros((64, 30), bool))
+    with pytest.raises(ValueError):
+        P.pack_24(jnp.zeros((48, 32)), jnp.zeros((48, 32), bool))
+
+
+# ------------------------------------------------------------ kernel (emulated)
+def _interpret():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.InterpretGPUParams()
+
+
+@pytest.mark.parametrize(
+    "m,n,k,tm,tn,stages,transpose_out",
+    [
+        (128, 64, 256, 64, 64, 2, False),  # 2x1 grid, 2 k-steps
+        (64, 128, 512, 64, 64, 2, True),  # 1x2 grid, 4 k-steps > stages
+        (128, 128, 384, 128, 64, 3, False),  # tile_m=128: two m64 blocks per tile
+    ],
+)
+def test_emulated_kernel_interpret(m, n, k, tm, tn, stages, transpose_out):
+    a, mask = _data(m + n + k, m, k)
+    b_t = jnp.asarray(np.random.default_rng(9).standard_normal((n, k)), jnp.bfloat16)
+    packed = P.pack_24(a, mask)
+    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages)
+    out = S.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
+                             interpret=_interpret(), transpose_out=transpose_out)
+    ref = S.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_kernel_rejects_bad_tiles():
+    a, mask = _data(0, 128, 256)
+    with pytest.raises(ValueError):
+        S.sparse_matmul_24(P.pack_24(a, mask), jnp.zeros((100, 256), jnp.bfloat16))
+    with pytest.raises(ValueError):
+        S.sparse_matmul_24(P.pack_24(a, mask), jnp.zeros((128, 128), jnp.bfloat16))
+
+
+def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma():
+    m, n, k = 128, 128, 256
+    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b))
+    lowered = f.trace(
+        jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
+        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
+        jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
+    ).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16" in text
+
+
+# --------------------------------------------------------------------------- GPU
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("m,n,k", [(128, 128, 128), (256, 384, 512), (1024, 512, 768)])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_sparse_wgmma_matches_reference_on_gpu(m, n, k, transpose_out):
+    a, mask = _data(m + n + k, m, k, underfill=True)
+    b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
+    packed = P.pack_24(a, mask)
+    out = S.sparse_matmul_24(packed, b_t, transpose_out=transpose_out)
+    ref = jnp.dot(P.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
+                  precision=jax.lax.Precision.HIGHEST)
+    ref = ref.T if transpose_out else ref
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert np.isfinite(out).all()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+
+
+@gpu
+@needs_sm90
+def test_metadata_layout_probe_on_gpu():
+    sys.path.insert(0, ".")
+    from benchmarks.kernels import probe
+
+    assert probe()
