@@ -13,6 +13,7 @@ TFLOP/s count dense-equivalent flops ``2*M*N*K`` for both.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -197,6 +198,62 @@ def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
     return rows
 
 
+LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # (rows, in, out)
+
+
+def bench_layer(shapes=LAYER_SHAPES, iters=30):
+    """``nm_dense`` forward + both backward products: pallas vs reference vs plain dense."""
+    import nmjax.kernels  # noqa: F401  (registers "pallas")
+    from nmjax import ops
+
+    rows_out = []
+    key = jax.random.key(2)
+    for (rows, n_in, n_out) in shapes:
+        key, k1, k2, k3 = jax.random.split(key, 4)
+        w = jax.random.normal(k1, (n_in, n_out), jnp.float32).astype(jnp.bfloat16)
+        x = jax.random.normal(k2, (rows, n_in), jnp.float32).astype(jnp.bfloat16)
+        g = jax.random.normal(k3, (rows, n_out), jnp.float32).astype(jnp.bfloat16)
+        # a transposable-enough stand-in: 2:4 along in (fwd) and along out (bwd)
+        _, fwd_t = random_24(k1, n_out, n_in)
+        _, bwd = random_24(k2, n_in, n_out)
+        fwd = fwd_t.T
+
+        def step(x, w, fwd, bwd, g, backend):
+            y, vjp = jax.vjp(lambda x, w: ops.nm_dense(x, w, fwd, bwd, backend=backend), x, w)
+            return (y, *vjp(g))
+
+        def dense_step(x, w, g):
+            y, vjp = jax.vjp(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32
+                                                  ).astype(jnp.bfloat16), x, w)
+            return (y, *vjp(g))
+
+        sp = jax.jit(functools.partial(step, backend="pallas"))
+        ref = jax.jit(functools.partial(step, backend="reference"))
+        t_sp, _ = gpu_time_ms(sp, x, w, fwd, bwd, g, iters=iters)
+        t_ref, _ = gpu_time_ms(ref, x, w, fwd, bwd, g, iters=iters)
+        t_dense, _ = gpu_time_ms(dense_step, x, w, g, iters=iters)
+        got, want = sp(x, w, fwd, bwd, g), ref(x, w, fwd, bwd, g)
+        errs = [rel_err(a, b) for a, b in zip(got, want, strict=True)]
+        row = (rows, n_in, n_out, t_dense, t_ref, t_sp, t_dense / t_sp, t_ref / t_sp, max(errs))
+        rows_out.append(row)
+        print(f"layer rows={rows} in={n_in} out={n_out} dense {t_dense:.3f} ms masked-ref "
+              f"{t_ref:.3f} ms pallas {t_sp:.3f} ms speedup vs dense {row[6]:.2f}x "
+              f"vs ref {row[7]:.2f}x err {row[8]:.1e}", flush=True)
+    return rows_out
+
+
+def format_layer_table(rows):
+    lines = [
+        "| rows | in | out | dense fwd+bwd ms | masked reference ms | pallas ms "
+        "| dense/pallas | reference/pallas | max rel err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (r, i, o, td, tr, tp, s1, s2, e) in rows:
+        lines.append(f"| {r} | {i} | {o} | {td:.3f} | {tr:.3f} | {tp:.3f} | {s1:.2f}x "
+                     f"| {s2:.2f}x | {e:.1e} |")
+    return "\n".join(lines)
+
+
 def format_table(rows, cfg):
     lines = [
         "| M | N | K | dense XLA bf16 TFLOP/s | sparse 2:4 kernel TFLOP/s | sparse/dense "
@@ -212,7 +269,7 @@ def format_table(rows, cfg):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+", choices=["probe", "check", "bench", "info"])
+    ap.add_argument("what", nargs="+", choices=["probe", "check", "bench", "layer", "info"])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tile-m", type=int, default=128)
     ap.add_argument("--tile-n", type=int, default=128)
@@ -231,6 +288,8 @@ def main(argv=None):
     if "bench" in args.what:
         rows = bench(shapes or BENCH_SHAPES, cfg=cfg, iters=args.iters)
         print(format_table(rows, cfg))
+    if "layer" in args.what:
+        print(format_layer_table(bench_layer(iters=max(10, args.iters // 2))))
 
 
 if __name__ == "__main__":

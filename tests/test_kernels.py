@@ -203,3 +203,66 @@ def test_metadata_layout_probe_on_gpu():
     from benchmarks.kernels import probe
 
     assert probe()
+
+
+# ----------------------------------------------------------------------- backend
+def test_pallas_backend_registered_and_errors_clearly_off_gpu():
+    from nmjax import ops
+    from nmjax.kernels import backend
+
+    assert "pallas" in ops.backends()
+    if backend.sm90_unavailable() is None:
+        pytest.skip("on an sm_90 GPU")
+    w = jnp.ones((128, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="sm_90"):
+        ops.nm_dense(jnp.ones((128, 128), jnp.bfloat16), w, jnp.ones((128, 128), bool),
+                     backend="pallas")
+
+
+def test_auto_policy_uses_measured_table(monkeypatch):
+    from nmjax import ops
+    from nmjax.kernels import backend
+
+    def problem(**kw):
+        base = dict(direction="forward", lhs_shape=(8192, 4096), w_shape=(4096, 4096),
+                    dtype=jnp.bfloat16, platform="gpu", device_kind="NVIDIA H100 80GB HBM3",
+                    nm=(2, 4), permuted=False)
+        base.update(kw)
+        return ops.Problem(**base)
+
+    monkeypatch.setattr(backend, "SPEEDUP_TABLE", {(4096, 8192, 4096): 1.2})
+    assert backend.claims(problem())
+    assert backend.claims(problem(direction="input_grad", lhs_shape=(8192, 4096)))
+    assert not backend.claims(problem(nm=None))
+    assert not backend.claims(problem(dtype=jnp.float32))
+    assert not backend.claims(problem(platform="cpu"))
+    assert not backend.claims(problem(lhs_shape=(8000, 4096)))
+    assert not backend.claims(problem(lhs_shape=(256, 4096)))  # far from any measured shape
+    monkeypatch.setattr(backend, "SPEEDUP_TABLE", {(4096, 8192, 4096): 0.8})
+    assert not backend.claims(problem())
+
+
+@gpu
+@needs_sm90
+def test_nm_dense_pallas_matches_reference_on_gpu():
+    from nmjax import ops
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((256, 384)), jnp.bfloat16)
+    mask = _random_mask(rng, 384, 256, underfill=False).T  # 2:4 along in
+    bwd = _random_mask(rng, 256, 384, underfill=False)  # 2:4 along out
+    x = jnp.asarray(rng.standard_normal((128, 256)), jnp.bfloat16)
+
+    def loss(x, w, backend):
+        y = ops.nm_dense(x, w, mask, bwd, backend=backend)
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(y.astype(jnp.float32)))
+
+    got = jax.grad(loss, (0, 1))(x, w, "pallas")
+    want = jax.grad(loss, (0, 1))(x, w, "reference")
+    for g, r in zip(got, want, strict=True):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2
+    y = ops.nm_dense(x, w, mask, bwd, backend="pallas")
+    y_ref = ops.nm_dense(x, w, mask, bwd, backend="reference")
+    y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
+    assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 1e-2

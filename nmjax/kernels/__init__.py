@@ -1,5 +1,10 @@
 """Pallas kernels for 2:4 sparse training on Hopper, each beside its jnp reference."""
 
+from nmjax.kernels.backend import (
+    register,
+    sparse_dense_24,
+    sparse_dense_24_input_grad,
+)
 from nmjax.kernels.pack import (
     Packed24,
     PackedWeight24,
@@ -17,7 +22,12 @@ from nmjax.kernels.sparse_matmul import (
     sparse_matmul_24_reference,
 )
 
+register()  # makes backend="pallas" available in nmjax.ops
+
 __all__ = [
+    "register",
+    "sparse_dense_24",
+    "sparse_dense_24_input_grad",
     "Packed24",
     "PackedWeight24",
     "SparseMatmulConfig",
