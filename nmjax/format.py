@@ -20,6 +20,7 @@ is the reference they are tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -120,6 +121,11 @@ def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
             f"mask of shape {tuple(mask.shape)} keeps more than n={n} of some group of m={m} "
             f"along axis {axis}; it is not {n}:{m}"
         )
+    return _pack(w, mask, n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _pack(w: jax.Array, mask: jax.Array, n: int, m: int, axis: int) -> PackedNM:
     groups = _to_groups(w, axis, m)
     mgroups = _to_groups(mask, axis, m)
     idx = _slot_indices(mgroups, n)
@@ -130,6 +136,7 @@ def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
     return PackedNM(_from_groups(vals, axis), meta, n, m, axis, tuple(w.shape))
 
 
+@jax.jit
 def slot_indices(packed: PackedNM) -> jax.Array:
     """The in-group index of every value slot: ``packed.values.shape``, int32 in ``[0, m)``."""
     count = packed.values.shape[packed.axis]
@@ -138,6 +145,7 @@ def slot_indices(packed: PackedNM) -> jax.Array:
     return jnp.moveaxis(idx, -1, packed.axis)
 
 
+@jax.jit
 def unpack(packed: PackedNM) -> jax.Array:
     """Dense array of ``packed.shape``: the kept values in place, zeros elsewhere."""
     n, m, axis = packed.n, packed.m, packed.axis

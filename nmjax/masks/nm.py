@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -90,9 +91,13 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
     _checks.check_divisible(scores.shape, axis, m)
     if _checks.check_nan_policy(nan) == "raise":
         _checks.raise_on_nan(scores)
-    scores = jax.lax.stop_gradient(scores)
-    keep = group_rank(_to_groups(scores, axis, m)) < n
-    return _from_groups(keep, axis)
+    return _nm_mask(jax.lax.stop_gradient(scores), n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_mask(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+    # One compiled program per (shape, dtype, n, m, axis), also when called eagerly.
+    return _from_groups(group_rank(_to_groups(scores, axis, m)) < n, axis)
 
 
 def _group_counts(mask: jax.Array, axis: int, m: int) -> jax.Array:
@@ -125,6 +130,11 @@ def is_nm(mask: Any, n: int, m: int, axis: int = 0, *, exact: bool = False) -> j
     mask, n, m = _check_mask_args(mask, n, m)
     axis = _checks.check_axis(axis, mask.ndim)
     _checks.check_divisible(mask.shape, axis, m, "mask")
+    return _is_nm(mask, n, m, axis, exact)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _is_nm(mask: jax.Array, n: int, m: int, axis: int, exact: bool) -> jax.Array:
     counts = _group_counts(mask, axis, m)
     return jnp.all(counts == n) if exact else jnp.all(counts <= n)
 
@@ -157,7 +167,4 @@ def is_transposable(
         raise ValueError(f"axes must name two different axes, got {axes}")
     for a in (a0, a1):
         _checks.check_divisible(mask.shape, a, m, "mask")
-    ok = jnp.all(_group_counts(mask, a0, m) <= n) & jnp.all(_group_counts(mask, a1, m) <= n)
-    if exact:
-        ok &= jnp.all(_group_counts(mask, a0, m) == n) & jnp.all(_group_counts(mask, a1, m) == n)
-    return ok
+    return _is_nm(mask, n, m, a0, exact) & _is_nm(mask, n, m, a1, exact)
