@@ -26,7 +26,7 @@ PatternFn = Callable[..., Any]
 
 
 def path_str(key_path: Sequence[Any]) -> Path:
-    """``(DictKey('params'), DictKey('Dense_0'), DictKey('kernel'))`` -> ``'params/Dense_0/kernel'``.
+    """A key path as a string: ``'params/Dense_0/kernel'``.
 
     NNX ``Variable`` wrappers (a trailing ``.value`` attribute) are dropped, so Linen and NNX
     paths read alike.

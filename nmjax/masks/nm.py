@@ -113,7 +113,7 @@ def _check_mask_args(mask, n, m, name="mask"):
 
 
 def is_nm(mask: Any, n: int, m: int, axis: int = 0, *, exact: bool = False) -> jax.Array:
-    """Whether ``mask`` keeps at most ``n`` (``exact``: exactly ``n``) of every ``m`` along ``axis``.
+    """Whether ``mask`` keeps at most ``n`` (``exact``: exactly ``n``) of each ``m`` along ``axis``.
 
     "At most N" is what sparse tensor cores need; "exactly N" is the definition used by
     mask diversity and by :func:`nm_mask`'s output.
