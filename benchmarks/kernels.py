@@ -185,6 +185,10 @@ def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
                                              ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
         sp = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg)
         sparse_ms, _ = gpu_time_ms(sp, packed.values, packed.meta, b_t, iters=iters)
+        spt = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg,
+                                                  transpose_out=True)
+        sparse_t_ms, _ = gpu_time_ms(spt, packed.values, packed.meta, b_t, iters=iters)
+        print(f"  transposed-out kernel: {flops / sparse_t_ms / 1e9:.0f} TF/s", flush=True)
         pack_ms, _ = gpu_time_ms(pack, a, mask, iters=max(10, iters // 5))
         out = sp(packed.values, packed.meta, b_t)
         err = rel_err(out, jax.lax.dot_general(
@@ -223,8 +227,7 @@ def bench_layer(shapes=LAYER_SHAPES, iters=30):
             return (y, *vjp(g))
 
         def dense_step(x, w, g):
-            y, vjp = jax.vjp(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32
-                                                  ).astype(jnp.bfloat16), x, w)
+            y, vjp = jax.vjp(jnp.dot, x, w)  # bf16 in/out; XLA accumulates in fp32
             return (y, *vjp(g))
 
         sp = jax.jit(functools.partial(step, backend="pallas"))
@@ -274,10 +277,12 @@ def main(argv=None):
     ap.add_argument("--tile-m", type=int, default=128)
     ap.add_argument("--tile-n", type=int, default=128)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--in-flight", type=int, default=1)
     ap.add_argument("--shapes", default="")
     args = ap.parse_args(argv)
     cfg = S.SparseMatmulConfig(tile_m=args.tile_m, tile_n=args.tile_n,
-                               max_concurrent_steps=args.stages)
+                               max_concurrent_steps=args.stages,
+                               mma_in_flight=args.in_flight)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     if "info" in args.what:
         print("devices:", jax.devices(), "jax", jax.__version__)

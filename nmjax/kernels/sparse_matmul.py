@@ -63,12 +63,17 @@ class SparseMatmulConfig:
     tile_n: int = 128
     tile_k: int = 128
     max_concurrent_steps: int = 3
+    mma_in_flight: int = 1  # wgmma groups left running across pipeline steps (0 or 1)
+    transpose_in_kernel: bool = True  # transpose_out in the epilogue (else an XLA transpose)
+    epilogue_n: int = 64  # output columns stored per epilogue step
 
     def check(self, m: int, n: int, k: int) -> None:
         if self.tile_m % 64 or self.tile_n % 8 or self.tile_n > 256:
             raise ValueError(f"bad tiles {self}")
         if self.tile_k != 2 * _SWIZZLE_ELEMS:
             raise ValueError(f"tile_k must be {2 * _SWIZZLE_ELEMS} (got {self.tile_k})")
+        if self.tile_n % min(self.epilogue_n, self.tile_n):
+            raise ValueError(f"tile_n must be a multiple of epilogue_n ({self})")
         if m % self.tile_m or n % self.tile_n or k % self.tile_k:
             raise ValueError(
                 f"(M, N, K)=({m}, {n}, {k}) must be multiples of "
@@ -118,7 +123,10 @@ def _ptx_mma_step(config: SparseMatmulConfig):
     # The package re-exports a function named ``wgmma`` over the module's name.
     mgpu_wgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
-    acc_layout = plgpu.Layout.WGMMA
+    # The carry keeps the accumulator in 32-bit registers: no relayout between steps,
+    # so ptxas sees plain chained wgmmas and needs no waits between them.
+    acc_layout = plgpu.Layout._WGMMA_ACC_32BIT
+    in_flight = config.mma_in_flight
 
     @plgpu.inline_mgpu(
         arg_types=(acc_layout, plgpu.RefType(_TRANSFORMS), plgpu.RefType(),
@@ -160,9 +168,9 @@ def _ptx_mma_step(config: SparseMatmulConfig):
                        arith.andi(lane, c32(1))),
         )
 
-        acc32 = acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT)
-        acc32 = mgpu_wgmma.wgmma_fence(acc32)
-        regs = acc32.registers.copy()
+        if not in_flight:
+            acc = mgpu_wgmma.wgmma_fence(acc)
+        regs = acc.registers.copy()
         instr, constraints, num_acc = _sparse_wgmma_ptx(tile_n)
         out_struct = llvm.StructType.get_literal([ir.VectorType.get((1,), f32)] * num_acc)
         for mi in range(tile_m // 64):
@@ -181,13 +189,28 @@ def _ptx_mma_step(config: SparseMatmulConfig):
                             for i in range(num_acc)]
             regs[mi:mi + 1] = jnp_reshape_like(acc_regs, block)
         nvvm.wgmma_commit_group_sync_aligned()
-        nvvm.wgmma_wait_group_sync_aligned(0)
+        nvvm.wgmma_wait_group_sync_aligned(in_flight)
         out = fa.FragmentedArray(
             _registers=regs, _layout=fa.WGMMA_LAYOUT_ACC_32BIT, _is_signed=None)
-        out = fa.optimization_barrier(out)
-        return out.to_layout(fa.WGMMA_LAYOUT)
+        return out if in_flight else fa.optimization_barrier(out)
 
-    return step
+    @plgpu.inline_mgpu(
+        return_type=plgpu.ShapeDtypeStruct((tile_m, tile_n), jnp.float32, acc_layout))
+    def init(ctx):
+        del ctx
+        zero = arith.constant(ir.F32Type.get(), 0.0)
+        acc = fa.FragmentedArray.splat(zero, (tile_m, tile_n), fa.WGMMA_LAYOUT_ACC_32BIT)
+        return mgpu_wgmma.wgmma_fence(acc)  # registers written before any wgmma reads them
+
+    @plgpu.inline_mgpu(
+        arg_types=(acc_layout,),
+        return_type=plgpu.ShapeDtypeStruct((tile_m, tile_n), jnp.float32, plgpu.Layout.WGMMA))
+    def finish(ctx, acc):
+        del ctx
+        nvvm.wgmma_wait_group_sync_aligned(0)
+        return fa.optimization_barrier(acc).to_layout(fa.WGMMA_LAYOUT)
+
+    return init, step, finish
 
 
 def jnp_reshape_like(values, like):
@@ -247,15 +270,19 @@ def sparse_matmul_24(
     k_iters = k // tk
     out_dtype = jnp.bfloat16
 
-    mma_step = _ptx_mma_step(config) if branch == "ptx" else None
+    if branch == "ptx":
+        mma_init, mma_step, mma_finish = _ptx_mma_step(config)
+    release = config.mma_in_flight if branch == "ptx" else 0
 
     def kernel(a_gmem, meta_gmem, b_gmem, out_gmem, out_smem):
         mi = lax.axis_index("m")
         ni = lax.axis_index("n")
         in_specs = [
-            plgpu.BlockSpec((tm, tk // 2), lambda ki: (0, ki), transforms=_TRANSFORMS),
-            plgpu.BlockSpec((tm // 64, 2 * tk), lambda ki: (0, ki)),
-            plgpu.BlockSpec((tn, tk), lambda ki: (0, ki), transforms=_TRANSFORMS),
+            plgpu.BlockSpec((tm, tk // 2), lambda ki: (0, ki), transforms=_TRANSFORMS,
+                            delay_release=release),
+            plgpu.BlockSpec((tm // 64, 2 * tk), lambda ki: (0, ki), delay_release=release),
+            plgpu.BlockSpec((tn, tk), lambda ki: (0, ki), transforms=_TRANSFORMS,
+                            delay_release=release),
         ]
         gmem_args = (
             a_gmem.at[pl.ds(mi * tm, tm)],
@@ -264,22 +291,31 @@ def sparse_matmul_24(
         )
 
         def epilogue(acc):
-            out_smem[...] = acc.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem, out_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+            # epi_n columns at a time through a small smem buffer: more room for stages.
+            for j in range(tn // epi_n):
+                cols = slice(j * epi_n, (j + 1) * epi_n)
+                n0 = ni * tn + j * epi_n
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # buffer free again
+                part = acc[:, cols].astype(out_dtype)
+                if t_kernel:  # out_smem: (epi_n, tm); write Cᵀ through a transposed view
+                    out_smem.transpose((1, 0))[...] = part
+                    dst = out_gmem.at[pl.ds(n0, epi_n), pl.ds(mi * tm, tm)]
+                else:
+                    out_smem[...] = part
+                    dst = out_gmem.at[pl.ds(mi * tm, tm), pl.ds(n0, epi_n)]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, dst)
             plgpu.wait_smem_to_gmem(0)
 
         if branch == "ptx":
             def body(_, a_smem, meta_smem, b_smem, acc):
                 return mma_step(acc, a_smem, meta_smem, b_smem)
 
-            acc0 = plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA)
             acc = plgpu.emit_pipeline(
                 body, grid=(k_iters,), in_specs=in_specs,
-                max_concurrent_steps=config.max_concurrent_steps, init_carry=acc0,
+                max_concurrent_steps=config.max_concurrent_steps, init_carry=mma_init(),
             )(*gmem_args)
-            epilogue(acc)
+            epilogue(mma_finish(acc))
             return
 
         def scope(acc_ref, dense_smem):
@@ -302,10 +338,12 @@ def sparse_matmul_24(
             plgpu.SMEM((tm, tk), jnp.bfloat16, transforms=_TRANSFORMS),
         )
 
+    t_kernel = transpose_out and config.transpose_in_kernel
+    epi_n = min(config.epilogue_n, tn)
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        scratch_types=[plgpu.SMEM((tm, tn), out_dtype)],
+        out_type=jax.ShapeDtypeStruct((n, m) if t_kernel else (m, n), out_dtype),
+        scratch_types=[plgpu.SMEM((epi_n, tm) if t_kernel else (tm, epi_n), out_dtype)],
         grid=(m // tm, n // tn),
         grid_names=("m", "n"),
         compiler_params=plgpu.CompilerParams(
@@ -313,7 +351,7 @@ def sparse_matmul_24(
         interpret=interpret or None,
     )
     c = f(values, meta2d, b_t)
-    return c.T if transpose_out else c
+    return c.T if transpose_out and not t_kernel else c
 
 
 __all__ = [
