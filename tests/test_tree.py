@@ -1,0 +1,185 @@
+"""Mask rules on real Flax Linen and NNX models (MLP and CNN)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmjax.masks import is_nm
+from nmjax.tree import (
+    MaskRule,
+    apply_masks,
+    build_masks,
+    leaf_kind,
+    path_str,
+    summarize,
+)
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(8, name="head")(x)
+
+
+class LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(10, 16, rngs=rngs)
+        self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+        self.norm = nnx.LayerNorm(32, rngs=rngs)
+        self.fc2 = nnx.Linear(32, 8, rngs=rngs)
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.fc = nnx.Linear(16 * 16, 4, rngs=rngs)
+
+
+def linen_params(model, x):
+    return model.init(jax.random.key(0), x)["params"]
+
+
+MODELS = {
+    "linen_mlp": lambda: linen_params(LinenMLP(), jnp.ones((1, 16))),
+    "linen_cnn": lambda: linen_params(LinenCNN(), jnp.ones((1, 4, 4, 8))),
+    "nnx_mlp": lambda: nnx.state(NNXMLP(nnx.Rngs(0)), nnx.Param),
+    "nnx_cnn": lambda: nnx.state(NNXCNN(nnx.Rngs(0)), nnx.Param),
+}
+
+
+def flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {path_str(p): v for p, v in leaves}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_default_rule_on_real_models(name, n, m):
+    params = MODELS[name]()
+    rule = MaskRule(n, m)
+    masks = build_masks(params, rule)
+    p, mk = flat(params), flat(masks)
+    assert p.keys() == mk.keys()
+    masked = {k for k, v in mk.items() if v is not None}
+    assert masked == {k for k in p if k.endswith("kernel")}
+    for k in masked:
+        w = p[k]
+        axis = w.ndim - 2  # Dense (in, out) -> 0; Conv HWIO -> I
+        assert mk[k].shape == w.shape
+        assert bool(is_nm(mk[k], n, m, axis=axis, exact=True)), k
+        # Magnitude: every kept |w| >= every pruned |w| of its group.
+        g = np.moveaxis(np.abs(np.asarray(w)), axis, -1).reshape(-1, m)
+        kg = np.moveaxis(np.asarray(mk[k]), axis, -1).reshape(-1, m)
+        assert (np.where(kg, g, np.inf).min(-1) >= np.where(kg, -np.inf, g).max(-1)).all()
+    sparse = flat(apply_masks(params, masks))
+    for k in p:
+        expect = p[k] if mk[k] is None else jnp.where(mk[k], p[k], 0)
+        np.testing.assert_array_equal(sparse[k], expect)
+        assert sparse[k].dtype == p[k].dtype
+    summary = summarize(params, masks, rule)
+    text = str(summary)
+    for k in p:
+        assert k in text
+    assert {r.path: r.density for r in summary.rows} == {
+        k: (n / m if k in masked else 1.0) for k in p
+    }
+    assert summary.total == sum(v.size for v in p.values())
+
+
+def test_nnx_round_trip_into_model():
+    model = NNXCNN(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    sparse = apply_masks(params, build_masks(params, MaskRule(2, 4)))
+    nnx.update(model, sparse)
+    assert bool(is_nm(model.conv2.kernel[...] != 0, 2, 4, axis=2))
+    y = model.fc(jnp.ones((1, 256)))
+    assert y.shape == (1, 4)
+
+
+def test_include_exclude_predicate():
+    params = MODELS["linen_mlp"]()
+    only_head = build_masks(params, MaskRule(2, 4, include=r"head/kernel$"))
+    assert flat(only_head)["Dense_0/kernel"] is None
+    assert flat(only_head)["head/kernel"] is not None
+    no_head = build_masks(params, MaskRule(2, 4, exclude="head"))
+    assert flat(no_head)["head/kernel"] is None and flat(no_head)["Dense_0/kernel"] is not None
+    big = build_masks(params, MaskRule(2, 4, predicate=lambda path, w: w.size > 300))
+    assert flat(big)["head/kernel"] is None and flat(big)["Dense_0/kernel"] is not None
+    # include can select leaves that are not kernels when told their axis.
+    emb = build_masks(MODELS["nnx_mlp"](), MaskRule(2, 4, include="embedding", axis=1))
+    assert bool(is_nm(flat(emb)["embed/embedding"], 2, 4, axis=1))
+
+
+def test_custom_pattern_and_jit():
+    params = MODELS["linen_cnn"]()
+
+    def keep_first(w, n, m, axis):
+        idx = jnp.arange(w.shape[axis]) % m < n
+        return jnp.broadcast_to(jnp.expand_dims(idx, range(1, w.ndim - axis)), w.shape)
+
+    masks = build_masks(params, MaskRule(1, 4, pattern=keep_first))
+    k = flat(masks)["Conv_1/kernel"]
+    assert bool(is_nm(k, 1, 4, axis=2, exact=True))
+    assert bool(k[..., 0, :].all()) and not bool(k[..., 1:4, :].any())
+    rule = MaskRule(2, 4)
+    jitted = jax.jit(lambda p: build_masks(p, rule))(params)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(build_masks(params, rule)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from([("a/kernel", 2, "dense", 0), ("Conv_0/kernel", 4, "conv", 2),
+                     ("b/kernel", 4, "conv", 2), ("conv1d/kernel", 3, "conv", 1),
+                     ("x/DenseGeneral_0/kernel", 3, None, None), ("a/bias", 1, None, None),
+                     ("e/embedding", 2, None, None), ("n/scale", 1, None, None)])
+)
+def test_leaf_kind(case):
+    path, ndim, kind, axis = case
+    assert leaf_kind(path, jnp.zeros((4,) * ndim)) == (kind, axis)
+
+
+def test_inputs_not_mutated():
+    params = MODELS["linen_mlp"]()
+    before = jax.tree.map(np.array, params)
+    apply_masks(params, build_masks(params, MaskRule(2, 4)))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_input():
+    params = {"d": {"kernel": jnp.ones((6, 4))}, "g": {"kernel": jnp.ones((2, 4, 8))}}
+    with pytest.raises(ValueError, match=r"'d/kernel' has shape \(6, 4\); its axis 0 "
+                                         r"\(length 6\) is not divisible by m=4"):
+        build_masks(params, MaskRule(2, 4))
+    assert flat(build_masks(params, MaskRule(2, 4, skip_indivisible=True)))["d/kernel"] is None
+    with pytest.raises(ValueError, match=r"'g/kernel' of shape \(2, 4, 8\).*axis is unknown"):
+        build_masks(params, MaskRule(2, 4, include="g/"))
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        MaskRule(2, 4, pattern="magic")
+    with pytest.raises(ValueError, match="n must be <= m"):
+        MaskRule(8, 4)
+    with pytest.raises(ValueError, match="include regex"):
+        MaskRule(2, 4, include="(")
+    good = {"d": {"kernel": jnp.ones((8, 4))}}
+    with pytest.raises(ValueError, match=r"mask for 'd/kernel' has shape \(4, 4\)"):
+        apply_masks(good, {"d": {"kernel": jnp.ones((4, 4), bool)}})
+    with pytest.raises(TypeError, match="mask for 'd/kernel' must be a boolean"):
+        apply_masks(good, {"d": {"kernel": jnp.ones((8, 4))}})
