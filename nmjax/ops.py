@@ -1,0 +1,511 @@
+"""N:M-sparse dense and conv products, sparse in both directions of backprop (``custom_vjp``).
+
+For ``w: (in, out)`` (a Flax Dense kernel) and boolean masks of ``w``'s shape:
+
+* forward: ``Y = X · (W ⊙ fwd_mask)`` (``fwd_mask`` N:M along axis 0, ``in``);
+* input gradient: ``dX = dY · (W ⊙ bwd_mask)ᵀ`` (``bwd_mask`` N:M along axis 1, ``out``; it
+  defaults to ``fwd_mask``, which must then be transposable for a kernel to speed it up);
+  with a Bi-Mask permutation ``perm`` of ``out`` the product runs in permuted order,
+  ``dY[:, perm] · ((W ⊙ bwd_mask)[:, perm])ᵀ`` -- the same value up to summation order;
+* weight gradient: dense, straight-through, ``dW = Xᵀ · dY``, plus the SR-STE term
+  ``decay · (1 − fwd_mask) ⊙ W``.
+
+Products run through a *backend*: ``"reference"`` (masked dense ``jnp``, any platform, fp32
+accumulation) or one registered with :func:`register_backend` (the kernels plug in
+``"pallas"`` there). ``"auto"`` uses a registered backend only where it claims the problem
+(shape, dtype, device, declared N:M pattern) and falls back to the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nmjax.masks import _checks
+
+Array = jax.Array
+
+
+class Problem(NamedTuple):
+    """What a backend's ``claims`` sees: one 2-D product, all static.
+
+    Attributes:
+      direction: ``"forward"`` (``x2d @ (w ⊙ fwd)``) or ``"input_grad"``
+        (``dy2d @ (w ⊙ bwd)ᵀ``).
+      lhs_shape: ``(rows, in)`` for forward, ``(rows, out)`` for input_grad.
+      w_shape: ``(in, out)``.
+      dtype: the compute dtype (inputs and weights share it).
+      platform: ``jax.devices()[0].platform`` (``"cpu"``, ``"gpu"``, ...).
+      device_kind: ``jax.devices()[0].device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``).
+      nm: the ``(n, m)`` pattern the caller declares the mask of this product to satisfy
+        (``fwd`` along ``in``; ``bwd`` along ``out``, in ``perm`` order), or ``None``.
+      permuted: whether a Bi-Mask ``perm`` is given (input_grad only).
+    """
+
+    direction: str
+    lhs_shape: tuple[int, int]
+    w_shape: tuple[int, int]
+    dtype: Any
+    platform: str
+    device_kind: str
+    nm: tuple[int, int] | None
+    permuted: bool
+
+
+class Backend(NamedTuple):
+    """The two sparse products of a linear layer, on 2-D operands.
+
+    Attributes:
+      forward: ``(x2d: (rows, in), w: (in, out), fwd_mask: (in, out)) -> (rows, out)``.
+      input_grad: ``(dy2d: (rows, out), w: (in, out), bwd_mask: (in, out),
+        perm: (out,) int | None) -> (rows, in)``.
+      claims: ``(Problem) -> bool``: whether ``"auto"`` should use this backend for the
+        product (it exists here and is faster). Must be cheap and static.
+      unavailable: ``() -> str | None``: ``None`` when the backend can run on this machine,
+        else the reason (used for the error when it is requested explicitly).
+    """
+
+    forward: Callable[[Array, Array, Array], Array]
+    input_grad: Callable[[Array, Array, Array, Array | None], Array]
+    claims: Callable[[Problem], bool]
+    unavailable: Callable[[], str | None]
+
+
+def _masked(w: Array, mask: Array) -> Array:
+    return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def reference_forward(x2d: Array, w: Array, fwd_mask: Array, *, precision=None) -> Array:
+    """``x2d @ (w ⊙ fwd_mask)``: ``(rows, in) x (in, out) -> (rows, out)``, fp32 accumulation."""
+    y = jnp.matmul(x2d, _masked(w, fwd_mask), precision=precision,
+                   preferred_element_type=jnp.float32)
+    return y.astype(x2d.dtype)
+
+
+def reference_input_grad(
+    dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *, precision=None
+) -> Array:
+    """``dy2d @ (w ⊙ bwd_mask)ᵀ``, in ``perm`` order of ``out`` when given: ``(rows, in)``."""
+    wb = _masked(w, bwd_mask)
+    if perm is not None:
+        dy2d, wb = dy2d[:, perm], wb[:, perm]
+    dx = jnp.matmul(dy2d, wb.T, precision=precision, preferred_element_type=jnp.float32)
+    return dx.astype(dy2d.dtype)
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        forward=reference_forward,
+        input_grad=reference_input_grad,
+        claims=lambda problem: True,
+        unavailable=lambda: None,
+    ),
+}
+
+# Backends that may exist in a later version or on another machine, and what they need.
+_KNOWN_BACKENDS = {
+    "pallas": "an NVIDIA sm_90 GPU (H100/H200) and the nmjax.kernels Pallas GEMM registered "
+              "with nmjax.ops.register_backend('pallas', ...)",
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Adds (or replaces) a product backend under ``name`` (e.g. ``"pallas"``).
+
+    ``"reference"`` and ``"auto"`` are reserved. ``"auto"`` tries registered backends in
+    registration order and takes the first whose ``claims`` returns True.
+    """
+    if name in ("reference", "auto"):
+        raise ValueError(f"backend name {name!r} is reserved")
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be an nmjax.ops.Backend, got {type(backend).__name__}")
+    _BACKENDS[name] = backend
+
+
+def backends() -> tuple[str, ...]:
+    """Names of the registered backends (``"reference"`` first)."""
+    return tuple(_BACKENDS)
+
+
+def _device() -> tuple[str, str]:
+    dev = jax.devices()[0]
+    return dev.platform, getattr(dev, "device_kind", dev.platform)
+
+
+def _check_backend_name(backend: Any) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {backend!r}")
+    if backend == "auto" or backend in _BACKENDS:
+        if backend in _BACKENDS:
+            reason = _BACKENDS[backend].unavailable()
+            if reason is not None:
+                platform, kind = _device()
+                raise ValueError(
+                    f"backend {backend!r} cannot run on this device ({platform}: {kind}): "
+                    f"{reason}; use backend='reference' or 'auto'")
+        return backend
+    platform, kind = _device()
+    if backend in _KNOWN_BACKENDS:
+        raise ValueError(
+            f"backend {backend!r} is not available on this device ({platform}: {kind}); it "
+            f"needs {_KNOWN_BACKENDS[backend]}. Use backend='reference' or 'auto'")
+    raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+
+
+def _pick(backend: str, problem: Problem) -> str:
+    if backend != "auto":
+        return backend
+    for name, impl in _BACKENDS.items():
+        if name != "reference" and impl.unavailable() is None and impl.claims(problem):
+            return name
+    return "reference"
+
+
+def _check_nm_hint(pattern: Any, name: str) -> tuple[int, int] | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, tuple | list) or len(pattern) != 2:
+        raise ValueError(f"{name} must be None or an (n, m) pair, got {pattern!r}")
+    return _checks.check_nm(*pattern)
+
+
+def _check_float(x: Any, name: str) -> Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array (bf16/fp16/fp32), got dtype {x.dtype}")
+    return x
+
+
+def _check_masks(w: Array, fwd_mask: Any, bwd_mask: Any) -> tuple[Array, Array]:
+    fwd_mask = _checks.check_mask(fwd_mask, "fwd_mask")
+    bwd_mask = fwd_mask if bwd_mask is None else _checks.check_mask(bwd_mask, "bwd_mask")
+    for name, mask in (("fwd_mask", fwd_mask), ("bwd_mask", bwd_mask)):
+        if tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}, but the kernel w has shape "
+                             f"{tuple(w.shape)}; a mask must have the kernel's shape")
+    return fwd_mask, bwd_mask
+
+
+def _check_perm(perm: Any, length: int) -> Array | None:
+    if perm is None:
+        return None
+    perm = jnp.asarray(perm)
+    if not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise TypeError(f"perm must be an integer array, got dtype {perm.dtype}")
+    if perm.shape != (length,):
+        raise ValueError(f"perm has shape {tuple(perm.shape)}; it must be ({length},), a "
+                         f"permutation of the kernel's output axis (length {length})")
+    if _checks.is_concrete(perm):
+        if not np.array_equal(np.sort(np.asarray(perm)), np.arange(length)):
+            raise ValueError(f"perm must be a permutation of 0..{length - 1}, got {perm}")
+    return perm
+
+
+def _check_decay(decay: Any) -> Array:
+    decay = jnp.asarray(decay)
+    if decay.ndim != 0 or not (jnp.issubdtype(decay.dtype, jnp.floating)
+                               or jnp.issubdtype(decay.dtype, jnp.integer)):
+        raise TypeError(f"decay must be a real scalar, got {decay!r}")
+    if _checks.is_concrete(decay) and float(decay) < 0:
+        raise ValueError(f"decay must be >= 0, got {float(decay)}")
+    return decay.astype(jnp.float32)
+
+
+def _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision):
+    dw = jnp.matmul(x2d.T, dy2d, precision=precision, preferred_element_type=jnp.float32)
+    dw = dw + decay * jnp.where(fwd_mask, 0.0, w.astype(jnp.float32))
+    return dw.astype(w.dtype)
+
+
+# -------------------------------------------------------------------------------- nm_dense
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision):
+    return _run_forward(fwd_backend, x2d, w, fwd_mask, precision)
+
+
+def _run_forward(name, x2d, w, fwd_mask, precision):
+    if name == "reference":
+        return reference_forward(x2d, w, fwd_mask, precision=precision)
+    return _BACKENDS[name].forward(x2d, w, fwd_mask)
+
+
+def _run_input_grad(name, dy2d, w, bwd_mask, perm, precision):
+    if name == "reference":
+        return reference_input_grad(dy2d, w, bwd_mask, perm, precision=precision)
+    return _BACKENDS[name].input_grad(dy2d, w, bwd_mask, perm)
+
+
+def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision):
+    y = _run_forward(fwd_backend, x2d, w, fwd_mask, precision)
+    return y, (x2d, w, fwd_mask, bwd_mask, perm, decay)
+
+
+def _dense2d_bwd(fwd_backend, bwd_backend, precision, res, dy2d):
+    x2d, w, fwd_mask, bwd_mask, perm, decay = res
+    dx = _run_input_grad(bwd_backend, dy2d, w, bwd_mask, perm, precision)
+    dw = _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision)
+    return dx.astype(x2d.dtype), dw, None, None, None, jnp.zeros_like(decay)
+
+
+_dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
+
+
+def nm_dense(
+    x: Any,
+    w: Any,
+    fwd_mask: Any,
+    bwd_mask: Any = None,
+    *,
+    perm: Any = None,
+    decay: float | Array = 0.0,
+    backend: str = "auto",
+    precision: Any = None,
+    fwd_nm: tuple[int, int] | None = None,
+    bwd_nm: tuple[int, int] | None = None,
+) -> Array:
+    """``x @ (w ⊙ fwd_mask)`` whose input gradient uses ``bwd_mask`` and whose weight gradient
+    is straight-through (SR-STE).
+
+    Example::
+
+      w = jax.random.normal(key, (256, 512))                      # (in, out)
+      mask = nmjax.masks.transposable_mask(jnp.abs(w), 2, 4)      # 2:4 along in and out
+      y = nm_dense(x, w, mask)                                     # x: (..., 256) -> (..., 512)
+      dx, dw = jax.grad(lambda x, w: nm_dense(x, w, mask).sum(), (0, 1))(x, w)
+
+    Args:
+      x: ``(..., in)`` floating inputs; leading axes are batch.
+      w: ``(in, out)`` floating kernel (the dense weights; masking happens here).
+      fwd_mask: ``(in, out)`` bool; the forward product uses ``w ⊙ fwd_mask``.
+      bwd_mask: ``(in, out)`` bool or ``None`` (= ``fwd_mask``); the input gradient uses
+        ``w ⊙ bwd_mask``.
+      perm: optional ``(out,)`` int permutation of ``out`` (Bi-Mask): the input-gradient
+        product runs over ``w[:, perm]``, where ``bwd_mask`` is N:M in consecutive groups.
+      decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd_mask) ⊙ w`` to the weight gradient.
+      backend: ``"auto"`` (default), ``"reference"`` or a registered backend name.
+      precision: ``lax.Precision`` for the products (as in ``nn.Dense``).
+      fwd_nm, bwd_nm: the ``(n, m)`` pattern the caller guarantees ``fwd_mask`` (along
+        ``in``) and ``bwd_mask`` (along ``out``, in ``perm`` order) satisfy. Only ``"auto"``
+        reads them, to decide whether a sparse kernel may run a product; ``None`` (unknown)
+        keeps that product on the reference.
+
+    Returns:
+      ``(..., out)`` in the promoted dtype of ``x`` and ``w``; products accumulate in fp32.
+      Gradients: ``dx`` in ``x.dtype``, ``dw`` in ``w.dtype``; the masks, ``perm`` and
+      ``decay`` get none. Works under ``jit``, ``vmap``, ``jax.checkpoint`` and nested
+      ``grad`` (reverse mode only: ``custom_vjp``).
+
+    Raises:
+      TypeError: non-floating ``x``/``w``, non-boolean masks, non-integer ``perm``.
+      ValueError: ``w`` not 2-D, ``x.shape[-1] != w.shape[0]``, a mask's shape differs from
+        ``w``'s, ``perm`` is not a permutation of ``out``, ``decay < 0``, unknown or
+        unavailable backend.
+    """
+    x = _check_float(x, "x")
+    w = _check_float(w, "w")
+    if w.ndim != 2:
+        raise ValueError(f"w must be a 2-D kernel (in, out), got shape {tuple(w.shape)}")
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last axis must equal the kernel's "
+                         f"in = w.shape[0] = {w.shape[0]} (w has shape {tuple(w.shape)})")
+    fwd_mask, bwd_mask = _check_masks(w, fwd_mask, bwd_mask)
+    perm = _check_perm(perm, w.shape[1])
+    decay = _check_decay(decay)
+    backend = _check_backend_name(backend)
+    fwd_nm = _check_nm_hint(fwd_nm, "fwd_nm")
+    bwd_nm = _check_nm_hint(bwd_nm, "bwd_nm")
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, w.shape[0])
+    platform, kind = _device()
+    rows = x2d.shape[0]
+    fwd_backend = _pick(backend, Problem("forward", (rows, w.shape[0]), tuple(w.shape), dtype,
+                                         platform, kind, fwd_nm, False))
+    bwd_backend = _pick(backend, Problem("input_grad", (rows, w.shape[1]), tuple(w.shape),
+                                         dtype, platform, kind, bwd_nm, perm is not None))
+    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision)
+    return y.reshape(*lead, w.shape[1])
+
+
+# --------------------------------------------------------------------------------- nm_conv
+
+
+class _ConvSpec(NamedTuple):
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+    lhs_dilation: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    feature_group_count: int
+    precision: Any
+
+
+def _conv(x, w, spec: _ConvSpec, out_dtype=jnp.float32):
+    nd = w.ndim - 2
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    if spatial is None:
+        raise ValueError(f"nm_conv supports 1-3 spatial dims, got kernel shape {w.shape}")
+    dn = lax.conv_dimension_numbers(x.shape, w.shape,
+                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+    return lax.conv_general_dilated(
+        x, w, spec.strides, spec.padding, lhs_dilation=spec.lhs_dilation,
+        rhs_dilation=spec.rhs_dilation, dimension_numbers=dn,
+        feature_group_count=spec.feature_group_count, precision=spec.precision,
+        preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _conv_vjp(x, w, fwd_mask, bwd_mask, perm, decay, spec):
+    return _conv(x, _masked(w, fwd_mask), spec).astype(x.dtype)
+
+
+def _conv_vjp_fwd(x, w, fwd_mask, bwd_mask, perm, decay, spec):
+    return _conv_vjp(x, w, fwd_mask, bwd_mask, perm, decay, spec), (
+        x, w, fwd_mask, bwd_mask, perm, decay)
+
+
+def _conv_vjp_bwd(spec, res, dy):
+    x, w, fwd_mask, bwd_mask, perm, decay = res
+    dy32 = dy.astype(jnp.float32)
+    wb = _masked(w, bwd_mask)
+    if perm is not None and spec.feature_group_count == 1:
+        # Same value as the unpermuted product: the contraction over O runs in perm order.
+        _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb[..., perm], spec), x)
+        (dx,) = vjp_x(dy32[..., perm])
+    else:
+        _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb, spec), x)
+        (dx,) = vjp_x(dy32)
+    _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, spec), w)
+    (dw,) = vjp_w(dy32)
+    dw = dw.astype(jnp.float32) + decay * jnp.where(fwd_mask, 0.0, w.astype(jnp.float32))
+    return dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, jnp.zeros_like(decay)
+
+
+_conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+
+
+def _int_tuple(value: Any, nd: int, name: str) -> tuple[int, ...]:
+    if value is None:
+        value = 1
+    if isinstance(value, int | np.integer):
+        value = (int(value),) * nd
+    value = tuple(int(v) for v in value)
+    if len(value) != nd or any(v < 1 for v in value):
+        raise ValueError(f"{name} must be a positive int or {nd} positive ints, got {value}")
+    return value
+
+
+def _canon_padding(padding: Any, nd: int) -> str | tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', 'SAME_LOWER', an int or "
+                             f"(low, high) pairs, got {padding!r} (nmjax.nn layers handle "
+                             "'CIRCULAR', 'REFLECT' and 'CAUSAL' by padding the input)")
+        return padding.upper()
+    if isinstance(padding, int | np.integer):
+        return ((int(padding), int(padding)),) * nd
+    pads = tuple(padding)
+    if len(pads) != nd:
+        raise ValueError(f"padding needs {nd} entries (one per spatial dim), got {padding!r}")
+    return tuple((int(p), int(p)) if isinstance(p, int | np.integer) else
+                 (int(p[0]), int(p[1])) for p in pads)
+
+
+def nm_conv(
+    x: Any,
+    w: Any,
+    fwd_mask: Any,
+    bwd_mask: Any = None,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence[Any] = "SAME",
+    lhs_dilation: int | Sequence[int] | None = None,
+    rhs_dilation: int | Sequence[int] | None = None,
+    feature_group_count: int = 1,
+    perm: Any = None,
+    decay: float | Array = 0.0,
+    backend: str = "auto",
+    precision: Any = None,
+    fwd_nm: tuple[int, int] | None = None,
+    bwd_nm: tuple[int, int] | None = None,
+) -> Array:
+    """A channels-last convolution with an ``HWIO`` kernel under the :func:`nm_dense` contract.
+
+    The implicit GEMM contracts over ``H·W·I`` (forward: ``fwd_mask`` N:M along ``I``, axis
+    ``-2``) and its input gradient over ``O`` (``bwd_mask`` N:M along ``O``, axis ``-1``).
+    The weight gradient is straight-through plus ``decay · (1 − fwd_mask) ⊙ w``. A 1×1
+    convolution with unit strides and dilations, no padding and one feature group is a dense
+    product and runs through :func:`nm_dense` (and its backends); the others run the
+    reference (``lax.conv_general_dilated`` on masked kernels, fp32 accumulation).
+
+    Example::
+
+      w = jax.random.normal(key, (3, 3, 16, 32))                  # HWIO
+      mask = nmjax.masks.nm_mask(jnp.abs(w), 2, 4, axis=2)        # 2:4 along I
+      y = nm_conv(x, w, mask)                                      # x: (N, H, W, 16)
+
+    Args:
+      x: ``(N, *spatial, C)`` floating inputs, ``C = I · feature_group_count``.
+      w: ``(*window, I, O)`` floating kernel, 1 to 3 spatial dims.
+      fwd_mask, bwd_mask: bool, ``w.shape``; ``bwd_mask=None`` means ``fwd_mask``.
+      strides, padding, lhs_dilation, rhs_dilation, feature_group_count: as in
+        ``lax.conv_general_dilated`` (``padding``: ``"SAME"``, ``"VALID"``, an int or one
+        ``(low, high)`` pair per spatial dim).
+      perm: optional ``(O,)`` int permutation of the output channels (Bi-Mask order).
+      decay, backend, precision, fwd_nm, bwd_nm: as in :func:`nm_dense`.
+
+    Returns:
+      ``(N, *out_spatial, O)`` in the promoted dtype of ``x`` and ``w``.
+
+    Raises:
+      TypeError, ValueError: as :func:`nm_dense`, plus rank/channel mismatches, bad
+        strides/padding, and a non-reference backend requested for a convolution that is
+        not 1×1.
+    """
+    x = _check_float(x, "x")
+    w = _check_float(w, "w")
+    if not 3 <= w.ndim <= 5:
+        raise ValueError(f"w must be an HWIO-style kernel (*window, I, O) with 1-3 spatial "
+                         f"dims, got shape {tuple(w.shape)}")
+    nd = w.ndim - 2
+    if x.ndim != nd + 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; a kernel of shape {tuple(w.shape)} "
+                         f"needs inputs (N, {nd} spatial dims, C) of rank {nd + 2}")
+    if not isinstance(feature_group_count, int | np.integer) or feature_group_count < 1:
+        raise ValueError(f"feature_group_count must be a positive int, got "
+                         f"{feature_group_count!r}")
+    if x.shape[-1] != w.shape[-2] * feature_group_count:
+        raise ValueError(f"x has {x.shape[-1]} channels (shape {tuple(x.shape)}); the kernel "
+                         f"{tuple(w.shape)} with feature_group_count={feature_group_count} "
+                         f"needs I * groups = {w.shape[-2] * feature_group_count}")
+    fwd_mask, bwd_mask = _check_masks(w, fwd_mask, bwd_mask)
+    perm = _check_perm(perm, w.shape[-1])
+    decay = _check_decay(decay)
+    backend = _check_backend_name(backend)
+    spec = _ConvSpec(_int_tuple(strides, nd, "strides"), _canon_padding(padding, nd),
+                     _int_tuple(lhs_dilation, nd, "lhs_dilation"),
+                     _int_tuple(rhs_dilation, nd, "rhs_dilation"), int(feature_group_count),
+                     precision)
+    pointwise = (all(k == 1 for k in w.shape[:-2]) and set(spec.strides) == {1}
+                 and set(spec.lhs_dilation) == {1} and set(spec.rhs_dilation) == {1}
+                 and spec.feature_group_count == 1
+                 and (isinstance(spec.padding, str) or all(p == (0, 0) for p in spec.padding)))
+    if pointwise:
+        shape2d = w.shape[-2:]
+        return nm_dense(x, w.reshape(shape2d), fwd_mask.reshape(shape2d),
+                        bwd_mask.reshape(shape2d), perm=perm, decay=decay, backend=backend,
+                        precision=precision, fwd_nm=fwd_nm, bwd_nm=bwd_nm)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend {backend!r} has no convolution kernel: only 1x1 convolutions "
+                         f"(unit strides/dilations, one group) route to nm_dense; kernel shape "
+                         f"{tuple(w.shape)} needs backend='reference' or 'auto'")
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    return _conv_vjp(x.astype(dtype), w.astype(dtype), fwd_mask, bwd_mask, perm, decay, spec)
