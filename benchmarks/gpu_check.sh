@@ -10,5 +10,5 @@ LOG="${OUT:-/tmp}/gpu_check.log"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -n 15
   "$PY" benchmarks/kernels.py info probe check
-  "$PY" benchmarks/kernels.py bench ${BENCH_ARGS:-}
+  "$PY" benchmarks/kernels.py bench layer --iters 30 --md "${OUT:-/tmp}/kernels_table.md" ${BENCH_ARGS:-}
 } 2>&1 | tee "$LOG"

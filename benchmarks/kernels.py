@@ -278,6 +278,7 @@ def main(argv=None):
     ap.add_argument("--tile-n", type=int, default=128)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--in-flight", type=int, default=1)
+    ap.add_argument("--md", default="", help="also write the tables (markdown) here")
     ap.add_argument("--shapes", default="")
     args = ap.parse_args(argv)
     cfg = S.SparseMatmulConfig(tile_m=args.tile_m, tile_n=args.tile_n,
@@ -290,11 +291,23 @@ def main(argv=None):
         probe()
     if "check" in args.what:
         check(cfgs=[cfg])
+    tables = []
     if "bench" in args.what:
         rows = bench(shapes or BENCH_SHAPES, cfg=cfg, iters=args.iters)
-        print(format_table(rows, cfg))
+        tables.append("### Sparse GEMM `C = A·B`, A 2:4 (M×K), B given as (N×K)\n\n"
+                      + format_table(rows, cfg))
+        print("SPEEDUP_TABLE =", {r[:3]: round(r[5], 2) for r in rows})
     if "layer" in args.what:
-        print(format_layer_table(bench_layer(iters=max(10, args.iters // 2))))
+        tables.append("### `nm_dense` forward + backward (y, dx, dw), bf16\n\n"
+                      + format_layer_table(bench_layer(iters=max(10, args.iters // 2))))
+    for t in tables:
+        print(t)
+    if args.md and tables:
+        dev = jax.devices()[0]
+        with open(args.md, "w") as f:
+            f.write(f"device: {getattr(dev, 'device_kind', dev)}; jax {jax.__version__}; "
+                    f"command: python benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}\n\n")
+            f.write("\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":
