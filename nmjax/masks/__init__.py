@@ -6,6 +6,7 @@ Axis convention (DESIGN §2): a Dense kernel ``w: (in, out)`` is grouped along a
 
 from nmjax.masks.diversity import log10_mask_diversity, transposable_count
 from nmjax.masks.nm import is_nm, is_transposable, nm_mask
+from nmjax.masks.transposable import build_masks_lp, transposable_mask, transposable_mask_lp
 
 __all__ = [
     "is_nm",
@@ -13,4 +14,7 @@ __all__ = [
     "log10_mask_diversity",
     "nm_mask",
     "transposable_count",
+    "build_masks_lp",
+    "transposable_mask",
+    "transposable_mask_lp",
 ]
