@@ -306,7 +306,7 @@ def main(argv=None):
         dev = jax.devices()[0]
         with open(args.md, "w") as f:
             f.write(f"device: {getattr(dev, 'device_kind', dev)}; jax {jax.__version__}; "
-                    f"command: python benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}\n\n")
+                    f"command: python benchmarks/kernels.py {' '.join(args.what)}\n\n")
             f.write("\n\n".join(tables) + "\n")
 
 

@@ -206,15 +206,17 @@ def test_metadata_layout_probe_on_gpu():
 
 
 # ----------------------------------------------------------------------- backend
-def test_pallas_backend_registered_and_errors_clearly_off_gpu():
+def test_pallas_backend_registered_only_on_sm90():
     from nmjax import ops
     from nmjax.kernels import backend
 
-    assert "pallas" in ops.backends()
     if backend.sm90_unavailable() is None:
-        pytest.skip("on an sm_90 GPU")
+        assert "pallas" in ops.backends()
+        return
+    assert "pallas" not in ops.backends()
+    assert "sm_90" in backend.sm90_unavailable()
     w = jnp.ones((128, 128), jnp.bfloat16)
-    with pytest.raises(ValueError, match="sm_90"):
+    with pytest.raises(ValueError, match="'pallas' is not available"):
         ops.nm_dense(jnp.ones((128, 128), jnp.bfloat16), w, jnp.ones((128, 128), bool),
                      backend="pallas")
 

@@ -22,7 +22,7 @@ from nmjax.kernels.sparse_matmul import (
     sparse_matmul_24_reference,
 )
 
-register()  # makes backend="pallas" available in nmjax.ops
+register()  # backend="pallas" in nmjax.ops, on sm_90 GPUs
 
 __all__ = [
     "register",

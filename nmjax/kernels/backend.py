@@ -1,7 +1,8 @@
 """The ``"pallas"`` backend of :mod:`nmjax.ops`: pack + sparse-wgmma GEMM on sm_90.
 
 Registered with :func:`nmjax.ops.register_backend` when :mod:`nmjax.kernels` is
-imported. Both sparse products of a linear layer ``w: (in, out)`` run the same kernel:
+imported on an sm_90 GPU. Both sparse products of a linear layer ``w: (in, out)``
+run the same kernel:
 
 * forward ``Y = X·(W⊙fwd)`` as ``Yᵀ = (W⊙fwd)ᵀ·Xᵀ`` (A packed along ``in``);
 * input gradient ``dX = dY·(W⊙bwd)ᵀ`` as ``dXᵀ = (W⊙bwd)·dYᵀ`` (A packed along ``out``,
@@ -129,13 +130,21 @@ def measured_speedup(gemm: tuple[int, int, int]) -> float:
     return SPEEDUP_TABLE[nearest] if dist(nearest) <= 1.0 else 0.0
 
 
-def register() -> None:
-    """Registers this backend as ``"pallas"`` in :mod:`nmjax.ops` (idempotent)."""
+def register(force: bool = False) -> bool:
+    """Registers this backend as ``"pallas"`` in :mod:`nmjax.ops` where it can run.
+
+    Called on import of :mod:`nmjax.kernels`. Off sm_90 it registers nothing (unless
+    ``force``), so ``backend="pallas"`` keeps :mod:`nmjax.ops`' "not available on this
+    device" error. Returns whether it registered. Idempotent.
+    """
     from nmjax import ops
 
+    if not force and sm90_unavailable() is not None:
+        return False
     ops.register_backend("pallas", ops.Backend(
         forward=sparse_dense_24,
         input_grad=sparse_dense_24_input_grad,
         claims=claims,
         unavailable=sm90_unavailable,
     ))
+    return True
