@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,9 @@ import numpy as np
 from nmjax.masks import _checks
 
 METHODS = ("auto", "exact24", "greedy", "exact", "lp")
+# Tiles per chunk (at most, when the tile rows allow): small enough for the cache, large
+# enough that the per-chunk loop overhead is negligible.
+_CHUNK_TILES = {"exact24": 2048, "exact": 16384, "greedy": 8192}
 MAX_M = 16  # cap for the JAX methods: tiles are held as dense (T, m, m) arrays
 
 
@@ -117,32 +121,43 @@ def _patterns24() -> tuple[tuple[int, int, int, int], ...]:
     return tuple(out)
 
 
+@functools.cache
+def _tables24() -> tuple[np.ndarray, ...]:
+    """Index tables for :func:`_exact24_tiles` (pair columns, row-pair combinations,
+    patterns as combinations, and each pattern as a 16-bit code of its kept entries)."""
+    pats = _patterns24()
+    first, second = np.array(_PAIRS).T
+    halves = sorted({p[:2] for p in pats})
+    index = {h: i for i, h in enumerate(halves)}
+    h0, h1 = np.array(halves).T
+    top = np.array([index[p[:2]] for p in pats])
+    bottom = np.array([index[p[2:]] for p in pats])
+    codes = np.array(
+        [sum(1 << (4 * r + c) for r in range(4) for c in _PAIRS[p[r]]) for p in pats], np.int32
+    )
+    return first, second, h0, h1, top, bottom, codes
+
+
 def _exact24_tiles(s: jax.Array) -> jax.Array:
     """Exact 2:4 on ``s: (4, 4, T)``: the best of the 90 valid tiles, by enumeration.
 
-    Sums each row's 6 pairs, then the top and bottom row pairs' 36 combinations, then the 90
-    valid tiles (one addition each), and keeps a running first maximum that carries the
-    winning tile as a 16-bit code: a few hundred fused elementwise operations per tile, no
-    gathers. Ties go to the first tile in lexicographic order of its rows' pairs.
+    Sums each row's 6 pairs, the top and the bottom row pairs' 36 combinations, then the 90
+    valid tiles (one addition each), and takes the first maximum (ties: the first tile in
+    lexicographic order of its rows' pairs). Called on chunks of tiles, so the
+    ``(90, T)`` totals stay in cache.
     """
-    pair = [[s[r, a] + s[r, b] for a, b in _PAIRS] for r in range(4)]  # [r][p] -> (T,)
-    top: dict[tuple[int, int], jax.Array] = {}
-    bottom: dict[tuple[int, int], jax.Array] = {}
-    best = code = None
-    for p in _patterns24():
-        if p[:2] not in top:
-            top[p[:2]] = pair[0][p[0]] + pair[1][p[1]]
-        if p[2:] not in bottom:
-            bottom[p[2:]] = pair[2][p[2]] + pair[3][p[3]]
-        total = top[p[:2]] + bottom[p[2:]]
-        bits = sum(1 << (4 * r + c) for r in range(4) for c in _PAIRS[p[r]])
-        if best is None:
-            best, code = total, jnp.full(total.shape, bits, jnp.int32)
-        else:
-            better = total > best
-            best = jnp.where(better, total, best)
-            code = jnp.where(better, bits, code)
-    return jnp.stack([(code >> k) & 1 for k in range(16)]).astype(bool).reshape(4, 4, -1)
+    first, second, h0, h1, top, bottom, codes = _tables24()
+
+    def chunk(s):
+        pair = s[:, first] + s[:, second]  # (4, 6, C)
+        up = pair[0, h0] + pair[1, h1]  # (36, C)
+        down = pair[2, h0] + pair[3, h1]
+        total = up[top] + down[bottom]  # (90, C)
+        best = jnp.min(jnp.where(total == total.max(0), jnp.arange(90)[:, None], 90), 0)
+        code = jnp.asarray(codes)[best]
+        return jnp.stack([(code >> k) & 1 for k in range(16)]).astype(bool).reshape(4, 4, -1)
+
+    return chunk(s)
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -361,11 +376,28 @@ def _exact_tiles(s: jax.Array, n: int, m: int, eps_rel: float | None) -> jax.Arr
     jax.jit, static_argnames=("axes", "n", "m", "method", "repair", "swap_rounds", "eps_rel")
 )
 def _solve(scores, *, axes, n, m, method, repair, swap_rounds, eps_rel):
-    """Scores -> mask of the same shape; one compiled program per shape and options."""
-    s, moved = _to_tiles(scores.astype(_work_dtype(scores.dtype)), axes, m)
-    x = _solve_tiles(s, n=n, m=m, method=method, repair=repair, swap_rounds=swap_rounds,
-                     eps_rel=eps_rel)
-    return _from_tiles(x, moved, axes, m)
+    """Scores -> mask of the same shape; one compiled program per shape and options.
+
+    The tiles are solved in chunks of whole tile rows (``lax.map``): a chunk is a free
+    reshape of the input, is transposed to the tiles-last layout in cache, and the exact
+    solver's loops stop per chunk rather than on the slowest tile of the whole array.
+    """
+    x = jnp.moveaxis(scores.astype(_work_dtype(scores.dtype)), axes, (-2, -1))
+    moved = x.shape
+    rows, cols = math.prod(moved[:-1]) // m, moved[-1] // m  # tile rows, tiles per tile row
+    target = _CHUNK_TILES[method]
+    group = max((g for g in range(1, rows + 1) if rows % g == 0 and g * cols <= target),
+                default=1)
+    x = x.reshape(rows // group, group, m, cols, m)
+
+    def chunk(c):  # (group, m, cols, m) -> same, solved
+        s = jnp.transpose(c, (1, 3, 0, 2)).reshape(m, m, group * cols)
+        keep = _solve_tiles(s, n=n, m=m, method=method, repair=repair,
+                            swap_rounds=swap_rounds, eps_rel=eps_rel)
+        return jnp.transpose(keep.reshape(m, m, group, cols), (2, 0, 3, 1))
+
+    keep = chunk(x[0]) if rows == group else jax.lax.map(chunk, x)
+    return jnp.moveaxis(keep.reshape(moved), (-2, -1), axes)
 
 
 def _solve_tiles(s, *, n, m, method, repair, swap_rounds, eps_rel):
