@@ -20,7 +20,7 @@ from nmjax.tree import MaskRule, build_masks
 
 
 def _path(mdl: nn.Module) -> str:
-    return "/".join(str(p) for p in mdl.scope.path) + "/kernel"
+    return "/".join([*(str(p) for p in mdl.scope.path), "kernel"])
 
 
 def _layer_masks(mdl: nn.Module, kernel: jax.Array, axis: int, sp: Sparsity) -> LayerMasks:

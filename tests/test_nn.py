@@ -1,0 +1,282 @@
+"""Flax Linen and NNX sparse layers and sparsify: parameters, values, gradients, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import nmjax
+from nmjax.masks import is_nm, is_transposable, nm_mask, transposable_mask
+from nmjax.nn import Sparsity, linen_masks, sparsify
+from nmjax.nn import linen as nl
+from nmjax.nn import nnx as nx
+from nmjax.tree import MaskRule
+
+RNG = np.random.default_rng(0)
+
+
+# Threefry initialisers take up to ~25 s to compile per 4-D shape on this CPU; rbg keys ~1 s.
+def key(seed):
+    return jax.random.key(seed, impl="rbg")
+
+
+def rngs(seed):
+    return nnx.Rngs(key(seed))
+
+
+X = jnp.asarray(RNG.standard_normal((4, 8)), jnp.float32)
+IMG = jnp.asarray(RNG.standard_normal((2, 6, 6, 4)), jnp.float32)
+RULE_T = MaskRule(2, 4, pattern="transposable", exclude="head")
+
+
+def shapes(tree):
+    return jax.tree.map(jnp.shape, tree)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x))
+        x = nn.relu(nn.Dense(12)(x))
+        return nn.Dense(10, name="head")(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(8, (1, 1))(x))
+        x = nn.relu(nn.Conv(12, (3, 3), strides=2, padding="CIRCULAR")(x))
+        return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+
+def masked_params(params, rule):
+    return nmjax.tree.apply_masks(params, nmjax.tree.build_masks(params, rule))
+
+
+# ------------------------------------------------------------------------------- Linen
+
+
+@pytest.mark.parametrize("pattern", ["nm", "transposable"])
+def test_sparse_dense_matches_nn_dense_params_and_masked_values(pattern):
+    dense = nn.Dense(16)
+    sparse = nl.SparseDense(16, sparsity=Sparsity(2, 4, pattern))
+    params = dense.init(key(0), X)
+    assert shapes(sparse.init(key(0), X)) == shapes(params)
+    w = params["params"]["kernel"]
+    mask = nm_mask(jnp.abs(w), 2, 4) if pattern == "nm" else transposable_mask(jnp.abs(w), 2, 4)
+    y = sparse.apply(params, X)
+    ref = dense.apply({"params": {**params["params"], "kernel": jnp.where(mask, w, 0)}}, X)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # The kernel's gradient is straight-through: dense, not zero outside the mask.
+    g = jax.grad(lambda p: sparse.apply(p, X).sum())(params)["params"]["kernel"]
+    np.testing.assert_allclose(g, X.T @ jnp.ones((4, 16)), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_conv_matches_nn_conv_params_and_masked_values():
+    conv = nn.Conv(8, (3, 3), strides=2, padding="CIRCULAR")
+    sparse = nl.SparseConv(8, (3, 3), strides=2, padding="CIRCULAR")
+    params = conv.init(key(0), IMG)
+    assert shapes(sparse.init(key(0), IMG)) == shapes(params)
+    w = params["params"]["kernel"]
+    mask = nm_mask(jnp.abs(w), 2, 4, axis=2)
+    ref = conv.apply({"params": {**params["params"], "kernel": jnp.where(mask, w, 0)}}, IMG)
+    np.testing.assert_allclose(sparse.apply(params, IMG), ref, rtol=1e-5, atol=1e-5)
+    # Extra batch dims are flattened like nn.Conv does.
+    y = sparse.apply(params, IMG[None])
+    np.testing.assert_allclose(y[0], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", [MLP(), CNN()], ids=["mlp", "cnn"])
+def test_linen_sparsify_restores_dense_checkpoint_and_masks_selected_layers(model):
+    x = X if isinstance(model, MLP) else IMG
+    params = model.init(key(1), x)
+    sparse = sparsify(model, RULE_T)
+    assert shapes(sparse.init(key(1), x)) == shapes(params)
+    y = sparse.apply(params, x)
+    ref = model.apply({"params": masked_params(params["params"], RULE_T)}, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # The head is excluded: it stays dense, and its gradient is the ordinary one.
+    assert float(jnp.abs(y - model.apply(params, x)).max()) > 1e-3
+    # The masks it used are reported on request, valid, and the ones build_masks gives.
+    _, used = sparse.apply(params, x, mutable=[nmjax.nn.USED_MASKS])
+    built = linen_masks(params["params"], RULE_T)
+    used = used[nmjax.nn.USED_MASKS]
+    assert jax.tree.structure(built) == jax.tree.structure(
+        jax.tree.map(lambda m: m.fwd, used, is_leaf=lambda m: hasattr(m, "fwd")))
+    for path, m in jax.tree_util.tree_leaves_with_path(used, is_leaf=lambda m: hasattr(m, "fwd")):
+        assert bool(is_transposable(m.fwd, 2, 4, axes=(-2, -1))), path
+
+
+def test_linen_static_mode_reads_the_nm_masks_collection():
+    params = MLP().init(key(2), X)["params"]
+    static = sparsify(MLP(), RULE_T, mode="static")
+    variables = static.init(key(2), X)
+    assert set(variables) == {"params", nmjax.nn.MASKS}
+    masks = linen_masks(params, RULE_T)
+    assert shapes(variables[nmjax.nn.MASKS]) == shapes(masks)
+    y = static.apply({"params": params, nmjax.nn.MASKS: masks}, X)
+    np.testing.assert_allclose(y, MLP().apply({"params": masked_params(params, RULE_T)}, X),
+                               rtol=1e-5, atol=1e-5)
+    # Masks come from the collection, not the weights: all-True masks give the dense model.
+    ones = jax.tree.map(lambda m: jnp.ones_like(m), masks)
+    np.testing.assert_allclose(static.apply({"params": params, nmjax.nn.MASKS: ones}, X),
+                               MLP().apply({"params": params}, X), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'nm_masks' collection has no mask for 'Dense_0/kernel'"):
+        static.apply({"params": params}, X)
+    bad = {**masks, "Dense_0": {"kernel": jnp.ones((4, 16), bool)}}
+    with pytest.raises(ValueError, match=r"static fwd mask for 'Dense_0/kernel' has shape \(4, 16"):
+        static.apply({"params": params, nmjax.nn.MASKS: bad}, X)
+
+
+class WithGeneral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral((2, 8), name="general")(x)
+
+
+def test_linen_errors_unsupported_layer_indivisible_kernel_bad_args():
+    sparse = sparsify(WithGeneral(), MaskRule(2, 4, include="general/kernel", axis=0))
+    with pytest.raises(ValueError, match=r"selects 'general/kernel' of a DenseGeneral layer"):
+        sparse.init(key(0), X)
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(x[:, :6])
+
+    with pytest.raises(ValueError, match=r"Dense_0/kernel' has shape \(6, 4\).*not divisible"):
+        sparsify(Odd(), MaskRule(2, 4)).init(key(0), X)
+    with pytest.raises(ValueError, match=r"kernel 'kernel' has shape \(6, 4\); its axis 0"):
+        nl.SparseDense(4).init(key(0), X[:, :6])
+    with pytest.raises(TypeError, match="rule must be an nmjax.tree.MaskRule"):
+        sparsify(MLP(), {"n": 2})
+    with pytest.raises(TypeError, match="model must be a flax.linen or flax.nnx Module"):
+        sparsify(object(), RULE_T)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sparsify(MLP(), RULE_T, mode="sometimes")
+    with pytest.raises(ValueError, match="decay must be a float >= 0"):
+        Sparsity(decay=-1.0)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        Sparsity(pattern="random")
+    with pytest.raises(ValueError, match="n must be <= m"):
+        Sparsity(5, 4)
+    with pytest.raises(ValueError, match="backend 'pallas' is not available"):
+        sparsify(MLP(), RULE_T, backend="pallas").init(key(0), X)
+
+
+# --------------------------------------------------------------------------------- NNX
+
+
+class NMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 12, rngs=rngs)])
+        self.head = nnx.Linear(12, 10, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.head(x)
+
+
+class NCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(4, 8, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(8, 12, (3, 3), strides=2, padding="CIRCULAR", rngs=rngs)
+        self.head = nnx.Linear(108, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def _nnx_masked_reference(model, rule, x):
+    ref = nnx.clone(model)
+    state = nnx.state(ref, nnx.Param)
+    nnx.update(ref, masked_params(state, rule))
+    return ref(x)
+
+
+@pytest.mark.parametrize("cls", [NMLP, NCNN], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_nnx_sparsify_swaps_layers_and_restores_dense_state(cls, mode):
+    x = X if cls is NMLP else IMG
+    dense = cls(rngs(0))
+    before = nnx.state(dense, nnx.Param)
+    sparse = sparsify(dense, RULE_T, mode=mode)
+    # The input model is untouched; the copy has the same Param state.
+    assert all(type(layer) is nnx.Linear for layer in getattr(dense, "layers", []))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), before,
+                                     nnx.state(dense, nnx.Param)))
+    assert shapes(nnx.state(sparse, nnx.Param)) == shapes(before)
+    assert type(sparse.head) is nnx.Linear  # excluded
+    ref = _nnx_masked_reference(dense, RULE_T, x)
+    np.testing.assert_allclose(sparse(x), ref, rtol=1e-5, atol=1e-5)
+    # A dense checkpoint from elsewhere restores with nnx.update, under nnx.jit too.
+    other = cls(rngs(7))
+    nnx.update(sparse, nnx.state(other, nnx.Param))
+    if mode == "static":
+        nmjax.nn.refresh_masks(sparse)
+    y = nnx.jit(lambda m, x: m(x))(sparse, x)
+    np.testing.assert_allclose(y, _nnx_masked_reference(other, RULE_T, x), rtol=1e-5, atol=1e-5)
+    n_masks = len(jax.tree.leaves(nnx.state(sparse, nx.NMMask)))
+    assert n_masks == (0 if mode == "dynamic" else 2 * 2)  # fwd + bwd of two layers
+
+
+def test_nnx_layers_mirror_nnx_linear_and_conv():
+    dense = nnx.Linear(8, 16, rngs=rngs(0))
+    sparse = nx.SparseLinear(8, 16, sparsity=Sparsity(2, 4, "transposable"), rngs=rngs(0))
+    assert shapes(nnx.state(sparse, nnx.Param)) == shapes(nnx.state(dense, nnx.Param))
+    np.testing.assert_allclose(sparse.kernel[...], dense.kernel[...])
+    masks = sparse.masks()
+    assert bool(is_transposable(masks.fwd, 2, 4)) and bool(is_nm(masks.fwd, 2, 4, exact=True))
+    ref = X @ jnp.where(masks.fwd, dense.kernel[...], 0) + dense.bias[...]
+    np.testing.assert_allclose(sparse(X), ref, rtol=1e-5, atol=1e-5)
+    conv = nx.SparseConv(4, 8, (3, 3), rngs=rngs(0))
+    dconv = nnx.Conv(4, 8, (3, 3), rngs=rngs(0))
+    assert shapes(nnx.state(conv, nnx.Param)) == shapes(nnx.state(dconv, nnx.Param))
+    assert bool(is_nm(conv.masks().fwd, 2, 4, axis=2, exact=True))
+
+
+def test_nnx_optimizer_skips_static_masks():
+    import optax
+
+    sparse = sparsify(NMLP(rngs(0)), RULE_T, mode="static")
+    opt = nnx.Optimizer(sparse, optax.sgd(0.1), wrt=nnx.Param)
+    masks_before = nnx.state(sparse, nx.NMMask)
+
+    @nnx.jit
+    def step(model, opt, x):
+        grads = nnx.grad(lambda m: (m(x) ** 2).mean())(model)
+        opt.update(model, grads)
+
+    step(sparse, opt, X)
+    after = nnx.state(sparse, nx.NMMask)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), masks_before, after))
+
+
+def test_nnx_errors_unsupported_layer_and_indivisible_kernel():
+    class WithEinsum(nnx.Module):
+        def __init__(self, rngs):
+            self.general = nnx.LinearGeneral(8, (2, 8), rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"selects 'general/kernel' of a LinearGeneral layer"):
+        sparsify(WithEinsum(rngs(0)), MaskRule(2, 4, include="general/kernel", axis=0))
+
+    class Odd(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(6, 4, rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"'lin/kernel' has shape \(6, 4\).*not divisible"):
+        sparsify(Odd(rngs(0)), MaskRule(2, 4))
+    with pytest.raises(ValueError, match="must be divisible by m=4"):
+        nx.SparseLinear(6, 4, sparsity=Sparsity(mode="static"), rngs=rngs(0))
+    with pytest.raises(TypeError, match="sparsity must be an nmjax.nn.Sparsity"):
+        nx.SparseLinear(8, 4, sparsity=(2, 4), rngs=rngs(0))
+    with pytest.raises(ValueError, match="pattern 'bimask' supports Dense kernels"):
+        nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity(2, 4, "bimask", mode="static"),
+                      rngs=rngs(0))
