@@ -247,7 +247,11 @@ def _fill_tiles(s: jax.Array, x: jax.Array, n: int, m: int) -> jax.Array:
         flip3 = (_one_hot2(r, c2, m) | _one_hot2(r2, c2, m) | _one_hot2(r2, c, m)) & has3
         return x ^ add1 ^ flip3
 
-    return jax.lax.fori_loop(0, n * m, body, x)
+    def cond(st):
+        x, k = st
+        return (k < n * m) & (x.sum(1) < n).any()
+
+    return jax.lax.while_loop(cond, lambda st: (body(0, st[0]), st[1] + 1), (x, 0))[0]
 
 
 def _swap_tiles(
