@@ -280,3 +280,26 @@ def test_nnx_errors_unsupported_layer_and_indivisible_kernel():
     with pytest.raises(ValueError, match="pattern 'bimask' supports Dense kernels"):
         nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity(2, 4, "bimask", mode="static"),
                       rngs=rngs(0))
+
+
+def test_bimask_layers_use_forward_and_backward_masks():
+    from nmjax.masks import bimask
+
+    sp = Sparsity(2, 4, "bimask")
+    layer = nl.SparseDense(16, sparsity=sp)
+    params = layer.init(key(3), X)
+    w = params["params"]["kernel"]
+    fwd, bwd, perm = bimask(w, 2, 4)
+    assert not bool(jnp.all(fwd == bwd))
+    dy = jnp.asarray(RNG.standard_normal((4, 16)), jnp.float32)
+    y, vjp = jax.vjp(lambda x: layer.apply(params, x), X)
+    np.testing.assert_allclose(y, X @ jnp.where(fwd, w, 0) + params["params"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vjp(dy)[0], dy @ jnp.where(bwd, w, 0).T, rtol=1e-5, atol=1e-5)
+    # NNX, static: the stored permutation and backward mask are the ones used.
+    lin = nx.SparseLinear(8, 16, sparsity=Sparsity(2, 4, "bimask", mode="static"), rngs=rngs(3))
+    m = lin.masks()
+    assert m.perm is not None and bool(is_nm(m.bwd[:, m.perm], 2, 4, axis=1))
+    _, vjp = jax.vjp(lambda x: lin(x), X)
+    np.testing.assert_allclose(vjp(dy)[0], dy @ jnp.where(m.bwd, lin.kernel[...], 0).T,
+                               rtol=1e-5, atol=1e-5)
