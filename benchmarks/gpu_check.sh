@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# One command for the GPU machine: kernel tests on the GPU, correctness over
-# many shapes, the metadata-layout probe and the timing table.
+# One command for the GPU machine: per-variant correctness + timing (`tune`, each in its
+# own process under a timeout, so a hang costs one variant), then the timing table of the
+# best correct variant (or BEST=<name>), then the GPU tests.
 #   bash benchmarks/gpu_check.sh            (from the repository root)
+#   VARIANTS="ws ws_np" BEST=ws PYTEST=0 bash benchmarks/gpu_check.sh
 set -uo pipefail
 export PYTHONPATH="${PYTHONPATH:-}:." PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-LOG="${OUT:-/tmp}/gpu_check.log"
+O="${OUT:-/tmp}"
+LOG="$O/gpu_check.log"
+VARIANTS="${VARIANTS:-ws ws_e2 ws_np ws_n256}"
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
-  "$PY" -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -n 15
-  "$PY" benchmarks/kernels.py info probe check
-  "$PY" benchmarks/kernels.py bench layer --iters 30 --md "${OUT:-/tmp}/kernels_table.md" ${BENCH_ARGS:-}
+  timeout 60 "$PY" benchmarks/kernels.py info probe || echo "probe exited $?"
+  rm -f "$O/tune.jsonl"
+  for v in $VARIANTS; do
+    timeout "${TUNE_TIMEOUT:-75}" "$PY" benchmarks/kernels.py tune --variant "$v" --iters 20 \
+      --jsonl "$O/tune.jsonl" || echo "TUNE $v exited $?"
+  done
+  best="${BEST:-$("$PY" benchmarks/kernels.py pick --jsonl "$O/tune.jsonl" 2>/dev/null || echo v1)}"
+  echo "BEST=$best"
+  timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/kernels.py bench layer --variant "$best" \
+    --iters 20 --md "$O/kernels_table.md" ${BENCH_ARGS:-} || echo "bench exited $?"
+  if [ "${PYTEST:-1}" = 1 ]; then
+    timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -n 15
+  fi
+  echo "elapsed ${SECONDS}s"
 } 2>&1 | tee "$LOG"

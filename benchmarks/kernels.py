@@ -13,6 +13,7 @@ TFLOP/s count dense-equivalent flops ``2*M*N*K`` for both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -128,6 +129,103 @@ def probe(cfg=None, **kernel_kw):
     return match
 
 
+# ---------------------------------------------------------------------- variants
+def variants():
+    """Named kernel configurations measured by ``tune`` (``v1`` = the fallback)."""
+    ws = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
+                              max_concurrent_steps=3)
+    return {
+        "v1": S.FALLBACK_CONFIG,
+        # 2 consumer warpgroups x (128x128), CTA 256x128, persistent, snake N-minor
+        "ws": ws,
+        "ws_mminor": dataclasses.replace(ws, grid_minor_dim=0),
+        # epilogue double-buffered (2 x 16 columns per warpgroup): stores overlap
+        "ws_e2": dataclasses.replace(ws, epilogue_n=16, epilogue_slots=2),
+        # one CTA per tile: no persistent loop, so one wgmma group may stay in flight
+        "ws_np": dataclasses.replace(ws, persistent=False, mma_in_flight=1),
+        # 2 consumer warpgroups x (64x256), CTA 128x256 (m64n256 instructions), 2 stages
+        "ws_n256": dataclasses.replace(ws, tile_m=64, tile_n=256, max_concurrent_steps=2),
+    }
+
+
+def get_config(name):
+    if name in (None, "", "default"):
+        return S.SparseMatmulConfig()
+    return variants()[name]
+
+
+TUNE_CHECK = [(256, 256, 256), (512, 768, 1024), (2048, 1024, 768), (1024, 2048, 4096)]
+TUNE_TIME = [(8192, 8192, 8192), (4096, 8192, 4096)]
+
+
+def tune(name, iters=30, out_jsonl=None):
+    """Correctness (plain + transposed, several shapes) and timing of one variant."""
+    import json
+
+    cfg = get_config(name)
+    t0 = time.time()
+    ok = True
+    worst = 0.0
+    key = jax.random.key(3)
+    for (m, n, k) in TUNE_CHECK:
+        if m % cfg.cta_m or n % cfg.tile_n:
+            continue
+        key, k1, k2 = jax.random.split(key, 3)
+        a, mask = random_24(k1, m, k)
+        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+        packed = jax.jit(P.pack_24)(a, mask)
+        ref = jax.lax.dot_general(
+            jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
+            precision=jax.lax.Precision.HIGHEST)
+        for tr in (False, True):
+            out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=tr)
+            err = rel_err(out.T if tr else out, ref)
+            worst = max(worst, err)
+            ok &= err < 1e-2
+    print(f"TUNE {name} check worst rel_err {worst:.2e} {'PASS' if ok else 'FAIL'} "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    res = dict(name=name, ok=bool(ok), worst_err=worst, times={})
+    for (m, n, k) in TUNE_TIME:
+        key, k1, k2 = jax.random.split(key, 3)
+        a, mask = random_24(k1, m, k)
+        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+        a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
+        packed = jax.jit(P.pack_24)(a, mask)
+        flops = 2.0 * m * n * k
+        dense_ms, _ = gpu_time_ms(
+            lambda x, y: jax.lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32
+                                             ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
+        line = f"TUNE {name} {m}x{n}x{k} dense {flops / dense_ms / 1e9:.0f}"
+        for tr in (False, True):
+            f = functools.partial(S.sparse_matmul_24, config=cfg, transpose_out=tr)
+            sp_ms, _ = gpu_time_ms(lambda v, mt, y, f=f: f(P.Packed24(v, mt), y),
+                                   packed.values, packed.meta, b_t, iters=iters)
+            res["times"][f"{m}x{n}x{k}{'T' if tr else ''}"] = [dense_ms, sp_ms]
+            line += (f" | T={int(tr)} {flops / sp_ms / 1e9:.0f} TF/s "
+                     f"ratio {dense_ms / sp_ms:.2f}x")
+        print(line, f"({time.time() - t0:.0f}s)", flush=True)
+        if out_jsonl:
+            with open(out_jsonl, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    return res
+
+
+def pick(jsonl):
+    """Best correct variant by 8192^3 transposed-out time (the backend's layout)."""
+    import json
+
+    best, best_ms = "v1", float("inf")
+    last = {}
+    for line in open(jsonl):
+        r = json.loads(line)
+        last[r["name"]] = r
+    for name, r in last.items():
+        t = r["times"].get("8192x8192x8192T") or r["times"].get("8192x8192x8192")
+        if r["ok"] and t and t[1] < best_ms:
+            best, best_ms = name, t[1]
+    return best
+
+
 # ------------------------------------------------------------------ correctness
 CHECK_SHAPES = [  # (M, N, K) of C = A(M,K) @ B(K,N)
     (128, 128, 128), (256, 128, 256), (128, 384, 512), (512, 256, 768),
@@ -148,7 +246,7 @@ def check(shapes=CHECK_SHAPES, cfgs=None, seed=0):
             jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
             precision=jax.lax.Precision.HIGHEST)
         for cfg in cfgs:
-            if m % cfg.tile_m or n % cfg.tile_n:
+            if m % cfg.cta_m or n % cfg.tile_n:
                 continue
             for tr in (False, True):
                 out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=tr)
@@ -185,6 +283,10 @@ def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
                                              ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
         sp = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg)
         sparse_ms, _ = gpu_time_ms(sp, packed.values, packed.meta, b_t, iters=iters)
+        v1 = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y,
+                                                 config=S.FALLBACK_CONFIG)
+        v1_ms = (sparse_ms if cfg == S.FALLBACK_CONFIG
+                 else gpu_time_ms(v1, packed.values, packed.meta, b_t, iters=iters)[0])
         spt = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg,
                                                   transpose_out=True)
         sparse_t_ms, _ = gpu_time_ms(spt, packed.values, packed.meta, b_t, iters=iters)
@@ -195,20 +297,26 @@ def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
             a_masked.astype(jnp.float32), b_t.astype(jnp.float32), _NT,
             precision=jax.lax.Precision.HIGHEST))
         row = (m, n, k, flops / dense_ms / 1e9, flops / sparse_ms / 1e9,
-               dense_ms / sparse_ms, pack_ms, err, how)
+               dense_ms / sparse_ms, pack_ms, err, how, flops / v1_ms / 1e9,
+               flops / sparse_t_ms / 1e9, dense_ms / sparse_t_ms)
         rows.append(row)
         print(f"bench M={m} N={n} K={k} dense {row[3]:.0f} TF/s sparse {row[4]:.0f} TF/s "
-              f"ratio {row[5]:.2f}x pack {pack_ms:.3f} ms err {err:.1e} ({how})", flush=True)
+              f"ratio {row[5]:.2f}x (transposed out {row[11]:.2f}x, v1 {row[9]:.0f} TF/s) "
+              f"pack {pack_ms:.3f} ms err {err:.1e} ({how})", flush=True)
     return rows
 
 
 LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # (rows, in, out)
 
 
-def bench_layer(shapes=LAYER_SHAPES, iters=30):
+def bench_layer(shapes=LAYER_SHAPES, iters=30, cfg=None):
     """``nm_dense`` forward + both backward products: pallas vs reference vs plain dense."""
     import nmjax.kernels  # noqa: F401  (registers "pallas")
     from nmjax import ops
+    from nmjax.kernels import backend
+
+    if cfg is not None:
+        backend.DEFAULT_CONFIG = cfg
 
     rows_out = []
     key = jax.random.key(2)
@@ -259,20 +367,25 @@ def format_layer_table(rows):
 
 def format_table(rows, cfg):
     lines = [
-        "| M | N | K | dense XLA bf16 TFLOP/s | sparse 2:4 kernel TFLOP/s | sparse/dense "
-        "| pack ms | rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| M | N | K | dense XLA bf16 TFLOP/s | sparse kernel TFLOP/s | sparse/dense "
+        "| transposed-out TFLOP/s | transposed/dense | v1 kernel TFLOP/s | pack ms | rel err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (m, n, k, dt, st, ratio, pk, err, _) in rows:
+    for (m, n, k, dt, st, ratio, pk, err, _, v1t, stt, rt) in rows:
         lines.append(
-            f"| {m} | {n} | {k} | {dt:.0f} | {st:.0f} | {ratio:.2f}x | {pk:.3f} | {err:.1e} |")
+            f"| {m} | {n} | {k} | {dt:.0f} | {st:.0f} | {ratio:.2f}x | {stt:.0f} | {rt:.2f}x "
+            f"| {v1t:.0f} | {pk:.3f} | {err:.1e} |")
     lines.append(f"\nconfig: {cfg}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+", choices=["probe", "check", "bench", "layer", "info"])
+    ap.add_argument("what", nargs="+",
+                    choices=["probe", "check", "bench", "layer", "info", "tune", "pick"])
+    ap.add_argument("--variant", default="",
+                    help=f"named config (overrides the tile flags): {sorted(variants())}")
+    ap.add_argument("--jsonl", default="", help="tune: append results here; pick: read")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tile-m", type=int, default=128)
     ap.add_argument("--tile-n", type=int, default=128)
@@ -284,13 +397,20 @@ def main(argv=None):
     cfg = S.SparseMatmulConfig(tile_m=args.tile_m, tile_n=args.tile_n,
                                max_concurrent_steps=args.stages,
                                mma_in_flight=args.in_flight)
+    if args.variant:
+        cfg = get_config(args.variant)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    if "pick" in args.what:
+        print(pick(args.jsonl))
+        return
+    if "tune" in args.what:
+        tune(args.variant or "default", iters=args.iters, out_jsonl=args.jsonl or None)
     if "info" in args.what:
         print("devices:", jax.devices(), "jax", jax.__version__)
     if "probe" in args.what:
         probe()
     if "check" in args.what:
-        check(cfgs=[cfg])
+        check(cfgs=[cfg] if cfg == S.FALLBACK_CONFIG else [cfg, S.FALLBACK_CONFIG])
     tables = []
     if "bench" in args.what:
         rows = bench(shapes or BENCH_SHAPES, cfg=cfg, iters=args.iters)
@@ -299,14 +419,16 @@ def main(argv=None):
         print("SPEEDUP_TABLE =", {r[:3]: round(r[5], 2) for r in rows})
     if "layer" in args.what:
         tables.append("### `nm_dense` forward + backward (y, dx, dw), bf16\n\n"
-                      + format_layer_table(bench_layer(iters=max(10, args.iters // 2))))
+                      + format_layer_table(bench_layer(iters=max(10, args.iters // 2),
+                                                       cfg=cfg)))
     for t in tables:
         print(t)
     if args.md and tables:
         dev = jax.devices()[0]
         with open(args.md, "w") as f:
             f.write(f"device: {getattr(dev, 'device_kind', dev)}; jax {jax.__version__}; "
-                    f"command: python benchmarks/kernels.py {' '.join(args.what)}\n\n")
+                    f"command: python benchmarks/kernels.py {' '.join(args.what)}"
+                    f"{' --variant ' + args.variant if args.variant else ''}\n\n")
             f.write("\n\n".join(tables) + "\n")
 
 

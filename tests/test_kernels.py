@@ -157,6 +157,43 @@ def test_emulated_kernel_interpret(m, n, k, tm, tn, stages, transpose_out):
                                rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize(
+    "m,n,k,tm,tn,stages,transpose_out,persistent,max_ctas,slots",
+    [
+        (128, 64, 256, 64, 64, 2, False, False, 0, 1),  # one CTA per tile, 2 k-steps
+        # persistent: 2x2 CTA tiles over 3 CTAs (one loops twice), snake order, 3 k-steps
+        (256, 128, 384, 64, 64, 2, True, True, 3, 1),
+        (256, 128, 128, 64, 64, 2, False, True, 2, 2),  # double-buffered epilogue
+    ],
+)
+def test_warp_specialized_kernel_interpret(m, n, k, tm, tn, stages, transpose_out,
+                                           persistent, max_ctas, slots):
+    """v2 structure (producer + 2 consumer warpgroups, persistent snake grid, per-warpgroup
+    rows of A / metadata / C) with the emulated MMA under interpret mode."""
+    a, mask = _data(m + n + k + 1, m, k)
+    b_t = jnp.asarray(np.random.default_rng(7).standard_normal((n, k)), jnp.bfloat16)
+    packed = P.pack_24(a, mask)
+    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages,
+                               warp_specialized=True, mma_in_flight=0,
+                               epilogue_n=32 // slots, epilogue_slots=slots,
+                               persistent=persistent, max_ctas=max_ctas, grid_tile_width=1)
+    out = S.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
+                             interpret=_interpret(), transpose_out=transpose_out)
+    ref = S.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_warp_specialized_config_checks():
+    with pytest.raises(ValueError, match="mma_in_flight=0"):
+        S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=1).check(256, 128, 128)
+    cfg = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0)
+    assert cfg.cta_m == 256
+    with pytest.raises(ValueError):
+        cfg.check(128, 128, 128)  # rows not a multiple of the 256-row CTA tile
+
+
 def test_kernel_rejects_bad_tiles():
     a, mask = _data(0, 128, 256)
     with pytest.raises(ValueError):
@@ -177,6 +214,23 @@ def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma():
     assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16" in text
 
 
+@pytest.mark.parametrize("tm,tn,persistent", [(128, 128, True), (64, 256, True),
+                                               (128, 128, False)])
+def test_warp_specialized_ptx_lowers(tm, tn, persistent):
+    m, n, k = 512, 512, 512
+    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, warp_specialized=True,
+                               persistent=persistent, mma_in_flight=int(not persistent),
+                               epilogue_n=32, max_concurrent_steps=3 if tn == 128 else 2)
+    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg,
+                                                    transpose_out=True))
+    text = f.trace(
+        jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
+        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
+        jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert f"wgmma.mma_async.sp.sync.aligned.m64n{tn}k32.f32.bf16.bf16" in text
+
+
 # --------------------------------------------------------------------------- GPU
 @gpu
 @needs_sm90
@@ -192,6 +246,25 @@ def test_sparse_wgmma_matches_reference_on_gpu(m, n, k, transpose_out):
     ref = ref.T if transpose_out else ref
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
+    assert np.isfinite(out).all()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("m,n,k", [(256, 128, 128), (512, 384, 768), (1024, 1024, 512)])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_warp_specialized_matches_reference_on_gpu(m, n, k, transpose_out):
+    a, mask = _data(m + n + k, m, k, underfill=True)
+    b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
+    packed = P.pack_24(a, mask)
+    cfg = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
+                               max_ctas=3)  # few CTAs: each loops over several tiles
+    out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out)
+    ref = jnp.dot(P.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
+                  precision=jax.lax.Precision.HIGHEST)
+    ref = ref.T if transpose_out else ref
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     assert np.isfinite(out).all()
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
 

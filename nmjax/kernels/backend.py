@@ -43,6 +43,27 @@ def _kernel():
     return sys.modules["nmjax.kernels.sparse_matmul"]
 
 
+# Kernel configuration the backend runs (``None``: ``SparseMatmulConfig()``'s defaults).
+# Shapes the configuration's CTA tile does not divide run the 1-warpgroup fallback.
+DEFAULT_CONFIG = None
+
+
+def _config_for(m: int, n: int, k: int):
+    s = _kernel()
+    cfg = DEFAULT_CONFIG or s.SparseMatmulConfig()
+    try:
+        cfg.check(m, n, k)
+        return cfg
+    except ValueError:
+        return s.FALLBACK_CONFIG
+
+
+def _matmul(a, b_t):
+    m, k = a.values.shape[0], 2 * a.values.shape[1]
+    cfg = _config_for(m, b_t.shape[0], k)
+    return _kernel().sparse_matmul_24(a, b_t, config=cfg, transpose_out=True)
+
+
 def sm90_unavailable() -> str | None:
     """``None`` on an sm_90 (H100/H200) GPU, else why the kernel cannot run here."""
     try:
@@ -83,7 +104,7 @@ def sparse_dense_24(x2d: jax.Array, w: jax.Array, fwd_mask: jax.Array) -> jax.Ar
     _check_shapes(x2d, w)
     _check_24(fwd_mask, 0)
     a = _pack.pack_24(w.T, fwd_mask.T)  # Wᵀ (out, in) packed along in
-    return _kernel().sparse_matmul_24(a, x2d, transpose_out=True)
+    return _matmul(a, x2d)
 
 
 def sparse_dense_24_input_grad(
@@ -98,7 +119,7 @@ def sparse_dense_24_input_grad(
         dy2d, w, bwd_mask = dy2d[:, perm], w[:, perm], bwd_mask[:, perm]
     _check_24(bwd_mask, 1)
     a = _pack.pack_24(w, bwd_mask)  # W (in, out) packed along out
-    return _kernel().sparse_matmul_24(a, dy2d, transpose_out=True)
+    return _matmul(a, dy2d)
 
 
 def claims(problem) -> bool:

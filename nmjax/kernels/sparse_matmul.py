@@ -66,19 +66,43 @@ class SparseMatmulConfig:
     mma_in_flight: int = 1  # wgmma groups left running across pipeline steps (0 or 1)
     transpose_in_kernel: bool = True  # transpose_out in the epilogue (else an XLA transpose)
     epilogue_n: int = 64  # output columns stored per epilogue step
+    # Warp specialisation (v2): one TMA producer warpgroup + ``compute_wgs`` consumer
+    # warpgroups, each owning ``tile_m`` rows of a ``compute_wgs * tile_m`` CTA tile
+    # (B's tile is shared); persistent grid over the SMs in planar-snake order.
+    warp_specialized: bool = False
+    compute_wgs: int = 2
+    memory_registers: int = 40
+    persistent: bool = True  # one CTA per SM looping over tiles (else one CTA per tile)
+    grid_minor_dim: int = 1  # planar_snake: 0 = M, 1 = N runs fastest within a band
+    grid_tile_width: int = 8  # planar_snake band width (tiles)
+    max_ctas: int = 0  # persistent grid size cap (0: the number of SMs)
+    epilogue_slots: int = 1  # warp-specialised epilogue: smem buffers per warpgroup
+
+    @property
+    def cta_m(self) -> int:
+        """Rows of A / C per CTA."""
+        return self.tile_m * (self.compute_wgs if self.warp_specialized else 1)
 
     def check(self, m: int, n: int, k: int) -> None:
+        if self.warp_specialized and self.persistent and self.mma_in_flight:
+            # The pipeline never releases the last step's slot with delay_release=1; a
+            # persistent CTA's next tile would overwrite it under a running wgmma.
+            raise ValueError("warp_specialized + persistent needs mma_in_flight=0")
         if self.tile_m % 64 or self.tile_n % 8 or self.tile_n > 256:
             raise ValueError(f"bad tiles {self}")
         if self.tile_k != 2 * _SWIZZLE_ELEMS:
             raise ValueError(f"tile_k must be {2 * _SWIZZLE_ELEMS} (got {self.tile_k})")
         if self.tile_n % min(self.epilogue_n, self.tile_n):
             raise ValueError(f"tile_n must be a multiple of epilogue_n ({self})")
-        if m % self.tile_m or n % self.tile_n or k % self.tile_k:
+        if m % self.cta_m or n % self.tile_n or k % self.tile_k:
             raise ValueError(
                 f"(M, N, K)=({m}, {n}, {k}) must be multiples of "
-                f"({self.tile_m}, {self.tile_n}, {self.tile_k})"
+                f"({self.cta_m}, {self.tile_n}, {self.tile_k})"
             )
+
+
+# v1 (one warpgroup per CTA, not persistent): runs any multiple of 128 rows.
+FALLBACK_CONFIG = SparseMatmulConfig()
 
 
 def sparse_matmul_24_reference(
@@ -127,6 +151,7 @@ def _ptx_mma_step(config: SparseMatmulConfig):
     # so ptxas sees plain chained wgmmas and needs no waits between them.
     acc_layout = plgpu.Layout._WGMMA_ACC_32BIT
     in_flight = config.mma_in_flight
+    ws = config.warp_specialized
 
     @plgpu.inline_mgpu(
         arg_types=(acc_layout, plgpu.RefType(_TRANSFORMS), plgpu.RefType(),
@@ -167,6 +192,18 @@ def _ptx_mma_step(config: SparseMatmulConfig):
             arith.addi(arith.muli(arith.shrui(lane, c32(2)), c32(2)),
                        arith.andi(lane, c32(1))),
         )
+        m64_blocks = tile_m // 64
+        if ws:
+            # The refs hold the whole CTA tile; compute warpgroup ``wg`` (threads
+            # 128*wg ...) owns rows [wg*tile_m, (wg+1)*tile_m): its A rows start
+            # wg*tile_m/8 row-atoms further and its metadata rows wg*tile_m/64 further.
+            wg = arith.shrui(tid, c32(7))
+            wg_bytes = arith.muli(wg, c32(m64_blocks * a_m64_bytes >> 4))
+            a_desc0 = llvm.add(a_desc0, arith.extui(i64, wg_bytes),
+                               overflow_flags=llvm.IntegerOverflowFlags.none)
+            meta_row0 = arith.index_cast(idx, arith.muli(wg, c32(m64_blocks)))
+        else:
+            meta_row0 = arith.constant(idx, 0)
 
         if not in_flight:
             acc = mgpu_wgmma.wgmma_fence(acc)
@@ -179,7 +216,8 @@ def _ptx_mma_step(config: SparseMatmulConfig):
             assert len(acc_regs) == num_acc
             for s in range(tile_k // 32):
                 col = arith.index_cast(idx, arith.addi(word, c32(64 * s)))
-                meta = memref.load(meta_ref, [arith.constant(idx, mi), col])
+                meta_row = arith.addi(meta_row0, arith.constant(idx, mi))
+                meta = memref.load(meta_ref, [meta_row, col])
                 a_desc = add64(a_desc0, mi * a_m64_bytes + 32 * s)
                 b_desc = add64(b_desc0, (s // 2) * b_kgroup_bytes + 64 * (s % 2))
                 res = llvm.inline_asm(
@@ -270,6 +308,11 @@ def sparse_matmul_24(
     k_iters = k // tk
     out_dtype = jnp.bfloat16
 
+    if config.warp_specialized:
+        return _sparse_matmul_24_ws(values, meta2d, b_t, config=config,
+                                    transpose_out=transpose_out, branch=branch,
+                                    interpret=interpret)
+
     if branch == "ptx":
         mma_init, mma_step, mma_finish = _ptx_mma_step(config)
     release = config.mma_in_flight if branch == "ptx" else 0
@@ -346,6 +389,152 @@ def sparse_matmul_24(
         scratch_types=[plgpu.SMEM((epi_n, tm) if t_kernel else (tm, epi_n), out_dtype)],
         grid=(m // tm, n // tn),
         grid_names=("m", "n"),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret or None,
+    )
+    c = f(values, meta2d, b_t)
+    return c.T if transpose_out and not t_kernel else c
+
+
+# ------------------------------------------------------- warp-specialised kernel
+def _num_sms() -> int:
+    """SMs of the default device (132 on an H100 SXM when lowering elsewhere)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return 132
+    return getattr(dev, "core_count", None) if dev.platform == "gpu" else 132
+
+
+def _sparse_matmul_24_ws(values, meta2d, b_t, *, config, transpose_out, branch,
+                         interpret):
+    """v2: a TMA producer warpgroup + ``compute_wgs`` consumer warpgroups.
+
+    CTA tile ``(compute_wgs * tile_m, tile_n)``: the consumer warpgroups share the
+    B tile and each own ``tile_m`` rows of A (and of the metadata), carrying their
+    ``tile_m x tile_n`` accumulator through the pipeline (``compute_context``). With
+    ``persistent`` the grid is one CTA per SM looping over the output tiles in
+    planar-snake order (:func:`plgpu.nd_loop`).
+    """
+    m, half = values.shape
+    k = 2 * half
+    n = b_t.shape[0]
+    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
+    nwg = config.compute_wgs
+    ctm = config.cta_m
+    m_iters, n_iters, k_iters = m // ctm, n // tn, k // tk
+    out_dtype = jnp.bfloat16
+    t_kernel = transpose_out and config.transpose_in_kernel
+    epi_n = min(config.epilogue_n, tn)
+    release = config.mma_in_flight if branch == "ptx" else 0
+    if branch == "ptx":
+        mma_init, mma_step, mma_finish = _ptx_mma_step(config)
+
+    def get_pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=config.memory_registers,
+            in_specs=[
+                plgpu.BlockSpec((ctm, tk // 2), lambda ki: (0, ki), transforms=_TRANSFORMS,
+                                delay_release=release),
+                plgpu.BlockSpec((ctm // 64, 2 * tk), lambda ki: (0, ki),
+                                delay_release=release),
+                plgpu.BlockSpec((tn, tk), lambda ki: (0, ki), transforms=_TRANSFORMS,
+                                delay_release=release),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=nwg,
+            max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context,
+        )
+
+    def kernel(a_gmem, meta_gmem, b_gmem, out_gmem):
+        ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on it)
+        allocs = get_pipeline(ignore, ignore).get_allocations(a_gmem, meta_gmem, b_gmem)
+        slots = config.epilogue_slots
+        out_shape = (nwg, slots, epi_n, tm) if t_kernel else (nwg, slots, tm, epi_n)
+
+        def scope(pipeline_allocs, out_smem):
+            wg = lax.axis_index("wg")
+
+            def tile(mi, ni):
+                row0 = mi * ctm + wg * tm  # this warpgroup's first row of C
+
+                def epilogue(acc):
+                    for j in range(tn // epi_n):
+                        buf = out_smem.at[wg, j % slots]
+                        cols = slice(j * epi_n, (j + 1) * epi_n)
+                        n0 = ni * tn + j * epi_n
+                        # this slot's previous store has read its buffer
+                        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                        part = acc[:, cols].astype(out_dtype)
+                        if t_kernel:
+                            buf.transpose((1, 0))[...] = part
+                            dst = out_gmem.at[pl.ds(n0, epi_n), pl.ds(row0, tm)]
+                        else:
+                            buf[...] = part
+                            dst = out_gmem.at[pl.ds(row0, tm), pl.ds(n0, epi_n)]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(buf, dst)
+
+                if branch == "ptx":
+                    def compute_context(eval_pipeline):
+                        epilogue(mma_finish(eval_pipeline(mma_init())))
+
+                    def body(_, a_smem, meta_smem, b_smem, acc):
+                        return mma_step(acc, a_smem, meta_smem, b_smem)
+                else:  # interpret-mode emulation: jnp decompress + dot per warpgroup
+                    def compute_context(eval_pipeline):
+                        epilogue(eval_pipeline(jnp.zeros((tm, tn), jnp.float32)))
+
+                    def body(_, a_smem, meta_smem, b_smem, acc):
+                        a = a_smem[pl.ds(wg * tm, tm)]
+                        mt = meta_smem[pl.ds(wg * (tm // 64), tm // 64)]
+                        dense = decompress_tile(a, mt)
+                        return acc + lax.dot_general(
+                            dense, b_smem[...], (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+
+                get_pipeline(body, compute_context)(
+                    a_gmem.at[pl.ds(mi * ctm, ctm)],
+                    meta_gmem.at[pl.ds(mi * (ctm // 64), ctm // 64)],
+                    b_gmem.at[pl.ds(ni * tn, tn)],
+                    allocations=pipeline_allocs,
+                )
+
+            if config.persistent:
+                @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+                def _loop(info):
+                    (lin,) = info.index
+                    mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters),
+                                                config.grid_minor_dim,
+                                                config.grid_tile_width)
+                    tile(mi, ni)
+            else:
+                tile(lax.axis_index("m"), lax.axis_index("n"))
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scope,
+            pipeline_allocs=allocs,
+            out_smem=plgpu.SMEM(out_shape, out_dtype),
+            collective_axes="wg",
+        )
+
+    if config.persistent:
+        ctas = config.max_ctas or _num_sms()
+        grid, grid_names = (min(ctas, m_iters * n_iters),), ("sm",)
+    else:
+        grid, grid_names = (m_iters, n_iters), ("m", "n")
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, m) if t_kernel else (m, n), out_dtype),
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=nwg + 1,
+        thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret or None,
