@@ -102,7 +102,7 @@ def _check_valid(masks, w, n, m):
     np.testing.assert_array_equal(bwd_counts, np.minimum(fwd_counts, n))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(case=st.sampled_from(CASES), seed=st.integers(0, 2**16), perm_seed=st.integers(0, 2**16))
 def test_valid_for_any_permutation(case, seed, perm_seed):
     n, m, shape = case
@@ -115,8 +115,10 @@ def test_valid_for_any_permutation(case, seed, perm_seed):
     np.testing.assert_array_equal(masks.bwd, ref_backward(w, ref_forward(w, n, m), perm, n, m))
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("search", ["random", "swap"])
+@pytest.mark.parametrize(
+    "case, search",
+    [(CASES[0], "random"), (CASES[2], "random")] + [(case, "swap") for case in CASES],
+)
 def test_valid_with_search(case, search):
     n, m, shape = case
     w = _weights(1, shape)
@@ -187,10 +189,10 @@ def test_random_search_official_choice_on_random_weights():
     n, m, shape = CASES[0]
     w = _weights(5, shape)
     key = jax.random.key(11)
-    cands = np.asarray(random_candidates(key, shape[1], 30))
+    cands = np.asarray(random_candidates(key, shape[1], 100))
     ref = official_scores(w, n, m, cands)
     np.testing.assert_array_equal(score_permutations(w, n, m, cands), ref)
-    chosen = search_permutation(w, n, m, method="random", key=key, num_candidates=30)
+    chosen = search_permutation(w, n, m, method="random", key=key)  # K=100
     np.testing.assert_array_equal(chosen, cands[int(np.argmax(ref))])
 
 
@@ -212,7 +214,7 @@ def test_swap_never_lowers_score(case, seed, score):
     w = _weights(seed, shape)
     init = jax.random.permutation(jax.random.key(seed + 1), shape[1])
     perm = search_permutation(w, n, m, method="swap", key=jax.random.key(seed), score=score,
-                              rounds=3, init=init)
+                              init=init)
     before, after = score_permutations(w, n, m, jnp.stack([init, perm]), score=score)
     assert float(after) >= float(before) - 1e-4
 
@@ -272,7 +274,7 @@ def test_random_search_depends_on_key():
     n, m, shape = CASES[0]
     w = _weights(4, shape)
     perms = {tuple(np.asarray(search_permutation(w, n, m, method="random",
-                                                 key=jax.random.key(s), num_candidates=2)))
+                                                 key=jax.random.key(s))))
              for s in range(4)}
     assert len(perms) > 1
 

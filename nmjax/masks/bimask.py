@@ -192,31 +192,42 @@ def _backward(w: jax.Array, fwd: jax.Array, perm: jax.Array, n: int, m: int) -> 
     return unpermute_out(sel & permute_out(fwd, perm), perm)
 
 
-def _kept_values(w: jax.Array, fwd: jax.Array, score: str) -> jax.Array:
-    """``(out, in)`` float32 values the search maximises: fwd as 0/1, or ``|w| ⊙ fwd``."""
+@functools.partial(jax.jit, static_argnames=("n", "m"))
+def _masks_for(w, perm, n, m):
+    fwd = _forward(w, n, m)
+    return fwd, _backward(w, fwd, perm, n, m)
+
+
+def _kept_values(w: jax.Array, fwd: jax.Array, score: str, count_dtype=jnp.float32) -> jax.Array:
+    """``(out, in)`` values the search maximises: fwd as 0/1, or float32 ``|w| ⊙ fwd``."""
     if score == "count":
-        return fwd.T.astype(jnp.float32)
+        return fwd.T.astype(count_dtype)
     a = jnp.abs(w).astype(jnp.float32)
     return jnp.where(fwd & ~jnp.isnan(a), a, 0.0).T
 
 
-def _ranks(g: jax.Array) -> jax.Array:
-    """``(..., m, L) -> (..., m, L)`` int32 rank along axis -2 (0 = largest, ties to lower index).
+def _slice_ranks(vals: list[jax.Array]) -> list[jax.Array]:
+    """Ranks of ``m`` same-shape slices, elementwise (0 = largest, ties to the lower index).
 
-    Unrolled comparisons between the ``m`` slices: each output is an independent elementwise
-    expression, which XLA fuses into one pass (a sort of tiny rows is far slower on CPU).
+    Unrolled comparisons: each rank is an independent elementwise expression, which XLA
+    fuses into its consumers (sorting tiny rows, or ranking along a minor axis, is far
+    slower on CPU).
     """
-    m = g.shape[-2]
-    vals = [g[..., i, :] for i in range(m)]
     ranks = []
-    for i in range(m):
-        r = jnp.zeros(vals[i].shape, jnp.int32)
-        for j in range(m):
+    for i, vi in enumerate(vals):
+        r = jnp.zeros(vi.shape, jnp.int32)
+        for j, vj in enumerate(vals):
             if j != i:
-                beats = vals[j] >= vals[i] if j < i else vals[j] > vals[i]
-                r = r + beats.astype(jnp.int32)
+                r = r + (vj >= vi if j < i else vj > vi).astype(jnp.int32)
         ranks.append(r)
-    return jnp.stack(ranks, axis=-2)
+    return ranks
+
+
+def _topn_sum(g: jax.Array, n: int) -> jax.Array:
+    """``g: (G, m, L)`` -> scalar: the sum of the ``n`` largest of every group along axis 1."""
+    vals = [g[:, i, :] for i in range(g.shape[1])]
+    return sum(jnp.where(r < n, v, 0.0).sum() for r, v in zip(_slice_ranks(vals), vals,
+                                                                strict=True))
 
 
 def _score_one(values_t: jax.Array, perm: jax.Array, n: int, m: int, score: str) -> jax.Array:
@@ -226,7 +237,7 @@ def _score_one(values_t: jax.Array, perm: jax.Array, n: int, m: int, score: str)
     if score == "count":
         kept = groups.sum(1, dtype=jnp.int32)
         return jnp.minimum(kept, n).sum()
-    return jnp.where(_ranks(groups) < n, groups, 0.0).sum()
+    return _topn_sum(groups, n)
 
 
 def _batch_size(k: int, elements: int) -> int:
@@ -234,7 +245,8 @@ def _batch_size(k: int, elements: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "score"))
-def _score_many(values_t, perms, n, m, score):
+def _score_many(w, perms, n, m, score):
+    values_t = _kept_values(w, _forward(w, n, m), score, jnp.int8)  # 0/1 counts: bytes
     one = functools.partial(_score_one, values_t, n=n, m=m, score=score)
     return jax.lax.map(one, perms, batch_size=_batch_size(perms.shape[0], values_t.size))
 
@@ -256,7 +268,8 @@ def _candidates(key, out, k):
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "k", "score"))
-def _random_search(values_t, key, n, m, k, score):
+def _random_search(w, key, n, m, k, score):
+    values_t = _kept_values(w, _forward(w, n, m), score, jnp.int8)  # 0/1 counts: bytes
     out = values_t.shape[0]
     keys = jax.random.split(key, k)
 
@@ -276,17 +289,19 @@ def _removal_stats(g: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     * ``loss[p, i]``: how much the group's top-n sum drops, summed over rows, when ``i``
       leaves.
     """
-    rank = _ranks(g)
-    s_last = jnp.where(rank == n - 1, g, 0.0).sum(1, keepdims=True)  # n-th largest
-    s_next = jnp.where(rank == n, g, 0.0).sum(1, keepdims=True)  # (n+1)-th, 0 if n == m
-    top = rank < n
-    thresh = jnp.where(top, s_next, s_last)
-    loss = jnp.where(top, g - s_next, 0.0).sum(-1)
+    vals = [g[:, i, :] for i in range(g.shape[1])]
+    ranks = _slice_ranks(vals)
+    s_last = sum(jnp.where(r == n - 1, v, 0.0) for r, v in zip(ranks, vals, strict=True))
+    s_next = sum(jnp.where(r == n, v, 0.0) for r, v in zip(ranks, vals, strict=True))
+    thresh = jnp.stack([jnp.where(r < n, s_next, s_last) for r in ranks], axis=1)
+    loss = jnp.stack([jnp.where(r < n, v - s_next, 0.0).sum(-1)
+                      for r, v in zip(ranks, vals, strict=True)], axis=1)
     return thresh, loss
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "rounds"))
-def _swap_search(values_t, init, key, n, m, rounds):
+@functools.partial(jax.jit, static_argnames=("n", "m", "rounds", "score"))
+def _swap_search(w, init, key, n, m, rounds, score):
+    values_t = _kept_values(w, _forward(w, n, m), score)
     out, size_in = values_t.shape
     num_groups = out // m
     pairs = num_groups // 2
@@ -353,8 +368,7 @@ def score_permutations(w: Any, n: int, m: int, perms: Any, *, score: str = "coun
     if perms_arr.ndim != 2:
         raise ValueError(f"perms must have shape (K, {w.shape[1]}), got {tuple(perms_arr.shape)}")
     checked = _check_perm_rows(perms_arr, w.shape[1])
-    values_t = _kept_values(w, _forward(w, n, m), score)
-    scores = _score_many(values_t, checked, n=n, m=m, score=score)
+    scores = _score_many(w, checked, n=n, m=m, score=score)
     return scores[0] if single else scores
 
 
@@ -419,17 +433,17 @@ def search_permutation(
     if score is None:
         score = "count" if method == "random" else "magnitude"
     score = _check_choice(score, "score", SCORES)
-    fwd = _forward(w, n, m)
-    values_t = _kept_values(w, fwd, score)
     if method == "random":
         if init is not None:
             raise ValueError("init is an option of method='swap', not of method='random'")
         k = _check_count(num_candidates, "num_candidates", 1)
-        return _random_search(values_t, key, n=n, m=m, k=k, score=score)
+        return _random_search(w, key, n=n, m=m, k=k, score=score)
     rounds = max(1, 16 // m) if rounds is None else _check_count(rounds, "rounds", 0)
     out = w.shape[1]
-    init = jnp.arange(out, dtype=jnp.int32) if init is None else _check_perm_array(init, out, "init")
-    return _swap_search(values_t, init, key, n=n, m=m, rounds=rounds)
+    if init is None:
+        init = jnp.arange(out, dtype=jnp.int32)
+    init = _check_perm_array(init, out, "init")
+    return _swap_search(w, init, key, n=n, m=m, rounds=rounds, score=score)
 
 
 def bimask(
@@ -494,5 +508,4 @@ def bimask(
         if perm is None:
             perm = jnp.arange(out, dtype=jnp.int32)
         perm = _check_perm_array(perm, out)
-    fwd = _forward(w, n, m)
-    return BiMask(fwd, _backward(w, fwd, perm, n, m), perm)
+    return BiMask(*_masks_for(w, perm, n=n, m=m), perm)
