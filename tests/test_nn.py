@@ -31,6 +31,7 @@ def rngs(seed):
 X = jnp.asarray(RNG.standard_normal((4, 8)), jnp.float32)
 IMG = jnp.asarray(RNG.standard_normal((2, 6, 6, 4)), jnp.float32)
 RULE_T = MaskRule(2, 4, pattern="transposable", exclude="head")
+USED = nmjax.nn.USED_MASKS
 
 
 def shapes(tree):
@@ -303,3 +304,66 @@ def test_bimask_layers_use_forward_and_backward_masks():
     _, vjp = jax.vjp(lambda x: lin(x), X)
     np.testing.assert_allclose(vjp(dy)[0], dy @ jnp.where(m.bwd, lin.kernel[...], 0).T,
                                rtol=1e-5, atol=1e-5)
+
+
+class TwoHeads(nn.Module):
+    def setup(self):
+        self.body = nn.Dense(16)
+        self.head = nn.Dense(10)
+
+    def __call__(self, x):
+        return self.head(nn.relu(self.body(x)))
+
+    def features(self, x):
+        return self.body(x)
+
+
+def test_linen_other_methods_and_low_precision_layers():
+    params = TwoHeads().init(key(4), X)
+    sparse = sparsify(TwoHeads(), RULE_T)
+    w = params["params"]["body"]["kernel"]
+    mask = transposable_mask(jnp.abs(w), 2, 4)
+    feats = sparse.apply(params, "features", X, method="call")
+    np.testing.assert_allclose(feats, X @ jnp.where(mask, w, 0) + params["params"]["body"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+    # bf16 compute, fp32 parameters: output dtype and values as nn.Dense on the masked kernel.
+    layer = nl.SparseDense(16, dtype=jnp.bfloat16)
+    p = layer.init(key(5), X)
+    y = layer.apply(p, X)
+    kernel = p["params"]["kernel"]
+    ref = nn.Dense(16, dtype=jnp.bfloat16).apply(
+        {"params": {**p["params"], "kernel": jnp.where(nm_mask(jnp.abs(kernel), 2, 4), kernel, 0)}},
+        X)
+    assert y.dtype == jnp.bfloat16 and p["params"]["kernel"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32),
+                               rtol=2e-2, atol=2e-2)
+    g = jax.grad(lambda p: layer.apply(p, X).astype(jnp.float32).sum())(p)
+    assert g["params"]["kernel"].dtype == jnp.float32
+
+
+def test_dynamic_bimask_uses_a_searched_permutation():
+    from nmjax.masks import bimask
+
+    rule = MaskRule(2, 4, pattern="bimask", exclude="head")
+    params = MLP().init(key(6), X)["params"]
+    perms = nmjax.nn.linen_perms(params, rule, key(7), method="random", num_candidates=8)
+    assert shapes(perms) == {"Dense_0": {"perm": (16,)}, "Dense_1": {"perm": (12,)}}
+    sparse = sparsify(MLP(), rule)
+    _, used = sparse.apply({"params": params, nmjax.nn.MASKS: perms}, X, mutable=[USED])
+    for layer in ("Dense_0", "Dense_1"):
+        m, perm = used[USED][layer]["kernel"], perms[layer]["perm"]
+        np.testing.assert_array_equal(m.perm, perm)
+        ref = bimask(params[layer]["kernel"], 2, 4, perm)
+        np.testing.assert_array_equal(m.fwd, ref.fwd)
+        np.testing.assert_array_equal(m.bwd, ref.bwd)
+        assert bool(is_nm(m.bwd[:, perm], 2, 4, axis=1))
+    with pytest.raises(ValueError, match="permutation search needs pattern 'bimask'"):
+        nmjax.nn.linen_perms(params, RULE_T, key(7))
+    # NNX: search_perms stores one permutation per dynamic Bi-Mask layer; calls use it.
+    model = sparsify(NMLP(rngs(6)), rule)
+    nmjax.nn.search_perms(model, key(8), method="swap")
+    for layer in model.layers:
+        m = layer.masks()
+        np.testing.assert_array_equal(m.perm, layer.perm[...])
+        np.testing.assert_array_equal(m.bwd, bimask(layer.kernel[...], 2, 4, m.perm).bwd)
+    assert nnx.jit(lambda m, x: m(x))(model, X).shape == (4, 10)

@@ -14,8 +14,8 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, LayerMasks, Sparsity
-from nmjax.nn.linen import SparseDense, Sparsified, linen_masks
-from nmjax.nn.nnx import NMMask, SparseLinear, refresh_masks
+from nmjax.nn.linen import SparseDense, Sparsified, linen_masks, linen_perms
+from nmjax.nn.nnx import NMMask, SparseLinear, refresh_masks, search_perms
 from nmjax.tree import MaskRule
 
 
@@ -49,7 +49,9 @@ __all__ = [
     "Sparsity",
     "linen",
     "linen_masks",
+    "linen_perms",
     "nnx",
     "refresh_masks",
+    "search_perms",
     "sparsify",
 ]

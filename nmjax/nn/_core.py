@@ -117,8 +117,12 @@ def split_masks(masks: Any) -> LayerMasks:
     return LayerMasks(masks, masks, None)
 
 
-def compute_masks(kernel: jax.Array, axis: int, sp: Sparsity, path: str = "kernel") -> Any:
+def compute_masks(kernel: jax.Array, axis: int, sp: Sparsity, path: str = "kernel",
+                  perm: jax.Array | None = None) -> Any:
     """The pattern's raw output for ``kernel`` grouped along ``axis`` (no gradient).
+
+    ``perm``: for ``"bimask"``, the output-channel permutation to build the backward mask
+    in (a permutation searched earlier, e.g. every I steps); ``None`` lets the pattern choose.
 
     Raises:
       ValueError: the kernel's grouped axis is not divisible by ``m``, or the pattern does
@@ -131,7 +135,23 @@ def compute_masks(kernel: jax.Array, axis: int, sp: Sparsity, path: str = "kerne
         raise ValueError(f"layer kernel {path!r} has shape {shape}; its axis {axis} (length "
                          f"{shape[axis]}) must be divisible by m={sp.m} for {sp.n}:{sp.m} "
                          "groups. Leave the layer dense (exclude it from the rule) or resize it")
+    if perm is not None:
+        if sp.pattern != "bimask":
+            raise ValueError(f"a stored permutation applies to pattern 'bimask' only, "
+                             f"got pattern {sp.pattern!r} for {path!r}")
+        kwargs = {k: v for k, v in sp.pattern_kwargs if k not in ("search", "key")}
+        return PATTERNS["bimask"](kernel, sp.n, sp.m, axis, sp.score_fn, perm=perm, **kwargs)
     return rule.mask(kernel, axis)
+
+
+def search_perm(kernel: jax.Array, sp: Sparsity, key: jax.Array, **options: Any) -> jax.Array:
+    """A Bi-Mask permutation of ``kernel: (in, out)``'s output channels for ``sp``
+    (:func:`nmjax.masks.search_permutation`; ``options`` e.g. ``method``, ``init``)."""
+    from nmjax.masks import search_permutation
+
+    if sp.pattern != "bimask":
+        raise ValueError(f"permutation search needs pattern 'bimask', got {sp.pattern!r}")
+    return search_permutation(jax.lax.stop_gradient(kernel), sp.n, sp.m, key=key, **options)
 
 
 def product_kwargs(sp: Sparsity, masks: LayerMasks, precision: Any) -> dict[str, Any]:

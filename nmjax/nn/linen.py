@@ -16,7 +16,7 @@ from flax.linen.dtypes import promote_dtype
 
 from nmjax.nn import _core
 from nmjax.nn._core import MASKS, USED_MASKS, LayerMasks, Sparsity
-from nmjax.tree import MaskRule, build_masks
+from nmjax.tree import MaskRule, build_masks, path_str
 
 
 def _path(mdl: nn.Module) -> str:
@@ -26,7 +26,9 @@ def _path(mdl: nn.Module) -> str:
 def _layer_masks(mdl: nn.Module, kernel: jax.Array, axis: int, sp: Sparsity) -> LayerMasks:
     path = _path(mdl)
     if sp.mode == "dynamic":
-        masks = _core.split_masks(_core.compute_masks(kernel, axis, sp, path))
+        # Bi-Mask: a permutation searched every I steps may sit in nm_masks/<layer>/perm.
+        perm = mdl.get_variable(MASKS, "perm") if mdl.has_variable(MASKS, "perm") else None
+        masks = _core.split_masks(_core.compute_masks(kernel, axis, sp, path, perm))
     else:
         if not (mdl.has_variable(MASKS, "kernel") or mdl.is_mutable_collection(MASKS)):
             raise ValueError(
@@ -234,6 +236,46 @@ def sparsify(model: nn.Module, rule: MaskRule, *, mode: str = "dynamic", decay: 
         raise TypeError(f"rule must be an nmjax.tree.MaskRule, got {type(rule).__name__}")
     Sparsity.from_rule(rule, mode=mode, decay=decay, backend=backend)  # validates
     return Sparsified(model, rule, mode, decay, backend)
+
+
+def linen_perms(params: Any, rule: MaskRule, key: jax.Array, **options: Any) -> dict[str, Any]:
+    """Bi-Mask permutations for dynamic mode: ``{<layer path>: {"perm": (out,) int32}}``.
+
+    The Bi-Mask recipe: every I steps (the paper: 100) search a permutation of each layer's
+    output channels on the current weights, and pass the result as ``variables["nm_masks"]``;
+    forward and backward masks are still recomputed from the weights at every call, the
+    backward one in that permutation's order. Without it the identity permutation is used.
+
+    Example::
+
+      sparse = sparsify(model, MaskRule(2, 4, pattern="bimask"), decay=2e-4)
+      perms = linen_perms(params, rule, jax.random.key(step), method="swap")
+      logits = sparse.apply({"params": params, "nm_masks": perms}, x)
+
+    Args:
+      params: the ``params`` pytree.
+      rule: a ``MaskRule`` with ``pattern="bimask"`` (the one given to :func:`sparsify`).
+      key: PRNG key; split across layers.
+      **options: :func:`nmjax.masks.search_permutation` options (``method``, ``rounds``,
+        ``num_candidates``, ``score``).
+    """
+    sp = Sparsity.from_rule(rule)
+    selected = []
+
+    def visit(key_path, leaf):
+        path = path_str(key_path)
+        if rule.select(path, leaf) is not None:
+            selected.append((path, leaf))
+
+    jax.tree_util.tree_map_with_path(visit, params)
+    keys = jax.random.split(key, max(len(selected), 1))
+    out: dict[str, Any] = {}
+    for (path, kernel), k in zip(selected, keys, strict=False):
+        node = out
+        for part in path.split("/")[:-1]:
+            node = node.setdefault(part, {})
+        node["perm"] = _core.search_perm(kernel, sp, k, **options)
+    return out
 
 
 def linen_masks(params: Any, rule: MaskRule) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def refresh_layer(layer: Any) -> None:
 
 def _masks(layer: Any, kernel: jax.Array, axis: int) -> LayerMasks:
     if layer.sparsity.mode == "dynamic":
-        return _core.split_masks(_core.compute_masks(kernel, axis, layer.sparsity))
+        perm = None if layer.perm is None else layer.perm.get_value()
+        return _core.split_masks(_core.compute_masks(kernel, axis, layer.sparsity, perm=perm))
     if layer.fwd_mask is None:
         raise ValueError("static masks are missing; call nmjax.nn.nnx.refresh_masks(model)")
     perm = None if layer.perm is None else layer.perm.get_value()
@@ -229,6 +230,22 @@ def sparsify(model: nnx.Module, rule: MaskRule, *, mode: str = "dynamic", decay:
             parent = getattr(parent, key) if isinstance(key, str) else parent[key]
         _set_child(parent, path[-1], _swap(node, sp))
     return model
+
+
+def search_perms(model: nnx.Module, key: jax.Array, **options: Any) -> None:
+    """Searches a new Bi-Mask permutation for every dynamic ``"bimask"`` layer (in place).
+
+    The Bi-Mask recipe: call it every I steps (the paper: 100); forward and backward masks
+    are still recomputed from the weights at every call, the backward one in the stored
+    permutation's order (an :class:`NMMask` ``perm`` variable). ``options`` go to
+    :func:`nmjax.masks.search_permutation` (``method``, ``rounds``, ``num_candidates``).
+    """
+    layers = [node for _, node in nnx.iter_graph(model)
+              if isinstance(node, SparseLinear) and node.sparsity.pattern == "bimask"
+              and node.sparsity.mode == "dynamic"]
+    for layer, k in zip(layers, jax.random.split(key, max(len(layers), 1)), strict=False):
+        layer.perm = NMMask(_core.search_perm(layer.kernel.get_value(), layer.sparsity, k,
+                                              **options))
 
 
 def refresh_masks(model: nnx.Module) -> None:
