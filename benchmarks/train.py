@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from nmjax.nn import linen_masks, sparsify
+from nmjax.nn import linen_masks, linen_perms, sparsify
 from nmjax.tree import MaskRule, build_masks, summarize
 
 
@@ -57,16 +57,27 @@ CONFIGS = [  # (label, rule or None for dense, mode)
      MaskRule(2, 4, pattern="transposable", exclude="head"), "static"),
     ("2:4 bimask, dynamic (identity perm)", MaskRule(2, 4, pattern="bimask", exclude="head"),
      "dynamic"),
+    ("2:4 bimask, dynamic (swap search/100)",
+     MaskRule(2, 4, pattern="bimask", exclude="head"), "search"),
 ]
 
 
-def train(rule, mode, *, steps=300, batch=128, lr=3e-3, decay=2e-4, refresh=50, seed=0):
-    """Trains one configuration; returns a dict of measured figures."""
+def train(rule, mode, *, steps=300, batch=128, lr=3e-3, decay=2e-4, refresh=50, search=100,
+          seed=0):
+    """Trains one configuration; returns a dict of measured figures.
+
+    ``mode``: ``"dense"``, ``"dynamic"``, ``"static"`` (masks refreshed every ``refresh``
+    steps) or ``"search"`` (dynamic Bi-Mask with a permutation searched every ``search``
+    steps, the Bi-Mask recipe).
+    """
     (x_train, y_train), (x_test, y_test) = _digits()
     model = MLP()
     params = model.init(jax.random.key(seed, impl="rbg"), x_train[:1])["params"]
-    net = model if rule is None else sparsify(model, rule, mode=mode, decay=decay)
+    net = model if rule is None else sparsify(
+        model, rule, mode="static" if mode == "static" else "dynamic", decay=decay)
     masks = linen_masks(params, rule) if mode == "static" else None
+    if mode == "search":
+        masks = linen_perms(params, rule, jax.random.key(seed), method="swap")
     tx = optax.adam(lr)
     opt_state = tx.init(params)
     batches = np.random.default_rng(seed + 1).integers(0, len(y_train), (steps, batch))
@@ -89,6 +100,8 @@ def train(rule, mode, *, steps=300, batch=128, lr=3e-3, decay=2e-4, refresh=50, 
     for t in range(steps):
         if mode == "static" and t and t % refresh == 0:
             masks = linen_masks(params, rule)
+        if mode == "search" and t and t % search == 0:
+            masks = linen_perms(params, rule, jax.random.key(seed + t), method="swap")
         idx = batches[t]
         t1 = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(
