@@ -36,11 +36,8 @@ def main() -> None:
     print(f"nmjax {nmjax.__version__}: 2:4 masks along each kernel's contraction axis\n")
     print(summarize(params, masks, rule))
     sparse = apply_masks(params, masks)
-    for path, mask in jax.tree_util.tree_leaves_with_path(masks):
-        w = sparse
-        for k in path:
-            w = w[k.key]
-        assert bool(nmjax.masks.is_nm(mask, 2, 4, axis=w.ndim - 2, exact=True))
+    for mask in jax.tree.leaves(masks):  # Dense (in, out) and Conv HWIO: axis ndim - 2
+        assert bool(nmjax.masks.is_nm(mask, 2, 4, axis=mask.ndim - 2, exact=True))
     y_dense = model.apply({"params": params}, x)
     y_sparse = model.apply({"params": sparse}, x)
     print(f"\nlogits change after pruning: {float(jnp.linalg.norm(y_sparse - y_dense)):.4f}")
