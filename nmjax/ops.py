@@ -19,6 +19,7 @@ accumulation) or one registered with :func:`register_backend` (the kernels plug 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -108,6 +109,13 @@ _BACKENDS: dict[str, Backend] = {
     ),
 }
 
+# Backends registered on first use: name -> "module:function", the function returning a
+# Backend (or raising ImportError/RuntimeError with the reason it cannot exist here).
+# --- kernels hook: the kernels issue adds its "pallas" entry here. ---
+_LAZY_BACKENDS: dict[str, str] = {}
+# --- end of kernels hook ---
+_LAZY_FAILED: dict[str, str] = {}
+
 # Backends that may exist in a later version or on another machine, and what they need.
 _KNOWN_BACKENDS = {
     "pallas": "an NVIDIA sm_90 GPU (H100/H200) and the nmjax.kernels Pallas GEMM registered "
@@ -128,6 +136,17 @@ def register_backend(name: str, backend: Backend) -> None:
     _BACKENDS[name] = backend
 
 
+def _load_lazy(name: str) -> None:
+    spec = _LAZY_BACKENDS.get(name)
+    if spec is None or name in _BACKENDS or name in _LAZY_FAILED:
+        return
+    module, _, fn = spec.partition(":")
+    try:
+        register_backend(name, getattr(importlib.import_module(module), fn)())
+    except (ImportError, RuntimeError) as e:
+        _LAZY_FAILED[name] = f"{type(e).__name__}: {e}"
+
+
 def backends() -> tuple[str, ...]:
     """Names of the registered backends (``"reference"`` first)."""
     return tuple(_BACKENDS)
@@ -141,6 +160,8 @@ def _device() -> tuple[str, str]:
 def _check_backend_name(backend: Any) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {backend!r}")
+    for name in _LAZY_BACKENDS if backend == "auto" else (backend,):
+        _load_lazy(name)
     if backend == "auto" or backend in _BACKENDS:
         if backend in _BACKENDS:
             reason = _BACKENDS[backend].unavailable()
@@ -151,10 +172,12 @@ def _check_backend_name(backend: Any) -> str:
                     f"{reason}; use backend='reference' or 'auto'")
         return backend
     platform, kind = _device()
-    if backend in _KNOWN_BACKENDS:
+    if backend in _KNOWN_BACKENDS or backend in _LAZY_FAILED:
+        why = f" ({_LAZY_FAILED[backend]})" if backend in _LAZY_FAILED else ""
+        needs = _KNOWN_BACKENDS.get(backend, "its dependencies")
         raise ValueError(
-            f"backend {backend!r} is not available on this device ({platform}: {kind}); it "
-            f"needs {_KNOWN_BACKENDS[backend]}. Use backend='reference' or 'auto'")
+            f"backend {backend!r} is not available on this device ({platform}: {kind}){why}; "
+            f"it needs {needs}. Use backend='reference' or 'auto'")
     raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
 
 

@@ -281,3 +281,27 @@ def test_conv_bad_inputs_raise_clear_errors():
         ops.nm_conv(x, w, mask, padding="CIRCULAR")
     with pytest.raises(ValueError, match="strides must be a positive int or 2 positive ints"):
         ops.nm_conv(x, w, mask, strides=(1, 1, 1))
+
+
+def test_lazy_backend_loads_on_first_use_or_reports_why_not(monkeypatch):
+    import types
+
+    calls: list[str] = []
+    mod = types.ModuleType("fake_kernels")
+    mod.make = lambda: _fake_backend(calls, (2, 4))
+
+    def broken():
+        raise RuntimeError("needs an sm_90 GPU")
+
+    mod.broken = broken
+    monkeypatch.setitem(__import__("sys").modules, "fake_kernels", mod)
+    monkeypatch.setattr(ops, "_LAZY_BACKENDS", {"lazy": "fake_kernels:make",
+                                                "gone": "fake_kernels:broken"})
+    monkeypatch.setattr(ops, "_LAZY_FAILED", {})
+    monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
+    x, w, fwd, _, _ = _problem(13, (6,), 8, 12)
+    y = ops.nm_dense(x, w, fwd, fwd_nm=(2, 4))  # "auto" loads "lazy", which claims 2:4
+    assert calls == ["forward"] and "lazy" in ops.backends()
+    np.testing.assert_allclose(y, ops.nm_dense(x, w, fwd, backend="reference"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'gone' is not available .*RuntimeError: needs an sm_90"):
+        ops.nm_dense(x, w, fwd, backend="gone")
