@@ -139,6 +139,10 @@ def variants():
         # 2 consumer warpgroups x (128x128), CTA 256x128, persistent, snake N-minor
         "ws": ws,
         "ws_mminor": dataclasses.replace(ws, grid_minor_dim=0),
+        # branchless grouped tile order instead of planar_snake (no lax.cond in the loop)
+        "ws_g": dataclasses.replace(ws, grid_order="grouped"),
+        # one CTA per tile, all wgmma groups awaited every k-step
+        "ws_np0": dataclasses.replace(ws, persistent=False),
         # epilogue double-buffered (2 x 16 columns per warpgroup): stores overlap
         "ws_e2": dataclasses.replace(ws, epilogue_n=16, epilogue_slots=2),
         # one CTA per tile: no persistent loop, so one wgmma group may stay in flight

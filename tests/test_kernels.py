@@ -164,6 +164,7 @@ def test_emulated_kernel_interpret(m, n, k, tm, tn, stages, transpose_out):
         # persistent: 2x2 CTA tiles over 3 CTAs (one loops twice), snake order, 3 k-steps
         (256, 128, 384, 64, 64, 2, True, True, 3, 1),
         (256, 128, 128, 64, 64, 2, False, True, 2, 2),  # double-buffered epilogue
+        (384, 192, 128, 64, 64, 2, True, True, 4, 1),  # grouped order, partial last band
     ],
 )
 def test_warp_specialized_kernel_interpret(m, n, k, tm, tn, stages, transpose_out,
@@ -176,13 +177,23 @@ def test_warp_specialized_kernel_interpret(m, n, k, tm, tn, stages, transpose_ou
     cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages,
                                warp_specialized=True, mma_in_flight=0,
                                epilogue_n=32 // slots, epilogue_slots=slots,
-                               persistent=persistent, max_ctas=max_ctas, grid_tile_width=1)
+                               persistent=persistent, max_ctas=max_ctas,
+                               grid_tile_width=1 if m < 384 else 2,
+                               grid_order="snake" if m < 384 else "grouped")
     out = S.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
                              interpret=_interpret(), transpose_out=transpose_out)
     ref = S.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
     assert out.shape == ref.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_grouped_order_is_a_permutation():
+    for m_iters, n_iters, width in [(5, 3, 2), (4, 4, 4), (7, 2, 3), (1, 6, 8)]:
+        lin = jnp.arange(m_iters * n_iters, dtype=jnp.int32)
+        mi, ni = S._grouped_order(lin, m_iters, n_iters, width)
+        pairs = set(zip(np.asarray(mi).tolist(), np.asarray(ni).tolist(), strict=True))
+        assert pairs == {(i, j) for i in range(m_iters) for j in range(n_iters)}
 
 
 def test_warp_specialized_config_checks():

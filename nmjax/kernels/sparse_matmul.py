@@ -76,6 +76,7 @@ class SparseMatmulConfig:
     grid_minor_dim: int = 1  # planar_snake: 0 = M, 1 = N runs fastest within a band
     grid_tile_width: int = 8  # planar_snake band width (tiles)
     max_ctas: int = 0  # persistent grid size cap (0: the number of SMs)
+    grid_order: str = "snake"  # "snake" (plgpu.planar_snake) or "grouped" (branchless)
     epilogue_slots: int = 1  # warp-specialised epilogue: smem buffers per warpgroup
 
     @property
@@ -407,6 +408,16 @@ def _num_sms() -> int:
     return getattr(dev, "core_count", None) if dev.platform == "gpu" else 132
 
 
+def _grouped_order(lin, m_iters: int, n_iters: int, width: int):
+    """Branchless band order: bands of ``width`` M-tiles, M fastest inside a band."""
+    band_size = width * n_iters
+    band = lax.div(lin, jnp.int32(band_size))
+    first_m = band * width
+    rows = jnp.minimum(jnp.int32(m_iters) - first_m, jnp.int32(width))
+    within = lax.rem(lin, jnp.int32(band_size))
+    return first_m + lax.rem(within, rows), lax.div(within, rows)
+
+
 def _sparse_matmul_24_ws(values, meta2d, b_t, *, config, transpose_out, branch,
                          interpret):
     """v2: a TMA producer warpgroup + ``compute_wgs`` consumer warpgroups.
@@ -453,6 +464,15 @@ def _sparse_matmul_24_ws(values, meta2d, b_t, *, config, transpose_out, branch,
     def kernel(a_gmem, meta_gmem, b_gmem, out_gmem):
         ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on it)
         allocs = get_pipeline(ignore, ignore).get_allocations(a_gmem, meta_gmem, b_gmem)
+        if not interpret:
+            # In Lane semantics the pipeline's automatic "consumed" arrival is executed by
+            # every thread of a compute warpgroup (one arrival each), but the barrier is
+            # created expecting one arrival per warpgroup: the phase would flip after two
+            # threads and the producer overwrite slots still being read (seen on the H100
+            # as an illegal address). Expect all 128 threads of every compute warpgroup.
+            allocs["flat_consumed_barrier_refs"] = [
+                dataclasses.replace(b, num_arrivals=nwg * 128)
+                for b in allocs["flat_consumed_barrier_refs"]]
         slots = config.epilogue_slots
         out_shape = (nwg, slots, epi_n, tm) if t_kernel else (nwg, slots, tm, epi_n)
 
@@ -508,8 +528,12 @@ def _sparse_matmul_24_ws(values, meta2d, b_t, *, config, transpose_out, branch,
                 @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
                 def _loop(info):
                     (lin,) = info.index
-                    mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters),
-                                                config.grid_minor_dim,
+                    if config.grid_order == "snake":
+                        mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters),
+                                                    config.grid_minor_dim,
+                                                    config.grid_tile_width)
+                    else:
+                        mi, ni = _grouped_order(lin, m_iters, n_iters,
                                                 config.grid_tile_width)
                     tile(mi, ni)
             else:
