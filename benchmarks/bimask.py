@@ -37,15 +37,15 @@ PATTERNS = [(2, 4), (4, 8)]
 
 
 def methods(m: int) -> list[tuple[str, dict | None]]:
-    default_rounds = max(1, 16 // m)
+    default_rounds = max(1, 8 // m)
     return [
         ("identity", None),
         ("random K=100, count (official)", dict(method="random", num_candidates=100)),
         ("random K=100, magnitude", dict(method="random", num_candidates=100,
                                          score="magnitude")),
-        ("swap, 1 round", dict(method="swap", rounds=1)),
-        (f"swap, {default_rounds} rounds (default)", dict(method="swap")),
+        (f"swap, {default_rounds} round(s) (default)", dict(method="swap")),
         (f"swap, {4 * default_rounds} rounds", dict(method="swap", rounds=4 * default_rounds)),
+        (f"swap, {16 * default_rounds} rounds", dict(method="swap", rounds=16 * default_rounds)),
     ]
 
 
@@ -100,10 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, no results file")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--shape", action="append", default=None, metavar="INxOUT",
+                        help="only these shapes (repeatable), prints only")
     args = parser.parse_args()
+    if args.shape:
+        args.quick = True
     load_start = os.getloadavg()
     started = datetime.datetime.now(datetime.UTC)
-    lines = run(QUICK_SHAPES if args.quick else SHAPES, args.reps)
+    shapes = SHAPES
+    if args.shape:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape]
+    elif args.quick:
+        shapes = QUICK_SHAPES
+    lines = run(shapes, args.reps)
     load_end = os.getloadavg()
     cmd = "python benchmarks/bimask.py" + (" --quick" if args.quick else "")
     header = [

@@ -248,7 +248,7 @@ def test_swap_beats_identity_and_random_on_a_layer():
     n, m = 2, 4
     w = _weights(9, (64, 128))
     key = jax.random.key(0)
-    swap = search_permutation(w, n, m, method="swap", key=key, rounds=4)
+    swap = search_permutation(w, n, m, method="swap", key=key)  # default rounds
     rand = search_permutation(w, n, m, method="random", key=key, num_candidates=100)
     scores = score_permutations(w, n, m, jnp.stack([jnp.arange(128), rand, swap]),
                                 score="magnitude")

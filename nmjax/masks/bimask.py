@@ -226,8 +226,8 @@ def _slice_ranks(vals: list[jax.Array]) -> list[jax.Array]:
 def _topn_sum(g: jax.Array, n: int) -> jax.Array:
     """``g: (G, m, L)`` -> scalar: the sum of the ``n`` largest of every group along axis 1."""
     vals = [g[:, i, :] for i in range(g.shape[1])]
-    return sum(jnp.where(r < n, v, 0.0).sum() for r, v in zip(_slice_ranks(vals), vals,
-                                                                strict=True))
+    ranks = jax.lax.optimization_barrier(_slice_ranks(vals))
+    return sum(jnp.where(r < n, v, 0.0).sum() for r, v in zip(ranks, vals, strict=True))
 
 
 def _score_one(values_t: jax.Array, perm: jax.Array, n: int, m: int, score: str) -> jax.Array:
@@ -290,7 +290,8 @@ def _removal_stats(g: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
       leaves.
     """
     vals = [g[:, i, :] for i in range(g.shape[1])]
-    ranks = _slice_ranks(vals)
+    # materialise the ranks once: fused into each consumer, XLA recomputes them (slow at m=8)
+    ranks = jax.lax.optimization_barrier(_slice_ranks(vals))
     s_last = sum(jnp.where(r == n - 1, v, 0.0) for r, v in zip(ranks, vals, strict=True))
     s_next = sum(jnp.where(r == n, v, 0.0) for r, v in zip(ranks, vals, strict=True))
     thresh = jnp.stack([jnp.where(r < n, s_next, s_last) for r in ranks], axis=1)
@@ -418,8 +419,10 @@ def search_permutation(
       score: ``"count"`` (survivors) or ``"magnitude"`` (their ``|w|``); ``None`` takes the
         method's default.
       num_candidates: ``K`` for ``"random"`` (>= 1).
-      rounds: pairing rounds for ``"swap"`` (>= 0); ``None`` takes ``max(1, 16 // m)``
-        (4 at M=4, 2 at M=8), which on CPU costs about as much as the K=100 random search.
+      rounds: pairing rounds for ``"swap"`` (>= 0); ``None`` takes ``max(1, 8 // m)``
+        (2 at M=4, 1 at M=8), which on CPU costs no more than the K=100 random search
+        (``benchmarks/results/bimask.md``). More rounds keep more; each costs about as much
+        as 10-30 random candidates.
       init: ``(out,)`` starting permutation for ``"swap"``.
 
     Returns:
@@ -438,7 +441,7 @@ def search_permutation(
             raise ValueError("init is an option of method='swap', not of method='random'")
         k = _check_count(num_candidates, "num_candidates", 1)
         return _random_search(w, key, n=n, m=m, k=k, score=score)
-    rounds = max(1, 16 // m) if rounds is None else _check_count(rounds, "rounds", 0)
+    rounds = max(1, 8 // m) if rounds is None else _check_count(rounds, "rounds", 0)
     out = w.shape[1]
     if init is None:
         init = jnp.arange(out, dtype=jnp.int32)
