@@ -176,13 +176,27 @@ def _ptx_mma_step(config: SparseMatmulConfig):
         # Tiled smem refs: a (tile_m/8, 1, 8, 64), b (tile_n/8, tile_k/64, 8, 64).
         a_strides, _ = ir.MemRefType(a_ref.type).get_strides_and_offset()
         b_strides, _ = ir.MemRefType(b_ref.type).get_strides_and_offset()
+        a_m64_bytes = 2 * a_strides[0] * 8  # 64 rows = 8 row-atoms
+        m64_blocks = tile_m // 64
+        a_ptr = mgpu.utils.memref_ptr(a_ref)
+        if ws:
+            # The refs hold the whole CTA tile; compute warpgroup ``wg`` owns rows
+            # [wg*tile_m, (wg+1)*tile_m). The offset goes into the smem address before
+            # it is encoded (ptxas 13.0 crashes, or miscompiles, on a descriptor with a
+            # dynamic term added after encoding); ``wg`` is warp-broadcast (uniform).
+            wg = mgpu.utils.warpgroup_idx(sync=True)
+            a_ptr = mgpu.utils.getelementptr(
+                a_ptr, [arith.muli(wg, c32(m64_blocks * a_m64_bytes))],
+                ir.IntegerType.get_signless(8))
+            meta_row0 = arith.index_cast(idx, arith.muli(wg, c32(m64_blocks)))
+        else:
+            meta_row0 = arith.constant(idx, 0)
         a_desc0 = mma_utils.encode_descriptor(
-            a_ref, leading_byte_offset=0, stride_byte_offset=2 * a_strides[0],
+            a_ptr, leading_byte_offset=0, stride_byte_offset=2 * a_strides[0],
             swizzle=_SWIZZLE)
         b_desc0 = mma_utils.encode_descriptor(
             b_ref, leading_byte_offset=0, stride_byte_offset=2 * b_strides[0],
             swizzle=_SWIZZLE)
-        a_m64_bytes = 2 * a_strides[0] * 8  # 64 rows = 8 row-atoms
         b_kgroup_bytes = 2 * b_strides[1]  # next 64 logical K
 
         tid = mgpu.thread_idx()
@@ -193,18 +207,6 @@ def _ptx_mma_step(config: SparseMatmulConfig):
             arith.addi(arith.muli(arith.shrui(lane, c32(2)), c32(2)),
                        arith.andi(lane, c32(1))),
         )
-        m64_blocks = tile_m // 64
-        if ws:
-            # The refs hold the whole CTA tile; compute warpgroup ``wg`` (threads
-            # 128*wg ...) owns rows [wg*tile_m, (wg+1)*tile_m): its A rows start
-            # wg*tile_m/8 row-atoms further and its metadata rows wg*tile_m/64 further.
-            wg = arith.shrui(tid, c32(7))
-            wg_bytes = arith.muli(wg, c32(m64_blocks * a_m64_bytes >> 4))
-            a_desc0 = llvm.add(a_desc0, arith.extui(i64, wg_bytes),
-                               overflow_flags=llvm.IntegerOverflowFlags.none)
-            meta_row0 = arith.index_cast(idx, arith.muli(wg, c32(m64_blocks)))
-        else:
-            meta_row0 = arith.constant(idx, 0)
 
         if not in_flight:
             acc = mgpu_wgmma.wgmma_fence(acc)
@@ -464,15 +466,6 @@ def _sparse_matmul_24_ws(values, meta2d, b_t, *, config, transpose_out, branch,
     def kernel(a_gmem, meta_gmem, b_gmem, out_gmem):
         ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on it)
         allocs = get_pipeline(ignore, ignore).get_allocations(a_gmem, meta_gmem, b_gmem)
-        if not interpret:
-            # In Lane semantics the pipeline's automatic "consumed" arrival is executed by
-            # every thread of a compute warpgroup (one arrival each), but the barrier is
-            # created expecting one arrival per warpgroup: the phase would flip after two
-            # threads and the producer overwrite slots still being read (seen on the H100
-            # as an illegal address). Expect all 128 threads of every compute warpgroup.
-            allocs["flat_consumed_barrier_refs"] = [
-                dataclasses.replace(b, num_arrivals=nwg * 128)
-                for b in allocs["flat_consumed_barrier_refs"]]
         slots = config.epilogue_slots
         out_shape = (nwg, slots, epi_n, tm) if t_kernel else (nwg, slots, tm, epi_n)
 
