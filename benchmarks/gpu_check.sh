@@ -9,13 +9,13 @@ export PYTHONPATH="${PYTHONPATH:-}:." PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 O="${OUT:-/tmp}"
 LOG="$O/gpu_check.log"
-VARIANTS="${VARIANTS:-ws ws_e2 ws_np ws_n256}"
+VARIANTS="${VARIANTS:-v1_mf ws_mf ws ws_np}"
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   timeout 60 "$PY" benchmarks/kernels.py info probe || echo "probe exited $?"
   rm -f "$O/tune.jsonl"
   for v in $VARIANTS; do
-    timeout "${TUNE_TIMEOUT:-75}" "$PY" benchmarks/kernels.py tune --variant "$v" --iters 20 \
+    timeout "${TUNE_TIMEOUT:-90}" "$PY" benchmarks/kernels.py tune --variant "$v" --iters 20 \
       --jsonl "$O/tune.jsonl" || echo "TUNE $v exited $?"
   done
   best="${BEST:-$("$PY" benchmarks/kernels.py pick --jsonl "$O/tune.jsonl" 2>/dev/null || echo v1)}"

@@ -136,6 +136,10 @@ def variants():
                               max_concurrent_steps=3)
     return {
         "v1": S.FALLBACK_CONFIG,
+        # v1 with the k-step's metadata loaded before one wgmma.fence (no injected
+        # warpgroup.arrive between the wgmmas; checked in SASS, not yet timed)
+        "v1_mf": dataclasses.replace(S.FALLBACK_CONFIG, meta_before_fence=True),
+        "ws_mf": dataclasses.replace(ws, meta_before_fence=True),
         # 2 consumer warpgroups x (128x128), CTA 256x128, persistent, snake N-minor
         "ws": ws,
         "ws_mminor": dataclasses.replace(ws, grid_minor_dim=0),
@@ -182,8 +186,14 @@ def tune(name, iters=30, out_jsonl=None):
             jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
             precision=jax.lax.Precision.HIGHEST)
         for tr in (False, True):
-            out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=tr)
+            f = jax.jit(functools.partial(S.sparse_matmul_24, config=cfg, transpose_out=tr))
+            t1 = time.time()
+            f = f.lower(packed, b_t).compile()  # compile separately: tells a hang apart
+            t2 = time.time()
+            out = jax.block_until_ready(f(packed, b_t))
             err = rel_err(out.T if tr else out, ref)
+            print(f"TUNE {name} {m}x{n}x{k} T={int(tr)} compile {t2 - t1:.1f}s "
+                  f"run {time.time() - t2:.1f}s rel_err {err:.1e}", flush=True)
             worst = max(worst, err)
             ok &= err < 1e-2
     print(f"TUNE {name} check worst rel_err {worst:.2e} {'PASS' if ok else 'FAIL'} "

@@ -213,9 +213,11 @@ def test_kernel_rejects_bad_tiles():
         S.sparse_matmul_24(P.pack_24(a, mask), jnp.zeros((128, 128), jnp.bfloat16))
 
 
-def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma():
+@pytest.mark.parametrize("meta_first", [False, True])
+def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma(meta_first):
     m, n, k = 128, 128, 256
-    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b))
+    cfg = S.SparseMatmulConfig(meta_before_fence=meta_first)
+    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg))
     lowered = f.trace(
         jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
         jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
@@ -225,13 +227,15 @@ def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma():
     assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16" in text
 
 
-@pytest.mark.parametrize("tm,tn,persistent", [(128, 128, True), (64, 256, True),
-                                               (128, 128, False)])
-def test_warp_specialized_ptx_lowers(tm, tn, persistent):
+@pytest.mark.parametrize("tm,tn,persistent,meta_first", [
+    (128, 128, True, False), (64, 256, True, False), (128, 128, False, False),
+    (128, 128, True, True)])
+def test_warp_specialized_ptx_lowers(tm, tn, persistent, meta_first):
     m, n, k = 512, 512, 512
     cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, warp_specialized=True,
                                persistent=persistent, mma_in_flight=int(not persistent),
-                               epilogue_n=32, max_concurrent_steps=3 if tn == 128 else 2)
+                               epilogue_n=32, max_concurrent_steps=3 if tn == 128 else 2,
+                               meta_before_fence=meta_first)
     f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg,
                                                     transpose_out=True))
     text = f.trace(

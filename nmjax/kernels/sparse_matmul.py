@@ -77,6 +77,9 @@ class SparseMatmulConfig:
     grid_tile_width: int = 8  # planar_snake band width (tiles)
     max_ctas: int = 0  # persistent grid size cap (0: the number of SMs)
     grid_order: str = "snake"  # "snake" (plgpu.planar_snake) or "grouped" (branchless)
+    # Load the k-step's metadata words before one explicit wgmma.fence (see
+    # KERNEL_NOTES: checked with ptxas/nvdisasm, not yet timed on a GPU).
+    meta_before_fence: bool = False
     epilogue_slots: int = 1  # warp-specialised epilogue: smem buffers per warpgroup
 
     @property
@@ -208,6 +211,20 @@ def _ptx_mma_step(config: SparseMatmulConfig):
                        arith.andi(lane, c32(1))),
         )
 
+        def load_meta(mi, s):
+            col = arith.index_cast(idx, arith.addi(word, c32(64 * s)))
+            meta_row = arith.addi(meta_row0, arith.constant(idx, mi))
+            return memref.load(meta_ref, [meta_row, col])
+
+        metas = {}
+        if config.meta_before_fence:
+            # All metadata words of the k-step into registers first, then one fence:
+            # a register written between two wgmmas makes ptxas inject a
+            # warpgroup.arrive before every wgmma (info C7519) and break the chain.
+            metas = {(mi, s): load_meta(mi, s)
+                     for mi in range(m64_blocks) for s in range(tile_k // 32)}
+            llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.fence.sync.aligned;",
+                            "~{memory}", asm_dialect=0, has_side_effects=True)
         if not in_flight:
             acc = mgpu_wgmma.wgmma_fence(acc)
         regs = acc.registers.copy()
@@ -218,9 +235,7 @@ def _ptx_mma_step(config: SparseMatmulConfig):
             acc_regs = list(block.flat)
             assert len(acc_regs) == num_acc
             for s in range(tile_k // 32):
-                col = arith.index_cast(idx, arith.addi(word, c32(64 * s)))
-                meta_row = arith.addi(meta_row0, arith.constant(idx, mi))
-                meta = memref.load(meta_ref, [meta_row, col])
+                meta = metas[mi, s] if metas else load_meta(mi, s)
                 a_desc = add64(a_desc0, mi * a_m64_bytes + 32 * s)
                 b_desc = add64(b_desc0, (s // 2) * b_kgroup_bytes + 64 * (s % 2))
                 res = llvm.inline_asm(
