@@ -246,6 +246,46 @@ def test_warp_specialized_ptx_lowers(tm, tn, persistent, meta_first):
     assert f"wgmma.mma_async.sp.sync.aligned.m64n{tn}k32.f32.bf16.bf16" in text
 
 
+def _mosaic_ops_sequence(monkeypatch, cfg):
+    """Order of metadata loads (L), wgmma fences (F), sparse wgmmas (M) in the Mosaic module."""
+    import jax.experimental.mosaic.gpu.core as mgpu_core
+
+    modules = []
+    orig = mgpu_core._run_serde_pass
+
+    def grab(module, *args, **kwargs):
+        if kwargs.get("serialize"):
+            modules.append(str(module))
+        return orig(module, *args, **kwargs)
+
+    monkeypatch.setattr(mgpu_core, "_run_serde_pass", grab)
+    m, n, k = 128, 128, 256
+    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg))
+    f.trace(
+        jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
+        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
+        jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
+    ).lower(lowering_platforms=("cuda",))
+    seq = ""
+    for line in modules[-1].split("\n"):
+        if "memref.load" in line and "ui32" not in line and "i32" in line:
+            seq += "L"
+        elif "wgmma.fence" in line:
+            seq += "F"
+        elif "mma_async.sp" in line:
+            seq += "M"
+    return seq
+
+
+def test_meta_before_fence_chains_the_wgmmas(monkeypatch):
+    """meta_before_fence: the k-step's 8 metadata loads, one fence, then 8 wgmmas with no
+    register write between them (else ptxas injects a warpgroup.arrive before each)."""
+    seq = _mosaic_ops_sequence(monkeypatch, S.SparseMatmulConfig(meta_before_fence=True))
+    assert "L" * 8 + "F" + "M" * 8 in seq
+    seq = _mosaic_ops_sequence(monkeypatch, S.SparseMatmulConfig())
+    assert "LM" * 8 in seq  # v1 as measured: a load before every wgmma
+
+
 # --------------------------------------------------------------------------- GPU
 @gpu
 @needs_sm90
