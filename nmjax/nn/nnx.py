@@ -178,6 +178,9 @@ def sparsify(model: nnx.Module, rule: MaskRule, *, mode: str = "dynamic", decay:
     :func:`nmjax.tree.build_masks` sees. The sparse layers keep the (copied) ``kernel`` and
     ``bias`` variables, so ``nnx.state(sparse, nnx.Param)`` has the dense model's structure
     and a dense checkpoint restores into it with ``nnx.update``. ``model`` is not modified.
+    A layer object referenced from two places in the graph (tied layers) is swapped only at
+    the first path ``nnx.iter_graph`` reports; untie it, or build the sparse layers yourself.
+    ``rule.pattern_kwargs`` must be hashable here (they become static module attributes).
 
     Example::
 
