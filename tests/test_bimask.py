@@ -401,3 +401,4 @@ KEY = jax.random.key(0)
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
