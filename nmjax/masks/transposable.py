@@ -146,13 +146,13 @@ def _exact24_tiles(s: jax.Array) -> jax.Array:
     lexicographic order of its rows' pairs). Called on chunks of tiles, so the
     ``(90, T)`` totals stay in cache.
     """
-    _, _, h0, h1, top, bottom, codes = _tables24()
+    first, second, h0, h1, top, bottom, codes = _tables24()
 
     def chunk(s):
-        pair = [[s[r, a] + s[r, b] for a, b in _PAIRS] for r in range(4)]  # static slices
-        up = [pair[0][i] + pair[1][j] for i, j in zip(h0, h1, strict=True)]  # 36 x (C,)
-        down = [pair[2][i] + pair[3][j] for i, j in zip(h0, h1, strict=True)]
-        total = jnp.stack([up[i] + down[j] for i, j in zip(top, bottom, strict=True)])  # (90, C)
+        pair = s[:, first] + s[:, second]  # (4, 6, C)
+        up = pair[0, h0] + pair[1, h1]  # (36, C)
+        down = pair[2, h0] + pair[3, h1]
+        total = up[top] + down[bottom]  # (90, C)
         best = jnp.min(jnp.where(total == total.max(0), jnp.arange(90)[:, None], 90), 0)
         code = jnp.asarray(codes)[best]
         return jnp.stack([(code >> k) & 1 for k in range(16)]).astype(bool).reshape(4, 4, -1)
