@@ -102,7 +102,7 @@ def _check_valid(masks, w, n, m):
     np.testing.assert_array_equal(bwd_counts, np.minimum(fwd_counts, n))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(case=st.sampled_from(CASES), seed=st.integers(0, 2**16), perm_seed=st.integers(0, 2**16))
 def test_valid_for_any_permutation(case, seed, perm_seed):
     n, m, shape = case
@@ -207,7 +207,7 @@ def test_random_candidates_are_permutations():
 
 
 @settings(max_examples=10, deadline=None)
-@given(case=st.sampled_from(CASES), seed=st.integers(0, 2**16),
+@given(case=st.sampled_from([CASES[0], CASES[2]]), seed=st.integers(0, 2**16),
        score=st.sampled_from(["count", "magnitude"]))
 def test_swap_never_lowers_score(case, seed, score):
     n, m, shape = case

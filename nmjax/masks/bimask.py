@@ -212,16 +212,17 @@ def _kept_values(w: jax.Array, fwd: jax.Array, score: str, count_dtype=jnp.float
 def _slice_ranks(vals: list[jax.Array]) -> list[jax.Array]:
     """Ranks of ``m`` same-shape slices, elementwise (0 = largest, ties to the lower index).
 
-    Unrolled comparisons: each rank is an independent elementwise expression, which XLA
-    fuses into its consumers (sorting tiny rows, or ranking along a minor axis, is far
-    slower on CPU).
+    Unrolled comparisons between slices of a major axis: sorting tiny rows, or ranking
+    along the minor axis, is far slower on CPU. Callers whose ranks feed several consumers
+    materialise them (``optimization_barrier``): fused, XLA recomputes them per consumer.
     """
+    dtype = jnp.int8 if len(vals) <= 127 else jnp.int32  # a byte is cheaper to materialise
     ranks = []
     for i, vi in enumerate(vals):
-        r = jnp.zeros(vi.shape, jnp.int8)  # m <= 127: ranks fit in a byte
+        r = jnp.zeros(vi.shape, dtype)
         for j, vj in enumerate(vals):
             if j != i:
-                r = r + (vj >= vi if j < i else vj > vi).astype(jnp.int8)
+                r = r + (vj >= vi if j < i else vj > vi).astype(dtype)
         ranks.append(r)
     return ranks
 
