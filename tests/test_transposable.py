@@ -118,6 +118,22 @@ def test_exact_on_many_tiles_per_tile_optimal():
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_constant_and_rank_one_scores(n, m):
+    # all-equal scores (every mask is optimal) and a rank-one |u v^T| (many equal-sum masks)
+    rng = np.random.default_rng(5)
+    shape = SHAPES[(n, m)]
+    rank_one = np.abs(np.outer(rng.standard_normal(shape[0]), rng.standard_normal(shape[1])))
+    for s in (np.zeros(shape, np.float32), np.full(shape, 0.5, np.float32),
+              rank_one.astype(np.float32)):
+        lp = objective(s, transposable_mask_lp(s, n, m))
+        for method in ("auto", "exact", "greedy"):
+            mask = transposable_mask(s, n, m, method=method)
+            assert bool(is_transposable(mask, n, m, exact=method != "greedy"))
+            if method != "greedy":
+                assert_close_objective(objective(s, mask), lp, s)
+
+
 # ----------------------------------------------------------------------------- greedy
 
 
