@@ -27,7 +27,7 @@ from nmjax.masks import _checks
 METHODS = ("auto", "exact24", "greedy", "exact", "lp")
 # Tiles per chunk (at most, when the tile rows allow): small enough for the cache, large
 # enough that the per-chunk loop overhead is negligible.
-_CHUNK_TILES = {"exact24": 2048, "exact": 16384, "greedy": 8192}
+_CHUNK_TILES = {"exact24": 8192, "exact": 16384, "greedy": 8192}
 MAX_M = 16  # cap for the JAX methods: tiles are held as dense (m, m, T) arrays
 
 
@@ -77,18 +77,19 @@ def _work_dtype(dtype) -> Any:
     return jnp.dtype(jnp.float32)
 
 
-def _finite_tiles(s: jax.Array, n: int, m: int) -> jax.Array:
+def _finite_tiles(s: jax.Array, n: int, m: int, tile_axes: tuple[int, int] = (0, 1)):
     """Replaces non-finite scores so that every method sees finite numbers.
 
     NaN and ``-inf`` become one value below, ``+inf`` one value above, every finite score of
     the tile, by a margin ``P`` larger than any difference two masks can make on the finite
     entries (``n*m`` kept entries each), so an optimal mask keeps as few NaN/``-inf`` and
     as many ``+inf`` entries as the constraints allow. Tiles of finite scores are unchanged.
+    ``tile_axes`` are the two axes of ``s`` that index within a tile.
     """
-    finite = jnp.isfinite(s)  # s: (m, m, T)
-    any_finite = finite.any((0, 1))
-    lo = jnp.where(finite, s, jnp.inf).min((0, 1))
-    hi = jnp.where(finite, s, -jnp.inf).max((0, 1))
+    finite = jnp.isfinite(s)
+    any_finite = finite.any(tile_axes, keepdims=True)
+    lo = jnp.where(finite, s, jnp.inf).min(tile_axes, keepdims=True)
+    hi = jnp.where(finite, s, -jnp.inf).max(tile_axes, keepdims=True)
     lo = jnp.where(any_finite, lo, 0)
     hi = jnp.where(any_finite, hi, 0)
     pad = (hi - lo) * (n * m + 1) + jnp.abs(hi) + jnp.abs(lo) + 1
@@ -123,7 +124,7 @@ def _patterns24() -> tuple[tuple[int, int, int, int], ...]:
 
 @functools.cache
 def _tables24() -> tuple[np.ndarray, ...]:
-    """Index tables for :func:`_exact24_tiles` (pair columns, row-pair combinations,
+    """Index tables for :func:`_exact24` (pair columns, row-pair combinations,
     patterns as combinations, and each pattern as a 16-bit code of its kept entries)."""
     pats = _patterns24()
     first, second = np.array(_PAIRS).T
@@ -138,26 +139,25 @@ def _tables24() -> tuple[np.ndarray, ...]:
     return first, second, h0, h1, top, bottom, codes
 
 
-def _exact24_tiles(s: jax.Array) -> jax.Array:
-    """Exact 2:4 on ``s: (4, 4, T)``: the best of the 90 valid tiles, by enumeration.
+def _exact24(entry: list[list[jax.Array]]) -> list[list[jax.Array]]:
+    """Exact 2:4: the best of the 90 valid tiles, by enumeration, for many tiles at once.
 
-    Sums each row's 6 pairs, the top and the bottom row pairs' 36 combinations, then the 90
-    valid tiles (one addition each), and takes the first maximum (ties: the first tile in
-    lexicographic order of its rows' pairs). Called on chunks of tiles, so the
-    ``(90, T)`` totals stay in cache.
+    ``entry[r][c]`` holds score ``(r, c)`` of every tile (arrays of one shape, one value per
+    tile); returns the kept flags in the same form. Sums each row's 6 pairs, the top and the
+    bottom row pairs' 36 combinations, then the 90 valid tiles (one addition each), and takes
+    the first maximum (ties: the first tile in lexicographic order of its rows' pairs).
     """
     first, second, h0, h1, top, bottom, codes = _tables24()
-
-    def chunk(s):
-        pair = s[:, first] + s[:, second]  # (4, 6, C)
-        up = pair[0, h0] + pair[1, h1]  # (36, C)
-        down = pair[2, h0] + pair[3, h1]
-        total = up[top] + down[bottom]  # (90, C)
-        best = jnp.min(jnp.where(total == total.max(0), jnp.arange(90)[:, None], 90), 0)
-        code = jnp.asarray(codes)[best]
-        return jnp.stack([(code >> k) & 1 for k in range(16)]).astype(bool).reshape(4, 4, -1)
-
-    return chunk(s)
+    del first, second
+    pair = jnp.stack([jnp.stack([entry[r][a] + entry[r][b] for a, b in _PAIRS])
+                      for r in range(4)])  # (4, 6, ...)
+    up = pair[0, h0] + pair[1, h1]  # (36, ...)
+    down = pair[2, h0] + pair[3, h1]
+    total = up[top] + down[bottom]  # (90, ...)
+    index = jnp.arange(90).reshape((90,) + (1,) * (total.ndim - 1))
+    best = jnp.min(jnp.where(total == total.max(0), index, 90), 0)
+    code = jnp.asarray(codes)[best]
+    return [[((code >> (4 * r + c)) & 1).astype(bool) for c in range(4)] for r in range(4)]
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -383,8 +383,9 @@ def _solve(scores, *, axes, n, m, method, repair, swap_rounds, eps_rel):
     """Scores -> mask of the same shape; one compiled program per shape and options.
 
     The tiles are solved in chunks of whole tile rows (``lax.map``): a chunk is a free
-    reshape of the input, is transposed to the tiles-last layout in cache, and the exact
-    solver's loops stop per chunk rather than on the slowest tile of the whole array.
+    reshape of the input, is transposed to the tiles-last layout in cache (``"exact24"``
+    reads the tile entries as strided slices instead), and the exact solver's loops stop per
+    chunk rather than on the slowest tile of the whole array.
     """
     x = jnp.moveaxis(scores.astype(_work_dtype(scores.dtype)), axes, (-2, -1))
     moved = x.shape
@@ -395,6 +396,11 @@ def _solve(scores, *, axes, n, m, method, repair, swap_rounds, eps_rel):
     x = x.reshape(rows // group, group, m, cols, m)
 
     def chunk(c):  # (group, m, cols, m) -> same, solved
+        if method == "exact24":  # tile entries as strided slices: no transpose at all
+            c = jax.lax.cond(jnp.isfinite(c).all(), lambda c: c,
+                             lambda c: _finite_tiles(c, n, m, (1, 3)), c)
+            keep = _exact24([[c[:, r, :, k] for k in range(4)] for r in range(4)])
+            return jnp.stack([jnp.stack(row, -1) for row in keep], 1)
         s = jnp.transpose(c, (1, 3, 0, 2)).reshape(m, m, group * cols)
         keep = _solve_tiles(s, n=n, m=m, method=method, repair=repair,
                             swap_rounds=swap_rounds, eps_rel=eps_rel)
@@ -406,10 +412,8 @@ def _solve(scores, *, axes, n, m, method, repair, swap_rounds, eps_rel):
 
 def _solve_tiles(s, *, n, m, method, repair, swap_rounds, eps_rel):
     """``s: (m, m, T)`` -> kept ``(m, m, T)``."""
-    s = _finite_tiles(s, n, m)
-    if method == "exact24":
-        x = _exact24_tiles(s)
-    elif method == "exact":
+    s = jax.lax.cond(jnp.isfinite(s).all(), lambda s: s, lambda s: _finite_tiles(s, n, m), s)
+    if method == "exact":
         x = _exact_tiles(s, n, m, eps_rel)
     else:
         x = _greedy_tiles(s, n, m)
