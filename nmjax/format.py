@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nmjax.masks import _checks
+from nmjax import _checks
 from nmjax.masks.nm import _from_groups, _to_groups, is_nm
 
 MAX_M = 16

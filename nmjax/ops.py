@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nmjax.masks import _checks
+from nmjax import _checks
 
 Array = jax.Array
 

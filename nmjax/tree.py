@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nmjax import _checks
 from nmjax import masks as _masks
-from nmjax.masks import _checks
 
 Path = str
 PatternFn = Callable[..., Any]

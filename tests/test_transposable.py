@@ -155,7 +155,17 @@ def test_greedy_matches_reference_and_bounds(n, m, kind, seed):
     assert objective(s, mask) >= 0.5 * opt - 1e-6  # the 2-approximation bound
     repaired = transposable_mask(s, n, m, method="greedy", repair=True)
     assert bool(is_transposable(repaired, n, m, exact=True))
-    assert objective(s, mask) - 1e-4 <= objective(s, repaired) <= opt + 1e-4 * max(opt, 1)
+    assert objective(s, repaired) <= opt + 1e-4 * max(opt, 1)
+    # Filling to exactly n can cost a little (an augmenting path drops an entry), so repair
+    # is not monotone against the at-most-n greedy mask; what it guarantees is a 2-swap local
+    # optimum: no kept pair (r1, c1), (r2, c2) gains by trading for (r1, c2), (r2, c1).
+    for t, k in zip(tiles_of(np.asarray(s, np.float64), m), tiles_of(np.asarray(repaired), m),
+                    strict=True):
+        gain = (t[:, None, None, :] + t[None, :, :, None]  # s[r1, c2] + s[r2, c1]
+                - t[:, None, :, None] - t[None, :, None, :])  # - s[r1, c1] - s[r2, c2]
+        legal = (k[:, None, :, None] & k[None, :, None, :]
+                 & ~k[:, None, None, :] & ~k[None, :, :, None])
+        assert (gain[legal] <= 1e-4 * max(t.max(), 1)).all()
 
 
 def test_greedy_repair_closes_most_of_the_gap():

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax.masks import _checks
+from nmjax import _checks
 from nmjax.masks.nm import nm_mask
 
 METHODS = ("random", "swap")

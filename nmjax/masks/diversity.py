@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from nmjax.masks import _checks
+from nmjax import _checks
 
 KINDS = ("unstructured", "nm", "transposable")
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nmjax.masks import _checks
+from nmjax import _checks
 
 
 def _to_groups(x: jax.Array, axis: int, m: int) -> jax.Array:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax.masks import _checks
+from nmjax import _checks
 
 METHODS = ("auto", "exact24", "greedy", "exact", "lp")
 # Tiles per chunk (at most, when the tile rows allow): small enough for the cache, large
@@ -46,6 +46,17 @@ def _tile_axes(ndim: int, axes: Any) -> tuple[int, int]:
     if a0 == a1:
         raise ValueError(f"axes must name two different axes, got {axes}")
     return a0, a1
+
+
+def _check_tiled_scores(scores: Any, m: int, axes: Any, nan: str):
+    """Validates scores tiled over ``axes``; returns ``(scores, a0, a1)``."""
+    scores = _checks.check_scores(scores)
+    a0, a1 = _tile_axes(scores.ndim, axes)
+    for a in (a0, a1):
+        _checks.check_divisible(scores.shape, a, m)
+    if _checks.check_nan_policy(nan) == "raise":
+        _checks.raise_on_nan(scores)
+    return scores, a0, a1
 
 
 def _to_tiles(x: Any, axes: tuple[int, int], m: int, xp=jnp):
@@ -519,12 +530,7 @@ def transposable_mask(
     method = _resolve_method(method, n, m)
     if method == "lp":
         return transposable_mask_lp(scores, n, m, axes=axes, nan=nan, batch_tiles=batch_tiles)
-    scores = _checks.check_scores(scores)
-    a0, a1 = _tile_axes(scores.ndim, axes)
-    for a in (a0, a1):
-        _checks.check_divisible(scores.shape, a, m)
-    if _checks.check_nan_policy(nan) == "raise":
-        _checks.raise_on_nan(scores)
+    scores, a0, a1 = _check_tiled_scores(scores, m, axes, nan)
     if isinstance(swap_rounds, bool) or not isinstance(swap_rounds, int) or swap_rounds < 0:
         raise ValueError(f"swap_rounds must be an int >= 0, got {swap_rounds!r}")
     if repair and method != "greedy":
@@ -627,12 +633,7 @@ def transposable_mask_lp(
         raise ValueError("method='lp' runs on the host and needs concrete scores, not traced "
                          "ones (inside jit/vmap/grad); use method='exact' there")
     _import_linprog()
-    scores = _checks.check_scores(scores)
-    a0, a1 = _tile_axes(scores.ndim, axes)
-    for a in (a0, a1):
-        _checks.check_divisible(scores.shape, a, m)
-    if _checks.check_nan_policy(nan) == "raise":
-        _checks.raise_on_nan(scores)
+    scores, a0, a1 = _check_tiled_scores(scores, m, axes, nan)
     if isinstance(batch_tiles, bool) or not isinstance(batch_tiles, int) or batch_tiles < 1:
         raise ValueError(f"batch_tiles must be an int >= 1, got {batch_tiles!r}")
     tiles, moved = _to_tiles(scores.astype(_work_dtype(scores.dtype)), (a0, a1), m)

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from nmjax import ops
-from nmjax.masks import _checks
+from nmjax import _checks, ops
 from nmjax.tree import PATTERNS, MaskRule
 
 MODES = ("dynamic", "static")

@@ -1,4 +1,4 @@
-"""Argument checks shared by the mask functions: one clear error per broken rule."""
+"""Argument checks shared by every layer of nmjax: one clear error per broken rule."""
 
 from __future__ import annotations
 
