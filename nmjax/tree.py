@@ -72,10 +72,16 @@ def _nm(w, n, m, axis, score_fn, **kw):
 
 def _transposable(w, n, m, axis, score_fn, **kw):
     # Tiles over (contraction axis, output axis); the output axis is last for Dense and HWIO.
+    if axis == w.ndim - 1:
+        raise ValueError(
+            f"pattern 'transposable' tiles the grouped axis with the last (output) axis, but "
+            f"the rule groups along the last axis itself (shape {tuple(w.shape)}, axis {axis})"
+        )
     return _masks.transposable_mask(score_fn(w), n, m, axes=(axis, w.ndim - 1), **kw)
 
 
 def _bimask(w, n, m, axis, score_fn, **kw):
+    # Bi-Mask scores by |w| (the paper's rule); a custom score_fn does not apply here.
     if w.ndim != 2 or axis != 0:
         raise ValueError(
             f"pattern 'bimask' supports Dense kernels (in, out) grouped along axis 0, "

@@ -177,6 +177,9 @@ def test_bad_input():
     assert flat(build_masks(params, MaskRule(2, 4, skip_indivisible=True)))["d/kernel"] is None
     with pytest.raises(ValueError, match=r"'g/kernel' of shape \(2, 4, 8\).*axis is unknown"):
         build_masks(params, MaskRule(2, 4, include="g/"))
+    with pytest.raises(ValueError, match="groups along the last axis itself"):
+        build_masks({"d": {"kernel": jnp.ones((8, 8))}},
+                    MaskRule(2, 4, pattern="transposable", axis=1))
     with pytest.raises(ValueError, match="pattern must be one of"):
         MaskRule(2, 4, pattern="magic")
     with pytest.raises(ValueError, match="n must be <= m"):
