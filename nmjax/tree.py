@@ -50,18 +50,23 @@ def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
     """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or ``(None, None)``.
 
     * ``.../kernel`` of rank 2: a Dense/Linear kernel ``(in, out)``; contraction axis 0.
-    * ``.../kernel`` of rank 4 (``HWIO``), or of rank 3/5 under a path naming a conv:
-      a convolution kernel; contraction groups run along ``I`` (axis ``ndim - 2``).
-    * anything else (biases, scales, embeddings, ``DenseGeneral`` kernels of rank > 2
-      outside a conv) is not selected by default: its contraction axes are ambiguous.
+    * ``.../kernel`` of rank 3-5 whose layer's name contains "conv" (any case: Linen's
+      ``Conv_0``, an NNX attribute ``conv1``): a convolution kernel ``(..., I, O)``; groups
+      run along ``I`` (axis ``ndim - 2``).
+    * anything else is not selected by default: biases, scales, embeddings, and kernels of
+      rank > 2 outside a layer named as a conv (``DenseGeneral``, einsum), whose contraction
+      axes cannot be told from the shape (DESIGN §2: no guessing). Select those with
+      ``MaskRule(include=..., axis=...)``; :func:`nmjax.nn.sparsify`, which sees layer types,
+      passes the kind itself.
     """
-    name = path.rsplit("/", 1)[-1]
+    parts = path.rsplit("/", 2)
     ndim = getattr(leaf, "ndim", 0)
-    if name != "kernel":
+    if parts[-1] != "kernel":
         return None, None
     if ndim == 2:
         return "dense", 0
-    if ndim == 4 or (ndim in (3, 5) and "conv" in path.lower()):
+    layer = parts[-2] if len(parts) > 1 else ""
+    if ndim in (3, 4, 5) and "conv" in layer.lower():
         return "conv", ndim - 2
     return None, None
 
@@ -155,14 +160,22 @@ class MaskRule:
         name = self.pattern if isinstance(self.pattern, str) else self.pattern.__name__
         return f"{self.n}:{self.m} {name}"
 
-    def select(self, path: Path, leaf: Any) -> int | None:
+    def select(self, path: Path, leaf: Any, kind: str | None = None) -> int | None:
         """The grouped axis of ``leaf`` if this rule masks it, else ``None``.
+
+        ``kind`` (``"dense"`` or ``"conv"``) is for callers that know the layer type; by
+        default the kind comes from :func:`leaf_kind` (path and rank).
 
         Raises:
           ValueError: a leaf matched by ``include`` has no known contraction axis and the
             rule names none, or its grouped axis is not divisible by ``m``.
         """
-        kind, kind_axis = leaf_kind(path, leaf)
+        if kind is None:
+            kind, kind_axis = leaf_kind(path, leaf)
+        elif kind in ("dense", "conv"):
+            kind_axis = getattr(leaf, "ndim", 0) - 2  # Dense (in, out): 0; HWIO: I
+        else:
+            raise ValueError(f"kind must be 'dense', 'conv' or None, got {kind!r}")
         include = _as_tuple(self.include)
         if include is None:
             chosen = kind is not None

@@ -152,13 +152,32 @@ def test_custom_pattern_and_jit():
 @settings(max_examples=20, deadline=None)
 @given(
     st.sampled_from([("a/kernel", 2, "dense", 0), ("Conv_0/kernel", 4, "conv", 2),
-                     ("b/kernel", 4, "conv", 2), ("conv1d/kernel", 3, "conv", 1),
+                     ("b/kernel", 4, None, None), ("conv1d/kernel", 3, "conv", 1),
+                     ("stem/Conv3D/kernel", 5, "conv", 3), ("conv/proj/kernel", 4, None, None),
                      ("x/DenseGeneral_0/kernel", 3, None, None), ("a/bias", 1, None, None),
                      ("e/embedding", 2, None, None), ("n/scale", 1, None, None)])
 )
 def test_leaf_kind(case):
     path, ndim, kind, axis = case
     assert leaf_kind(path, jnp.zeros((4,) * ndim)) == (kind, axis)
+
+
+def test_dense_general_is_not_guessed():
+    """A rank-4 DenseGeneral kernel (contracting axes 0, 1) is left alone by default."""
+
+    class Proj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(features=(4, 8), axis=(-2, -1), name="proj")(x)
+
+    params = linen_params(Proj(), jnp.ones((2, 3, 8, 16)))
+    assert flat(build_masks(params, MaskRule(2, 4)))["proj/kernel"] is None
+    masks = build_masks(params, MaskRule(2, 4, include="proj/kernel", axis=1))
+    assert bool(is_nm(flat(masks)["proj/kernel"], 2, 4, axis=1))
+    # A caller that knows the layer type (sparsify) can say so.
+    assert MaskRule(2, 4).select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="conv") == 2
+    with pytest.raises(ValueError, match="kind must be"):
+        MaskRule(2, 4).select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="linear")
 
 
 def test_inputs_not_mutated():

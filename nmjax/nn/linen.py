@@ -151,12 +151,12 @@ def _interceptor(rule: MaskRule, mode: str, decay: float, backend: str):
         inputs = args[0] if args else kwargs["inputs"]
         if type(mdl) is nn.Dense:
             leaf = jax.ShapeDtypeStruct((jnp.shape(inputs)[-1], mdl.features), mdl.param_dtype)
-            if rule.select(_path(mdl), leaf) is not None:
+            if rule.select(_path(mdl), leaf, kind="dense") is not None:
                 return dense_call(mdl, inputs, sp)
             return next_fun(*args, **kwargs)
         if type(mdl) is nn.Conv:
             leaf = jax.ShapeDtypeStruct(_conv_kernel_shape(mdl, inputs), mdl.param_dtype)
-            if rule.select(_path(mdl), leaf) is not None:
+            if rule.select(_path(mdl), leaf, kind="conv") is not None:
                 return conv_call(mdl, inputs, sp)
             return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)

@@ -216,7 +216,8 @@ def sparsify(model: nnx.Module, rule: MaskRule, *, mode: str = "dynamic", decay:
         if not isinstance(kernel, nnx.Param):
             continue
         kpath = "/".join(str(p) for p in (*path, "kernel"))
-        if rule.select(kpath, kernel.get_value()) is None:
+        kind = {nnx.Linear: "dense", nnx.Conv: "conv"}.get(type(node))
+        if rule.select(kpath, kernel.get_value(), kind=kind) is None:
             continue
         if type(node) not in (nnx.Linear, nnx.Conv):
             raise ValueError(
