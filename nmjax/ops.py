@@ -416,13 +416,17 @@ _conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
 
 
 def _int_tuple(value: Any, nd: int, name: str) -> tuple[int, ...]:
+    given = value
     if value is None:
         value = 1
-    if isinstance(value, int | np.integer):
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
         value = (int(value),) * nd
+    if isinstance(value, str | bool) or not isinstance(value, Sequence) or not all(
+            isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} must be a positive int or {nd} positive ints, got {given!r}")
     value = tuple(int(v) for v in value)
     if len(value) != nd or any(v < 1 for v in value):
-        raise ValueError(f"{name} must be a positive int or {nd} positive ints, got {value}")
+        raise ValueError(f"{name} must be a positive int or {nd} positive ints, got {given!r}")
     return value
 
 
@@ -438,8 +442,17 @@ def _canon_padding(padding: Any, nd: int) -> str | tuple[tuple[int, int], ...]:
     pads = tuple(padding)
     if len(pads) != nd:
         raise ValueError(f"padding needs {nd} entries (one per spatial dim), got {padding!r}")
-    return tuple((int(p), int(p)) if isinstance(p, int | np.integer) else
-                 (int(p[0]), int(p[1])) for p in pads)
+    out = []
+    for p in pads:
+        if isinstance(p, int | np.integer) and not isinstance(p, bool):
+            out.append((int(p), int(p)))
+        elif isinstance(p, Sequence) and len(p) == 2 and all(
+                isinstance(q, int | np.integer) and not isinstance(q, bool) for q in p):
+            out.append((int(p[0]), int(p[1])))
+        else:
+            raise ValueError(f"padding entries must be an int or a (low, high) pair of ints, "
+                             f"got {p!r} in padding={padding!r}")
+    return tuple(out)
 
 
 def nm_conv(

@@ -125,7 +125,8 @@ class MaskRule:
       predicate: optional ``fn(path, leaf) -> bool``; a leaf must also satisfy it.
       axis: contraction axis to use for every selected leaf; ``None`` uses the leaf kind's
         axis. Required for leaves selected by ``include`` whose kind is unknown.
-      score_fn: scores from weights for the built-in patterns (default ``jnp.abs``).
+      score_fn: scores from weights for the built-in ``"nm"`` and ``"transposable"``
+        patterns (default ``jnp.abs``); ``"bimask"`` always scores by ``|w|``.
       pattern_kwargs: extra keyword arguments for the pattern function (e.g.
         ``{"method": "exact"}`` for ``"transposable"``).
       skip_indivisible: leave a selected leaf dense (instead of raising) when its grouped
@@ -145,6 +146,11 @@ class MaskRule:
 
     def __post_init__(self):
         _checks.check_nm(self.n, self.m)
+        if not (isinstance(self.pattern, str) or callable(self.pattern)):
+            raise TypeError(f"pattern must be a pattern name or a function "
+                            f"fn(w, n, m, axis) -> mask, got {self.pattern!r}")
+        if self.exclude is None:
+            object.__setattr__(self, "exclude", ())
         if isinstance(self.pattern, str) and self.pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)} or a function, "
                              f"got {self.pattern!r}")

@@ -164,6 +164,8 @@ def test_is_transposable(n, m):
         (lambda: is_transposable(jnp.ones((8, 6), bool), 2, 4), ValueError, "length 6"),
         (lambda: is_transposable(jnp.ones((8, 8), bool), 2, 4, axes=(1, 1)), ValueError,
          "two different axes"),
+        (lambda: is_transposable(jnp.ones((8, 8), bool), 2, 4, axes=0), TypeError,
+         "axes must be a pair of ints, got 0"),
     ],
 )
 def test_bad_input(call, exc, match):

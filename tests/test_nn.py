@@ -376,3 +376,18 @@ def test_dynamic_bimask_uses_a_searched_permutation():
         np.testing.assert_array_equal(m.perm, layer.perm[...])
         np.testing.assert_array_equal(m.bwd, bimask(layer.kernel[...], 2, 4, m.perm).bwd)
     assert nnx.jit(lambda m, x: m(x))(model, X).shape == (4, 10)
+
+
+def test_stored_perm_ignores_search_options():
+    """A layer with a stored Bi-Mask permutation must not trip over its search options."""
+    from nmjax.masks import bimask
+    from nmjax.nn import _core
+
+    w = jax.random.normal(jax.random.key(0), (8, 16))
+    perm = jax.random.permutation(jax.random.key(1), 16)
+    sp = Sparsity(2, 4, "bimask", pattern_kwargs={"search": "swap", "key": jax.random.key(2),
+                                                   "rounds": 3})
+    got = _core.compute_masks(w, 0, sp, perm=perm)
+    want = bimask(w, 2, 4, perm=perm)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -281,6 +281,10 @@ def test_conv_bad_inputs_raise_clear_errors():
         ops.nm_conv(x, w, mask, padding="CIRCULAR")
     with pytest.raises(ValueError, match="strides must be a positive int or 2 positive ints"):
         ops.nm_conv(x, w, mask, strides=(1, 1, 1))
+    with pytest.raises(TypeError, match="strides must be .* got '2'"):
+        ops.nm_conv(x, w, mask, strides="2")
+    with pytest.raises(ValueError, match=r"padding entries must be .* got \(1, 1, 1\)"):
+        ops.nm_conv(x, w, mask, padding=[(1, 1, 1), (1, 1)])
 
 
 def test_lazy_backend_loads_on_first_use_or_reports_why_not(monkeypatch):

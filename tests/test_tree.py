@@ -201,6 +201,9 @@ def test_bad_input():
                     MaskRule(2, 4, pattern="transposable", axis=1))
     with pytest.raises(ValueError, match="pattern must be one of"):
         MaskRule(2, 4, pattern="magic")
+    with pytest.raises(TypeError, match="pattern must be a pattern name or a function"):
+        MaskRule(2, 4, pattern=5)
+    assert MaskRule(2, 4, exclude=None).select("d/kernel", jnp.ones((8, 4))) == 0
     with pytest.raises(ValueError, match="n must be <= m"):
         MaskRule(8, 4)
     with pytest.raises(ValueError, match="include regex"):

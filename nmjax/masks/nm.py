@@ -161,6 +161,8 @@ def is_transposable(
     mask, n, m = _check_mask_args(mask, n, m)
     if mask.ndim < 2:
         raise ValueError(f"mask must have rank >= 2 for a transposable check, got {mask.shape}")
+    if not isinstance(axes, tuple | list) or len(axes) != 2:
+        raise TypeError(f"axes must be a pair of ints, got {axes!r}")
     a0 = _checks.check_axis(axes[0], mask.ndim, "axes[0]")
     a1 = _checks.check_axis(axes[1], mask.ndim, "axes[1]")
     if a0 == a1:

@@ -53,7 +53,8 @@ class Sparsity:
       decay: SR-STE ``λ``: adds ``λ · (1 − fwd) ⊙ W`` to the kernel's gradient.
       backend: product backend of :func:`nmjax.ops.nm_dense` (``"auto"``, ``"reference"``,
         ``"pallas"``, ...).
-      score_fn: scores from weights for the built-in patterns (default ``jnp.abs``).
+      score_fn: scores from weights for the built-in ``"nm"`` and ``"transposable"``
+        patterns (default ``jnp.abs``); ``"bimask"`` always scores by ``|w|``.
       pattern_kwargs: extra keyword arguments for the pattern (a mapping or item pairs).
     """
 
@@ -138,8 +139,8 @@ def compute_masks(kernel: jax.Array, axis: int, sp: Sparsity, path: str = "kerne
         if sp.pattern != "bimask":
             raise ValueError(f"a stored permutation applies to pattern 'bimask' only, "
                              f"got pattern {sp.pattern!r} for {path!r}")
-        kwargs = {k: v for k, v in sp.pattern_kwargs if k not in ("search", "key")}
-        return PATTERNS["bimask"](kernel, sp.n, sp.m, axis, sp.score_fn, perm=perm, **kwargs)
+        # The permutation is given: the pattern's search options have nothing to do.
+        return PATTERNS["bimask"](kernel, sp.n, sp.m, axis, sp.score_fn, perm=perm)
     return rule.mask(kernel, axis)
 
 
