@@ -111,9 +111,7 @@ _BACKENDS: dict[str, Backend] = {
 
 # Backends registered on first use: name -> "module:function", the function returning a
 # Backend (or raising ImportError/RuntimeError with the reason it cannot exist here).
-# --- kernels hook: the kernels issue adds its "pallas" entry here. ---
-_LAZY_BACKENDS: dict[str, str] = {}
-# --- end of kernels hook ---
+_LAZY_BACKENDS: dict[str, str] = {"pallas": "nmjax.kernels.backend:lazy_backend"}
 _LAZY_FAILED: dict[str, str] = {}
 
 # Backends that may exist in a later version or on another machine, and what they need.

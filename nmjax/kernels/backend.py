@@ -153,6 +153,21 @@ def measured_speedup(gemm: tuple[int, int, int]) -> float:
     return SPEEDUP_TABLE[nearest] if dist(nearest) <= 1.0 else 0.0
 
 
+def lazy_backend():
+    """The ``"pallas"`` :class:`nmjax.ops.Backend`, for :mod:`nmjax.ops`' lazy loading.
+
+    Raises:
+      RuntimeError: not on an sm_90 GPU (the reason is kept for ``backend="pallas"``'s error).
+    """
+    from nmjax import ops
+
+    reason = sm90_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return ops.Backend(forward=sparse_dense_24, input_grad=sparse_dense_24_input_grad,
+                       claims=claims, unavailable=sm90_unavailable)
+
+
 def register(force: bool = False) -> bool:
     """Registers this backend as ``"pallas"`` in :mod:`nmjax.ops` where it can run.
 
@@ -165,9 +180,6 @@ def register(force: bool = False) -> bool:
     if not force and sm90_unavailable() is not None:
         return False
     ops.register_backend("pallas", ops.Backend(
-        forward=sparse_dense_24,
-        input_grad=sparse_dense_24_input_grad,
-        claims=claims,
-        unavailable=sm90_unavailable,
-    ))
+        forward=sparse_dense_24, input_grad=sparse_dense_24_input_grad, claims=claims,
+        unavailable=sm90_unavailable))
     return True
