@@ -32,13 +32,24 @@ def check_nm(n: Any, m: Any, *, max_m: int | None = None) -> tuple[int, int]:
     return n, m
 
 
+def _as_array(x: Any, name: str) -> Any:
+    """Arrays (and tracers) pass through; lists and scalars become numpy arrays."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return x
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__} {x!r:.60}")
+    return arr
+
+
 def check_scores(scores: Any, name: str = "scores") -> jax.Array:
     """Returns ``scores`` as a real (integer or floating) JAX array.
 
     Raises:
       TypeError: boolean, complex or non-numeric dtype.
     """
-    dtype = jnp.result_type(scores)
+    scores = _as_array(scores, name)
+    dtype = scores.dtype
     if dtype == jnp.bool_:
         raise TypeError(
             f"{name} must be real numbers (|w| or another score), got a boolean array; "
@@ -57,7 +68,8 @@ def check_mask(mask: Any, name: str = "mask") -> jax.Array:
     Raises:
       TypeError: ``mask`` is not boolean (0/1 integers are rejected: they hide dtype bugs).
     """
-    dtype = jnp.result_type(mask)
+    mask = _as_array(mask, name)
+    dtype = mask.dtype
     if dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean array, got dtype {dtype}; use mask.astype(bool)")
     return jnp.asarray(mask)

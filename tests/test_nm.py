@@ -171,3 +171,10 @@ def test_is_transposable(n, m):
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_python_lists_are_accepted():
+    assert bool(is_nm([True, False, True, False], 2, 4, exact=True))
+    np.testing.assert_array_equal(nm_mask([3.0, 1.0, 2.0, 0.0], 2, 4), [True, False, True, False])
+    with pytest.raises(TypeError, match="got a boolean array"):
+        nm_mask([True, False], 1, 2)
