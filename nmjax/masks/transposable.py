@@ -679,7 +679,8 @@ def build_masks_lp(
     if getattr(rule, "pattern", None) != "transposable":
         raise ValueError(f"build_masks_lp needs a MaskRule with pattern='transposable', "
                          f"got {getattr(rule, 'pattern', rule)!r}")
-    kwargs = {k: v for k, v in dict(rule.pattern_kwargs).items() if k != "method"}
+    # The LP's own options; the JAX methods' options (repair, eps_rel, ...) do not apply.
+    kwargs = {k: v for k, v in dict(rule.pattern_kwargs).items() if k in ("nan", "batch_tiles")}
     if dict(rule.pattern_kwargs).get("method", "lp") not in ("lp", "auto"):
         raise ValueError("build_masks_lp solves with the LP; drop 'method' from pattern_kwargs")
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
