@@ -169,6 +169,9 @@ def test_linen_errors_unsupported_layer_indivisible_kernel_bad_args():
         sparsify(MLP(), RULE_T, mode="sometimes")
     with pytest.raises(ValueError, match="decay must be a float >= 0"):
         Sparsity(decay=-1.0)
+    with pytest.raises(ValueError, match="decay must be a float >= 0, got True"):
+        Sparsity(decay=True)
+    assert Sparsity(decay=np.float32(0.5)).decay == 0.5  # numpy scalars, as nm_dense takes
     with pytest.raises(ValueError, match="pattern must be one of"):
         Sparsity(pattern="random")
     with pytest.raises(ValueError, match="n must be <= m"):

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.linear import canonicalize_padding
 
 from nmjax import _checks, ops
@@ -77,8 +78,10 @@ class Sparsity:
             raise TypeError(f"pattern must be a string or a function, got {self.pattern!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.decay, int | float) or self.decay < 0:
+        real = isinstance(self.decay, int | float | np.integer | np.floating)
+        if isinstance(self.decay, bool) or not real or not self.decay >= 0:
             raise ValueError(f"decay must be a float >= 0, got {self.decay!r}")
+        object.__setattr__(self, "decay", float(self.decay))  # hashable, one type
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a string, got {self.backend!r}")
         kwargs = self.pattern_kwargs
