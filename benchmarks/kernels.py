@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax.kernels import pack as P
+from nmjax.masks import nm_mask
 
 SM = sys.modules  # the package shadows the module name with a function
 import nmjax.kernels.sparse_matmul  # noqa: E402,F401
@@ -36,11 +37,19 @@ _NT = (((1,), (1,)), ((), ()))  # contract axis 1 of both: A (M,K) x b_t (N,K)
 def random_24(key, rows, k, dtype=jnp.bfloat16):
     """Random ``(rows, K)`` matrix and its magnitude 2:4 mask along axis 1."""
     a = jax.random.normal(key, (rows, k), jnp.float32).astype(dtype)
-    g = jnp.abs(a.astype(jnp.float32)).reshape(rows, k // 4, 4)
-    top2 = jnp.argsort(-g, axis=-1)[..., :2]
-    mask = jnp.zeros(g.shape, bool)
-    mask = jnp.put_along_axis(mask, top2, True, axis=-1, inplace=False)
-    return a, mask.reshape(rows, k)
+    return a, nm_mask(jnp.abs(a.astype(jnp.float32)), 2, 4, axis=1)
+
+
+def random_case(key, m, n, k):
+    """A 2:4 ``(m, k)`` operand (packed), a dense ``(n, k)`` one, and the fp32 reference."""
+    k1, k2 = jax.random.split(key)
+    a, mask = random_24(k1, m, k)
+    b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+    packed = jax.jit(P.pack_24)(a, mask)
+    ref = jax.lax.dot_general(
+        jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
+        precision=jax.lax.Precision.HIGHEST)
+    return packed, b_t, ref
 
 
 def rel_err(out, ref):
@@ -178,13 +187,8 @@ def tune(name, iters=30, out_jsonl=None):
     for (m, n, k) in TUNE_CHECK:
         if m % cfg.cta_m or n % cfg.tile_n:
             continue
-        key, k1, k2 = jax.random.split(key, 3)
-        a, mask = random_24(k1, m, k)
-        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
-        packed = jax.jit(P.pack_24)(a, mask)
-        ref = jax.lax.dot_general(
-            jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
-            precision=jax.lax.Precision.HIGHEST)
+        key, sub = jax.random.split(key)
+        packed, b_t, ref = random_case(sub, m, n, k)
         for tr in (False, True):
             f = jax.jit(functools.partial(S.sparse_matmul_24, config=cfg, transpose_out=tr))
             t1 = time.time()
@@ -252,13 +256,8 @@ def check(shapes=CHECK_SHAPES, cfgs=None, seed=0):
     worst = 0.0
     key = jax.random.key(seed)
     for (m, n, k) in shapes:
-        key, k1, k2 = jax.random.split(key, 3)
-        a, mask = random_24(k1, m, k)
-        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
-        packed = jax.jit(P.pack_24)(a, mask)
-        ref = jax.lax.dot_general(
-            jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
-            precision=jax.lax.Precision.HIGHEST)
+        key, sub = jax.random.split(key)
+        packed, b_t, ref = random_case(sub, m, n, k)
         for cfg in cfgs:
             if m % cfg.cta_m or n % cfg.tile_n:
                 continue

@@ -287,34 +287,22 @@ def test_meta_before_fence_chains_the_wgmmas(monkeypatch):
 
 
 # --------------------------------------------------------------------------- GPU
-@gpu
-@needs_sm90
-@pytest.mark.parametrize("m,n,k", [(128, 128, 128), (256, 384, 512), (1024, 512, 768)])
-@pytest.mark.parametrize("transpose_out", [False, True])
-def test_sparse_wgmma_matches_reference_on_gpu(m, n, k, transpose_out):
-    a, mask = _data(m + n + k, m, k, underfill=True)
-    b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
-    packed = P.pack_24(a, mask)
-    out = S.sparse_matmul_24(packed, b_t, transpose_out=transpose_out)
-    ref = jnp.dot(P.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
-                  precision=jax.lax.Precision.HIGHEST)
-    ref = ref.T if transpose_out else ref
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert np.isfinite(out).all()
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+V1_GPU = S.SparseMatmulConfig()
+WS_GPU = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
+                              max_ctas=3)  # few CTAs: each loops over several tiles
 
 
 @gpu
 @needs_sm90
-@pytest.mark.parametrize("m,n,k", [(256, 128, 128), (512, 384, 768), (1024, 1024, 512)])
+@pytest.mark.parametrize("cfg,m,n,k", [
+    (V1_GPU, 128, 128, 128), (V1_GPU, 256, 384, 512), (V1_GPU, 1024, 512, 768),
+    (WS_GPU, 256, 128, 128), (WS_GPU, 512, 384, 768), (WS_GPU, 1024, 1024, 512),
+], ids=["v1-128", "v1-256", "v1-1024", "ws-256", "ws-512", "ws-1024"])
 @pytest.mark.parametrize("transpose_out", [False, True])
-def test_warp_specialized_matches_reference_on_gpu(m, n, k, transpose_out):
+def test_sparse_wgmma_matches_reference_on_gpu(cfg, m, n, k, transpose_out):
     a, mask = _data(m + n + k, m, k, underfill=True)
     b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
     packed = P.pack_24(a, mask)
-    cfg = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
-                               max_ctas=3)  # few CTAs: each loops over several tiles
     out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out)
     ref = jnp.dot(P.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
                   precision=jax.lax.Precision.HIGHEST)
