@@ -130,3 +130,51 @@ def raise_on_nan(scores: jax.Array, name: str = "scores") -> None:
 def is_concrete(x: Any) -> bool:
     """True when ``x`` holds values (not a tracer), so value checks can run eagerly."""
     return not isinstance(x, jax.core.Tracer)
+
+
+# Largest group size of the tile solvers (tiles are held as dense (m, m, T) arrays) and of
+# the packed format (4-bit indices).
+MAX_M = 16
+
+
+def check_axes_pair(axes: Any, ndim: int, name: str = "axes") -> tuple[int, int]:
+    """Normalises a pair of distinct axes of an array of rank ``ndim``.
+
+    Raises:
+      TypeError: ``axes`` is not a pair of ints.
+      ValueError: an axis out of range, or both the same.
+    """
+    if isinstance(axes, str) or not isinstance(axes, tuple | list) or len(axes) != 2:
+        raise TypeError(f"{name} must be a pair of ints, got {axes!r}")
+    a0 = check_axis(axes[0], ndim, f"{name}[0]")
+    a1 = check_axis(axes[1], ndim, f"{name}[1]")
+    if a0 == a1:
+        raise ValueError(f"{name} must name two different axes, got {tuple(axes)}")
+    return a0, a1
+
+
+def check_perm(perm: Any, size: int | None, name: str = "perm") -> jax.Array:
+    """Validates a permutation of ``0..size-1`` and returns it as int32.
+
+    A concrete ``perm`` is checked to be a permutation; a traced one cannot be (under
+    ``jit`` it is trusted: validate it where it is made, e.g. with
+    :func:`nmjax.masks.is_permutation` at mask refresh).
+
+    Raises:
+      TypeError: not an integer array.
+      ValueError: wrong shape, or (concrete) repeated / out-of-range indices.
+    """
+    perm = _as_array(perm, name)
+    dtype = perm.dtype
+    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer index array, got dtype {dtype}")
+    if perm.ndim != 1 or (size is not None and perm.shape[0] != size):
+        want = f"({size},)" if size is not None else "(K,)"
+        raise ValueError(f"{name} must have shape {want} (one index per output channel), "
+                         f"got shape {tuple(perm.shape)}")
+    if is_concrete(perm):
+        values = np.asarray(perm)
+        if not np.array_equal(np.sort(values), np.arange(values.shape[0])):
+            raise ValueError(f"{name} of shape {tuple(perm.shape)} is not a permutation of "
+                             f"0..{values.shape[0] - 1} (repeated or out-of-range indices)")
+    return jnp.asarray(perm).astype(jnp.int32)
