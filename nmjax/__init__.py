@@ -1,7 +1,22 @@
-"""nmjax: N:M structured-sparse training for JAX and Flax, sparse in both directions."""
+"""nmjax: N:M structured-sparse training for JAX and Flax, sparse in both directions.
 
-from nmjax import format, masks, nn, ops, tree  # noqa: A004
+``nmjax.masks``, ``nmjax.tree``, ``nmjax.format``, ``nmjax.backends`` and ``nmjax.ops`` need
+only JAX; ``nmjax.nn`` (Flax layers), ``nmjax.optim`` (the optax wrapper), ``nmjax.convert``
+and ``nmjax.kernels`` load on first access.
+"""
+
+import importlib
+
+from nmjax import backends, format, masks, ops, tree  # noqa: A004
 
 __version__ = "0.1.0"
 
-__all__ = ["format", "masks", "nn", "ops", "tree"]
+_LAZY = ("nn", "optim", "convert", "kernels")
+
+__all__ = ["backends", "format", "masks", "ops", "tree", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"nmjax.{name}")
+    raise AttributeError(f"module 'nmjax' has no attribute {name!r}")

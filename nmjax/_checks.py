@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
 import jax
@@ -59,7 +60,34 @@ def check_scores(scores: Any, name: str = "scores") -> jax.Array:
         raise TypeError(f"{name} must be real, got complex dtype {dtype}; pass jnp.abs(w)")
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name} must have a real numeric dtype, got {dtype}")
+    if not isinstance(scores, jax.Array):
+        _check_narrowing(np.asarray(scores), name)
     return jnp.asarray(scores)
+
+
+def _check_narrowing(arr: np.ndarray, name: str) -> None:
+    """Host scores of a 64-bit dtype become 32-bit JAX arrays when x64 is off: integers
+    outside int32 would wrap (an error) and float64 values distinct only in float64 would
+    tie (a warning)."""
+    if jax.config.jax_enable_x64 or arr.dtype.itemsize < 8 or arr.size == 0:
+        return
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(np.int32)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(
+                f"{name} of dtype {arr.dtype} hold values in [{lo}, {hi}], outside int32; JAX "
+                "(x64 off) would wrap them. Pass float scores, rescale, or enable "
+                "jax.config.update('jax_enable_x64', True)")
+    elif np.issubdtype(arr.dtype, np.floating):
+        finite = arr[np.isfinite(arr)]
+        merged = np.unique(finite).size - np.unique(finite.astype(np.float32)).size
+        if merged:
+            warnings.warn(
+                f"{name} of dtype float64 become float32 in JAX (x64 off), and {merged} "
+                "distinct value(s) become equal to another; ties then go to the lower index. "
+                "Rescale the scores or enable jax_enable_x64 to keep them apart",
+                UserWarning, stacklevel=3)
 
 
 def check_mask(mask: Any, name: str = "mask") -> jax.Array:
@@ -178,3 +206,28 @@ def check_perm(perm: Any, size: int | None, name: str = "perm") -> jax.Array:
             raise ValueError(f"{name} of shape {tuple(perm.shape)} is not a permutation of "
                              f"0..{values.shape[0] - 1} (repeated or out-of-range indices)")
     return jnp.asarray(perm).astype(jnp.int32)
+
+
+def check_key(key: Any, method: str) -> jax.Array:
+    if key is None:
+        raise ValueError(f"method={method!r} needs a PRNG key: pass key=jax.random.key(seed)")
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
+        raise TypeError(f"key must be a single PRNG key (jax.random.key(seed)), got dtype "
+                        f"{key.dtype} and shape {tuple(key.shape)}")
+    return key
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_count(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a Python int, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+    return int(value)

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from nmjax import _checks
-from nmjax.masks.nm import _from_groups, _to_groups, is_nm
+from nmjax._layout import from_groups, to_groups
+from nmjax.masks import is_nm
 
-MAX_M = 16
+MAX_M = _checks.MAX_M  # 4-bit indices
 
 
 @jax.tree_util.register_dataclass
@@ -126,14 +127,14 @@ def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _pack(w: jax.Array, mask: jax.Array, n: int, m: int, axis: int) -> PackedNM:
-    groups = _to_groups(w, axis, m)
-    mgroups = _to_groups(mask, axis, m)
+    groups = to_groups(w, axis, m)
+    mgroups = to_groups(mask, axis, m)
     idx = _slot_indices(mgroups, n)
     vals = jnp.take_along_axis(groups, idx, axis=-1)
     vals = jnp.where(jnp.take_along_axis(mgroups, idx, axis=-1), vals, jnp.zeros((), w.dtype))
     flat_idx = idx.reshape(*idx.shape[:-2], -1)
     meta = jnp.moveaxis(_pack_bits(flat_idx, index_bits(m)), -1, axis)
-    return PackedNM(_from_groups(vals, axis), meta, n, m, axis, tuple(w.shape))
+    return PackedNM(from_groups(vals, axis), meta, n, m, axis, tuple(w.shape))
 
 
 @jax.jit
@@ -149,11 +150,11 @@ def slot_indices(packed: PackedNM) -> jax.Array:
 def unpack(packed: PackedNM) -> jax.Array:
     """Dense array of ``packed.shape``: the kept values in place, zeros elsewhere."""
     n, m, axis = packed.n, packed.m, packed.axis
-    vals = _to_groups(packed.values, axis, n)  # (..., G, n)
-    idx = _to_groups(slot_indices(packed), axis, n)
+    vals = to_groups(packed.values, axis, n)  # (..., G, n)
+    idx = to_groups(slot_indices(packed), axis, n)
     onehot = idx[..., :, None] == jnp.arange(m)  # (..., G, n, m)
     dense = jnp.where(onehot, vals[..., :, None], jnp.zeros((), vals.dtype)).sum(-2)
-    return _from_groups(dense.astype(vals.dtype), axis)
+    return from_groups(dense.astype(vals.dtype), axis)
 
 
 def unpack_mask(packed: PackedNM) -> jax.Array:

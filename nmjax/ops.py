@@ -10,17 +10,17 @@ For ``w: (in, out)`` (a Flax Dense kernel) and boolean masks of ``w``'s shape:
 * weight gradient: dense, straight-through, ``dW = Xᵀ · dY``, plus the SR-STE term
   ``decay · (1 − fwd_mask) ⊙ W``.
 
-Products run through a *backend*: ``"reference"`` (masked dense ``jnp``, any platform, fp32
-accumulation) or one registered with :func:`register_backend` (the kernels plug in
-``"pallas"`` there). ``"auto"`` uses a registered backend only where it claims the problem
-(shape, dtype, device, declared N:M pattern) and falls back to the reference otherwise.
+Products run through a backend (:mod:`nmjax.backends`): a :class:`~nmjax.backends.Backend`
+value, ``"reference"`` (masked dense ``jnp``, any platform, fp32 accumulation), a kernel
+factory's name (``"pallas"``, ``"cusparselt"``), or ``"auto"``, which runs a kernel only where
+its measured table says it beats dense XLA for the product and the reference elsewhere. An
+explicitly requested backend that cannot run a product raises; nothing falls back silently.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -28,164 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nmjax import _checks
+from nmjax import _checks, backends
+from nmjax.backends import REFERENCE, Backend, Problem
+from nmjax.masks import Masks
 
 Array = jax.Array
-
-
-class Problem(NamedTuple):
-    """What a backend's ``claims`` sees: one 2-D product, all static.
-
-    Attributes:
-      direction: ``"forward"`` (``x2d @ (w ⊙ fwd)``) or ``"input_grad"``
-        (``dy2d @ (w ⊙ bwd)ᵀ``).
-      lhs_shape: ``(rows, in)`` for forward, ``(rows, out)`` for input_grad.
-      w_shape: ``(in, out)``.
-      dtype: the compute dtype (inputs and weights share it).
-      platform: ``jax.devices()[0].platform`` (``"cpu"``, ``"gpu"``, ...).
-      device_kind: ``jax.devices()[0].device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``).
-      nm: the ``(n, m)`` pattern the caller declares the mask of this product to satisfy
-        (``fwd`` along ``in``; ``bwd`` along ``out``, in ``perm`` order), or ``None``.
-      permuted: whether a Bi-Mask ``perm`` is given (input_grad only).
-    """
-
-    direction: str
-    lhs_shape: tuple[int, int]
-    w_shape: tuple[int, int]
-    dtype: Any
-    platform: str
-    device_kind: str
-    nm: tuple[int, int] | None
-    permuted: bool
-
-
-class Backend(NamedTuple):
-    """The two sparse products of a linear layer, on 2-D operands.
-
-    Attributes:
-      forward: ``(x2d: (rows, in), w: (in, out), fwd_mask: (in, out)) -> (rows, out)``.
-      input_grad: ``(dy2d: (rows, out), w: (in, out), bwd_mask: (in, out),
-        perm: (out,) int | None) -> (rows, in)``.
-      claims: ``(Problem) -> bool``: whether ``"auto"`` should use this backend for the
-        product (it exists here and is faster). Must be cheap and static.
-      unavailable: ``() -> str | None``: ``None`` when the backend can run on this machine,
-        else the reason (used for the error when it is requested explicitly).
-    """
-
-    forward: Callable[[Array, Array, Array], Array]
-    input_grad: Callable[[Array, Array, Array, Array | None], Array]
-    claims: Callable[[Problem], bool]
-    unavailable: Callable[[], str | None]
-
-
-def _masked(w: Array, mask: Array) -> Array:
-    return jnp.where(mask, w, jnp.zeros((), w.dtype))
-
-
-def reference_forward(x2d: Array, w: Array, fwd_mask: Array, *, precision=None) -> Array:
-    """``x2d @ (w ⊙ fwd_mask)``: ``(rows, in) x (in, out) -> (rows, out)``, fp32 accumulation."""
-    y = jnp.matmul(x2d, _masked(w, fwd_mask), precision=precision,
-                   preferred_element_type=jnp.float32)
-    return y.astype(x2d.dtype)
-
-
-def reference_input_grad(
-    dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *, precision=None
-) -> Array:
-    """``dy2d @ (w ⊙ bwd_mask)ᵀ``, in ``perm`` order of ``out`` when given: ``(rows, in)``."""
-    wb = _masked(w, bwd_mask)
-    if perm is not None:
-        dy2d, wb = dy2d[:, perm], wb[:, perm]
-    dx = jnp.matmul(dy2d, wb.T, precision=precision, preferred_element_type=jnp.float32)
-    return dx.astype(dy2d.dtype)
-
-
-_BACKENDS: dict[str, Backend] = {
-    "reference": Backend(
-        forward=reference_forward,
-        input_grad=reference_input_grad,
-        claims=lambda problem: True,
-        unavailable=lambda: None,
-    ),
-}
-
-# Backends registered on first use: name -> "module:function", the function returning a
-# Backend (or raising ImportError/RuntimeError with the reason it cannot exist here).
-_LAZY_BACKENDS: dict[str, str] = {"pallas": "nmjax.kernels.backend:lazy_backend"}
-_LAZY_FAILED: dict[str, str] = {}
-
-# Backends that may exist in a later version or on another machine, and what they need.
-_KNOWN_BACKENDS = {
-    "pallas": "an NVIDIA sm_90 GPU (H100/H200) and the nmjax.kernels Pallas GEMM registered "
-              "with nmjax.ops.register_backend('pallas', ...)",
-}
-
-
-def register_backend(name: str, backend: Backend) -> None:
-    """Adds (or replaces) a product backend under ``name`` (e.g. ``"pallas"``).
-
-    ``"reference"`` and ``"auto"`` are reserved. ``"auto"`` tries registered backends in
-    registration order and takes the first whose ``claims`` returns True.
-    """
-    if name in ("reference", "auto"):
-        raise ValueError(f"backend name {name!r} is reserved")
-    if not isinstance(backend, Backend):
-        raise TypeError(f"backend must be an nmjax.ops.Backend, got {type(backend).__name__}")
-    _BACKENDS[name] = backend
-
-
-def _load_lazy(name: str) -> None:
-    spec = _LAZY_BACKENDS.get(name)
-    if spec is None or name in _BACKENDS or name in _LAZY_FAILED:
-        return
-    module, _, fn = spec.partition(":")
-    try:
-        register_backend(name, getattr(importlib.import_module(module), fn)())
-    except (ImportError, RuntimeError) as e:
-        _LAZY_FAILED[name] = f"{type(e).__name__}: {e}"
-
-
-def backends() -> tuple[str, ...]:
-    """Names of the registered backends (``"reference"`` first)."""
-    return tuple(_BACKENDS)
-
-
-def _device() -> tuple[str, str]:
-    dev = jax.devices()[0]
-    return dev.platform, getattr(dev, "device_kind", dev.platform)
-
-
-def _check_backend_name(backend: Any) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {backend!r}")
-    for name in _LAZY_BACKENDS if backend == "auto" else (backend,):
-        _load_lazy(name)
-    if backend == "auto" or backend in _BACKENDS:
-        if backend in _BACKENDS:
-            reason = _BACKENDS[backend].unavailable()
-            if reason is not None:
-                platform, kind = _device()
-                raise ValueError(
-                    f"backend {backend!r} cannot run on this device ({platform}: {kind}): "
-                    f"{reason}; use backend='reference' or 'auto'")
-        return backend
-    platform, kind = _device()
-    if backend in _KNOWN_BACKENDS or backend in _LAZY_FAILED:
-        why = f" ({_LAZY_FAILED[backend]})" if backend in _LAZY_FAILED else ""
-        needs = _KNOWN_BACKENDS.get(backend, "its dependencies")
-        raise ValueError(
-            f"backend {backend!r} is not available on this device ({platform}: {kind}){why}; "
-            f"it needs {needs}. Use backend='reference' or 'auto'")
-    raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
-
-
-def _pick(backend: str, problem: Problem) -> str:
-    if backend != "auto":
-        return backend
-    for name, impl in _BACKENDS.items():
-        if name != "reference" and impl.unavailable() is None and impl.claims(problem):
-            return name
-    return "reference"
 
 
 def _check_nm_hint(pattern: Any, name: str) -> tuple[int, int] | None:
@@ -216,64 +63,75 @@ def _check_masks(w: Array, fwd_mask: Any, bwd_mask: Any) -> tuple[Array, Array]:
 def _check_perm(perm: Any, length: int) -> Array | None:
     if perm is None:
         return None
-    perm = jnp.asarray(perm)
-    if not jnp.issubdtype(perm.dtype, jnp.integer):
-        raise TypeError(f"perm must be an integer array, got dtype {perm.dtype}")
-    if perm.shape != (length,):
-        raise ValueError(f"perm has shape {tuple(perm.shape)}; it must be ({length},), a "
-                         f"permutation of the kernel's output axis (length {length})")
-    if _checks.is_concrete(perm):
-        if not np.array_equal(np.sort(np.asarray(perm)), np.arange(length)):
-            raise ValueError(f"perm must be a permutation of 0..{length - 1}, got {perm}")
-    return perm
+    return _checks.check_perm(perm, length)
 
 
-def _check_decay(decay: Any) -> Array:
+def _check_decay(decay: Any) -> Array | None:
+    """``None`` for a concrete zero (the decay term is left out of the program), else a
+    float32 scalar, which may be traced (a schedule may change it without recompiling)."""
+    if isinstance(decay, bool):
+        raise TypeError(f"decay must be a real scalar, got {decay!r}")
     decay = jnp.asarray(decay)
     if decay.ndim != 0 or not (jnp.issubdtype(decay.dtype, jnp.floating)
                                or jnp.issubdtype(decay.dtype, jnp.integer)):
         raise TypeError(f"decay must be a real scalar, got {decay!r}")
-    if _checks.is_concrete(decay) and float(decay) < 0:
-        raise ValueError(f"decay must be >= 0, got {float(decay)}")
+    if _checks.is_concrete(decay):
+        value = float(decay)
+        if not value >= 0:
+            raise ValueError(f"decay must be >= 0, got {value}")
+        if value == 0:
+            return None
     return decay.astype(jnp.float32)
+
+
+def sr_ste_term(w: Array, fwd_mask: Array, decay: Array | None) -> Array | None:
+    """SR-STE's ``decay · (1 − fwd_mask) ⊙ w`` in float32, or ``None`` for no decay.
+
+    Exactly zero where ``fwd_mask`` keeps a weight and wherever ``decay == 0`` (also when
+    ``decay`` is traced), so a non-finite pruned weight never turns a gradient into NaN.
+    """
+    if decay is None:
+        return None
+    pruned = ~fwd_mask & (decay != 0)
+    return jnp.where(pruned, decay * w.astype(jnp.float32), 0.0)
 
 
 def _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision):
     dw = jnp.matmul(x2d.T, dy2d, precision=precision, preferred_element_type=jnp.float32)
-    dw = dw + decay * jnp.where(fwd_mask, 0.0, w.astype(jnp.float32))
-    return dw.astype(w.dtype)
+    term = sr_ste_term(w, fwd_mask, decay)
+    return (dw if term is None else dw + term).astype(w.dtype)
+
+
+def _decay_cotangent(decay):
+    return None if decay is None else jnp.zeros_like(decay)
 
 
 # -------------------------------------------------------------------------------- nm_dense
 
 
+def _run(backend: Backend, problem: Problem, precision, *args) -> Array:
+    if backend is REFERENCE:  # the reference honours ``precision``; kernels have their own
+        fn = (backends.reference_forward if problem.direction == "forward"
+              else backends.reference_input_grad)
+        return fn(*args, precision=precision)
+    return backend.run(problem, *args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision):
-    return _run_forward(fwd_backend, x2d, w, fwd_mask, precision)
+def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision):
+    return _run(*fwd, precision, x2d, w, fwd_mask)
 
 
-def _run_forward(name, x2d, w, fwd_mask, precision):
-    if name == "reference":
-        return reference_forward(x2d, w, fwd_mask, precision=precision)
-    return _BACKENDS[name].forward(x2d, w, fwd_mask)
-
-
-def _run_input_grad(name, dy2d, w, bwd_mask, perm, precision):
-    if name == "reference":
-        return reference_input_grad(dy2d, w, bwd_mask, perm, precision=precision)
-    return _BACKENDS[name].input_grad(dy2d, w, bwd_mask, perm)
-
-
-def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision):
-    y = _run_forward(fwd_backend, x2d, w, fwd_mask, precision)
+def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision):
+    y = _run(*fwd, precision, x2d, w, fwd_mask)
     return y, (x2d, w, fwd_mask, bwd_mask, perm, decay)
 
 
-def _dense2d_bwd(fwd_backend, bwd_backend, precision, res, dy2d):
+def _dense2d_bwd(fwd, bwd, precision, res, dy2d):
     x2d, w, fwd_mask, bwd_mask, perm, decay = res
-    dx = _run_input_grad(bwd_backend, dy2d, w, bwd_mask, perm, precision)
+    dx = _run(*bwd, precision, dy2d, w, bwd_mask, perm)
     dw = _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision)
-    return dx.astype(x2d.dtype), dw, None, None, None, jnp.zeros_like(decay)
+    return dx.astype(x2d.dtype), dw, None, None, None, _decay_cotangent(decay)
 
 
 _dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
@@ -287,7 +145,7 @@ def nm_dense(
     *,
     perm: Any = None,
     decay: float | Array = 0.0,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     precision: Any = None,
     fwd_nm: tuple[int, int] | None = None,
     bwd_nm: tuple[int, int] | None = None,
@@ -301,17 +159,28 @@ def nm_dense(
       mask = nmjax.masks.transposable_mask(jnp.abs(w), 2, 4)      # 2:4 along in and out
       y = nm_dense(x, w, mask)                                     # x: (..., 256) -> (..., 512)
       dx, dw = jax.grad(lambda x, w: nm_dense(x, w, mask).sum(), (0, 1))(x, w)
+      y = nm_dense(x, w, nmjax.masks.BiMask(2, 4)(w))              # a Masks(fwd, bwd, perm)
 
     Args:
       x: ``(..., in)`` floating inputs; leading axes are batch.
       w: ``(in, out)`` floating kernel (the dense weights; masking happens here).
-      fwd_mask: ``(in, out)`` bool; the forward product uses ``w ⊙ fwd_mask``.
+      fwd_mask: ``(in, out)`` bool; the forward product uses ``w ⊙ fwd_mask``. Or a
+        :class:`nmjax.masks.Masks` ``(fwd, bwd, perm)``, which then gives all three (pass no
+        ``bwd_mask`` or ``perm`` beside it).
       bwd_mask: ``(in, out)`` bool or ``None`` (= ``fwd_mask``); the input gradient uses
         ``w ⊙ bwd_mask``.
       perm: optional ``(out,)`` int permutation of ``out`` (Bi-Mask): the input-gradient
         product runs over ``w[:, perm]``, where ``bwd_mask`` is N:M in consecutive groups.
-      decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd_mask) ⊙ w`` to the weight gradient.
-      backend: ``"auto"`` (default), ``"reference"`` or a registered backend name.
+        A concrete ``perm`` is checked; a traced one cannot be, and an invalid one gives a
+        wrong ``dx`` silently: validate permutations where they are made
+        (:func:`nmjax.masks.is_permutation`, :func:`nmjax.masks.masks_valid`).
+      decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd_mask) ⊙ w`` to the weight gradient. May
+        be traced (a schedule); a concrete 0 leaves the term out, and a traced 0 gives
+        exactly ``xᵀ·dy`` too (non-finite pruned weights do not leak into ``dw``).
+      backend: ``"auto"`` (default), ``"reference"``, a kernel factory's name
+        (``"pallas"``, ``"cusparselt"``) or an :class:`nmjax.backends.Backend`. A backend
+        that cannot run a product raises ValueError (no silent fallback); ``"auto"`` picks
+        per product (:func:`nmjax.backends.resolve`).
       precision: ``lax.Precision`` for the products (as in ``nn.Dense``).
       fwd_nm, bwd_nm: the ``(n, m)`` pattern the caller guarantees ``fwd_mask`` (along
         ``in``) and ``bwd_mask`` (along ``out``, in ``perm`` order) satisfy. Only ``"auto"``
@@ -337,24 +206,41 @@ def nm_dense(
     if x.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last axis must equal the kernel's "
                          f"in = w.shape[0] = {w.shape[0]} (w has shape {tuple(w.shape)})")
+    fwd_mask, bwd_mask, perm = _unpack_masks(fwd_mask, bwd_mask, perm)
     fwd_mask, bwd_mask = _check_masks(w, fwd_mask, bwd_mask)
     perm = _check_perm(perm, w.shape[1])
     decay = _check_decay(decay)
-    backend = _check_backend_name(backend)
+    backend = backends.check_backend(backend)
     fwd_nm = _check_nm_hint(fwd_nm, "fwd_nm")
     bwd_nm = _check_nm_hint(bwd_nm, "bwd_nm")
     dtype = jnp.promote_types(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, w.shape[0])
-    platform, kind = _device()
-    rows = x2d.shape[0]
-    fwd_backend = _pick(backend, Problem("forward", (rows, w.shape[0]), tuple(w.shape), dtype,
-                                         platform, kind, fwd_nm, False))
-    bwd_backend = _pick(backend, Problem("input_grad", (rows, w.shape[1]), tuple(w.shape),
-                                         dtype, platform, kind, bwd_nm, perm is not None))
-    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd_backend, bwd_backend, precision)
+    fwd, bwd = _plan(backend, x2d.shape[0], w.shape, dtype, fwd_nm, bwd_nm, perm is not None)
+    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision)
     return y.reshape(*lead, w.shape[1])
+
+
+def _unpack_masks(fwd_mask, bwd_mask, perm):
+    if isinstance(fwd_mask, Masks):
+        if bwd_mask is not None or perm is not None:
+            raise ValueError("fwd_mask is a Masks (fwd, bwd, perm), which gives all three "
+                             "masks; pass no bwd_mask or perm beside it")
+        return fwd_mask.fwd, fwd_mask.bwd, fwd_mask.perm
+    return fwd_mask, bwd_mask, perm
+
+
+def _plan(backend, rows, w_shape, dtype, fwd_nm, bwd_nm, permuted):
+    """``((Backend, Problem), (Backend, Problem))`` for the forward and input-gradient
+    products (static: they are hashed as ``custom_vjp`` non-differentiable arguments)."""
+    platform, kind, cc = backends.device_facts()
+    n_in, n_out = w_shape
+    fwd = Problem("forward", rows, n_in, n_out, jnp.dtype(dtype), platform, kind, cc, fwd_nm,
+                  False)
+    bwd = Problem("input_grad", rows, n_in, n_out, jnp.dtype(dtype), platform, kind, cc,
+                  bwd_nm, permuted)
+    return (backends.resolve(backend, fwd), fwd), (backends.resolve(backend, bwd), bwd)
 
 
 # --------------------------------------------------------------------------------- nm_conv
@@ -385,7 +271,7 @@ def _conv(x, w, spec: _ConvSpec, out_dtype=jnp.float32):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _conv_vjp(x, w, fwd_mask, bwd_mask, perm, decay, spec):
-    return _conv(x, _masked(w, fwd_mask), spec).astype(x.dtype)
+    return _conv(x, backends._masked(w, fwd_mask), spec).astype(x.dtype)
 
 
 def _conv_vjp_fwd(x, w, fwd_mask, bwd_mask, perm, decay, spec):
@@ -396,7 +282,7 @@ def _conv_vjp_fwd(x, w, fwd_mask, bwd_mask, perm, decay, spec):
 def _conv_vjp_bwd(spec, res, dy):
     x, w, fwd_mask, bwd_mask, perm, decay = res
     dy32 = dy.astype(jnp.float32)
-    wb = _masked(w, bwd_mask)
+    wb = backends._masked(w, bwd_mask)
     if perm is not None and spec.feature_group_count == 1:
         # Same value as the unpermuted product: the contraction over O runs in perm order.
         _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb[..., perm], spec), x)
@@ -406,8 +292,10 @@ def _conv_vjp_bwd(spec, res, dy):
         (dx,) = vjp_x(dy32)
     _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, spec), w)
     (dw,) = vjp_w(dy32)
-    dw = dw.astype(jnp.float32) + decay * jnp.where(fwd_mask, 0.0, w.astype(jnp.float32))
-    return dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, jnp.zeros_like(decay)
+    dw = dw.astype(jnp.float32)
+    term = sr_ste_term(w, fwd_mask, decay)
+    dw = dw if term is None else dw + term
+    return dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, _decay_cotangent(decay)
 
 
 _conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
@@ -466,7 +354,7 @@ def nm_conv(
     feature_group_count: int = 1,
     perm: Any = None,
     decay: float | Array = 0.0,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     precision: Any = None,
     fwd_nm: tuple[int, int] | None = None,
     bwd_nm: tuple[int, int] | None = None,
@@ -489,7 +377,8 @@ def nm_conv(
     Args:
       x: ``(N, *spatial, C)`` floating inputs, ``C = I · feature_group_count``.
       w: ``(*window, I, O)`` floating kernel, 1 to 3 spatial dims.
-      fwd_mask, bwd_mask: bool, ``w.shape``; ``bwd_mask=None`` means ``fwd_mask``.
+      fwd_mask, bwd_mask: bool, ``w.shape``; ``bwd_mask=None`` means ``fwd_mask``;
+        ``fwd_mask`` may be a :class:`nmjax.masks.Masks` as in :func:`nm_dense`.
       strides, padding, lhs_dilation, rhs_dilation, feature_group_count: as in
         ``lax.conv_general_dilated`` (``padding``: ``"SAME"``, ``"VALID"``, an int or one
         ``(low, high)`` pair per spatial dim).
@@ -520,10 +409,12 @@ def nm_conv(
         raise ValueError(f"x has {x.shape[-1]} channels (shape {tuple(x.shape)}); the kernel "
                          f"{tuple(w.shape)} with feature_group_count={feature_group_count} "
                          f"needs I * groups = {w.shape[-2] * feature_group_count}")
+    fwd_mask, bwd_mask, perm = _unpack_masks(fwd_mask, bwd_mask, perm)
     fwd_mask, bwd_mask = _check_masks(w, fwd_mask, bwd_mask)
     perm = _check_perm(perm, w.shape[-1])
+    decay_arg = decay
     decay = _check_decay(decay)
-    backend = _check_backend_name(backend)
+    backend = backends.check_backend(backend)
     spec = _ConvSpec(_int_tuple(strides, nd, "strides"), _canon_padding(padding, nd),
                      _int_tuple(lhs_dilation, nd, "lhs_dilation"),
                      _int_tuple(rhs_dilation, nd, "rhs_dilation"), int(feature_group_count),
@@ -535,11 +426,11 @@ def nm_conv(
     if pointwise:
         shape2d = w.shape[-2:]
         return nm_dense(x, w.reshape(shape2d), fwd_mask.reshape(shape2d),
-                        bwd_mask.reshape(shape2d), perm=perm, decay=decay, backend=backend,
+                        bwd_mask.reshape(shape2d), perm=perm, decay=decay_arg, backend=backend,
                         precision=precision, fwd_nm=fwd_nm, bwd_nm=bwd_nm)
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend {backend!r} has no convolution kernel: only 1x1 convolutions "
-                         f"(unit strides/dilations, one group) route to nm_dense; kernel shape "
+    if backend not in ("auto", REFERENCE):
+        raise ValueError(f"backend {backend.name!r} has no convolution kernel: only 1x1 "
+                         f"convolutions (unit strides/dilations, one group) route to nm_dense; kernel shape "
                          f"{tuple(w.shape)} needs backend='reference' or 'auto'")
     dtype = jnp.promote_types(x.dtype, w.dtype)
     return _conv_vjp(x.astype(dtype), w.astype(dtype), fwd_mask, bwd_mask, perm, decay, spec)

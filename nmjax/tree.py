@@ -1,28 +1,34 @@
-"""Masks for whole parameter pytrees: which leaves, which axis, which mask rule.
+"""Masks for whole parameter pytrees: which leaves, which axis, which pattern.
 
 A :class:`MaskRule` selects leaves (Dense/Linear and Conv kernels by default; never biases,
-norm scales or embeddings unless asked), names each selected leaf's contraction axis
-(Dense ``(in, out)`` -> axis 0; Conv ``HWIO`` -> the ``I`` axis) and the pattern to apply.
-:func:`build_masks` returns a pytree of the parameters' structure with a mask at each
-selected leaf and ``None`` elsewhere. Works on Linen variable dicts and NNX ``State``s.
+norm scales, embeddings or einsum kernels unless asked), names each selected leaf's
+contraction axis (Dense ``(in, out)`` -> axis 0; Conv ``HWIO`` -> the ``I`` axis) and holds
+the pattern spec to apply (:mod:`nmjax.masks`). :func:`build_masks` returns a pytree of the
+parameters' structure with a :class:`~nmjax.masks.Masks` at each selected leaf and ``None``
+elsewhere. Works on Linen variable dicts and NNX ``State``s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nmjax import _checks
-from nmjax import masks as _masks
+from nmjax.masks import Masks, Pattern, Transposable, as_pattern, transposable_mask_lp
 
 Path = str
-PatternFn = Callable[..., Any]
+KINDS = ("dense", "conv")
+# A Linen auto-generated layer name ("Dense_0", "Einsum_3") names the layer's class.
+_LINEN_AUTO_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_\d+$")
+_LINEN_CLASS_KIND = {"Dense": "dense", "Conv": "conv"}
 
 
 def path_str(key_path: Sequence[Any]) -> Path:
@@ -47,55 +53,43 @@ def path_str(key_path: Sequence[Any]) -> Path:
 
 
 def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
-    """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or ``(None, None)``.
+    """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or
+    ``(None, None)`` from its path and rank alone.
 
-    * ``.../kernel`` of rank 2: a Dense/Linear kernel ``(in, out)``; contraction axis 0.
-    * ``.../kernel`` of rank 3-5 whose layer's name contains "conv" (any case: Linen's
-      ``Conv_0``, an NNX attribute ``conv1``): a convolution kernel ``(..., I, O)``; groups
-      run along ``I`` (axis ``ndim - 2``).
-    * anything else is not selected by default: biases, scales, embeddings, and kernels of
-      rank > 2 outside a layer named as a conv (``DenseGeneral``, einsum), whose contraction
-      axes cannot be told from the shape (DESIGN §2: no guessing). Select those with
-      ``MaskRule(include=..., axis=...)``; :func:`nmjax.nn.sparsify`, which sees layer types,
-      passes the kind itself.
+    * A ``kernel`` under a Linen auto-named layer (``Dense_0``, ``Conv_1``, ``Einsum_0``)
+      has a known class: ``Dense`` (rank 2) is dense, ``Conv`` (rank 3-5) a conv, any
+      other class (``Einsum``, ``DenseGeneral``, ``ConvTranspose``, ...) is not selected.
+    * Under any other layer name (``head``, an NNX attribute ``fc1``) the class is unknown:
+      a rank-2 ``kernel`` is taken as Dense ``(in, out)``, a rank 3-5 ``kernel`` as a conv
+      only when the layer's name contains "conv" (``conv1``).
+    * Everything else is not selected: biases, scales, embeddings, and kernels whose
+      contraction axes cannot be told from the path (DESIGN §2: no guessing).
+
+    Where the layer types are known (a model, not only its parameters), pass them instead:
+    ``build_masks(params, rule, kinds=nmjax.nn.layer_kinds(model, x))``; :func:`nmjax.nn.sparsify`
+    does this itself, so it and :func:`build_masks` with ``kinds`` agree on every layer.
     """
     parts = path.rsplit("/", 2)
     ndim = getattr(leaf, "ndim", 0)
     if parts[-1] != "kernel":
         return None, None
-    if ndim == 2:
-        return "dense", 0
     layer = parts[-2] if len(parts) > 1 else ""
-    if ndim in (3, 4, 5) and "conv" in layer.lower():
+    auto = _LINEN_AUTO_NAME.match(layer)
+    if auto is not None:
+        kind = _LINEN_CLASS_KIND.get(auto.group(1))
+    elif ndim == 2:
+        kind = "dense"
+    else:
+        kind = "conv" if "conv" in layer.lower() else None
+    return _kind_axis(kind, ndim)
+
+
+def _kind_axis(kind: str | None, ndim: int) -> tuple[str | None, int | None]:
+    if kind == "dense" and ndim == 2:
+        return "dense", 0
+    if kind == "conv" and ndim in (3, 4, 5):
         return "conv", ndim - 2
     return None, None
-
-
-def _nm(w, n, m, axis, score_fn, **kw):
-    return _masks.nm_mask(score_fn(w), n, m, axis, **kw)
-
-
-def _transposable(w, n, m, axis, score_fn, **kw):
-    # Tiles over (contraction axis, output axis); the output axis is last for Dense and HWIO.
-    if axis == w.ndim - 1:
-        raise ValueError(
-            f"pattern 'transposable' tiles the grouped axis with the last (output) axis, but "
-            f"the rule groups along the last axis itself (shape {tuple(w.shape)}, axis {axis})"
-        )
-    return _masks.transposable_mask(score_fn(w), n, m, axes=(axis, w.ndim - 1), **kw)
-
-
-def _bimask(w, n, m, axis, score_fn, **kw):
-    # Bi-Mask scores by |w| (the paper's rule); a custom score_fn does not apply here.
-    if w.ndim != 2 or axis != 0:
-        raise ValueError(
-            f"pattern 'bimask' supports Dense kernels (in, out) grouped along axis 0, "
-            f"got shape {tuple(w.shape)} with axis {axis}"
-        )
-    return _masks.bimask(w, n, m, **kw)
-
-
-PATTERNS: dict[str, PatternFn] = {"nm": _nm, "transposable": _transposable, "bimask": _bimask}
 
 
 def _as_tuple(x: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -106,82 +100,85 @@ def _as_tuple(x: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 @dataclasses.dataclass(frozen=True)
 class MaskRule:
-    """Which leaves of a parameter pytree get which N:M mask.
+    """Which leaves of a parameter pytree get which pattern.
 
-    Example::
-
-      rule = MaskRule(n=2, m=4)                                 # all Dense/Conv kernels, 2:4
-      rule = MaskRule(2, 4, pattern="transposable", exclude=r"head")
-      rule = MaskRule(2, 4, include=r"attn/(query|key)/kernel$", axis=0)
+    >>> from nmjax.masks import Transposable
+    >>> MaskRule("2:4").pattern                                    # every Dense/Conv kernel
+    NM(n=2, m=4)
+    >>> MaskRule(Transposable(4, 8), exclude=r"head").label
+    '4:8 transposable'
+    >>> MaskRule("2:4", include=r"attn/(query|key)/kernel$", axis=0).include
+    'attn/(query|key)/kernel$'
 
     Attributes:
-      n, m: the pattern, ``1 <= n <= m``.
-      pattern: ``"nm"`` (N:M along the contraction axis), ``"transposable"`` (N:M along the
-        contraction and output axes), ``"bimask"`` (forward + backward masks, Dense only), or
-        a function ``fn(w, n, m, axis) -> mask`` of your own.
+      pattern: a pattern spec (:class:`nmjax.masks.NM`, ``Transposable``, ``BiMask``,
+        ``Custom``) or its shorthand (``"2:4"``, ``"2:4 transposable"``).
       include: regex(es) searched in the leaf path (``"params/Dense_0/kernel"``). ``None``
-        (default) selects every Dense/Linear and Conv kernel (:func:`leaf_kind`).
+        (default) selects every Dense/Linear and Conv kernel (:func:`leaf_kind`, or the
+        layer types given to :func:`build_masks`).
       exclude: regex(es); a leaf whose path matches any is left dense.
       predicate: optional ``fn(path, leaf) -> bool``; a leaf must also satisfy it.
       axis: contraction axis to use for every selected leaf; ``None`` uses the leaf kind's
         axis. Required for leaves selected by ``include`` whose kind is unknown.
-      score_fn: scores from weights for the built-in ``"nm"`` and ``"transposable"``
-        patterns (default ``jnp.abs``); ``"bimask"`` always scores by ``|w|``.
-      pattern_kwargs: extra keyword arguments for the pattern function (e.g.
-        ``{"method": "exact"}`` for ``"transposable"``).
-      skip_indivisible: leave a selected leaf dense (instead of raising) when its grouped
-        axis is not divisible by ``m``.
+      skip_indivisible: leave a selected leaf dense (instead of raising) when the pattern
+        cannot take it: its contraction axis (or, for transposable and Bi-Mask, its output
+        axis) is not divisible by ``m`` -- e.g. a 10-class head.
     """
 
-    n: int = 2
-    m: int = 4
-    pattern: str | PatternFn = "nm"
+    pattern: Pattern | str = "2:4"
     include: str | Sequence[str] | None = None
     exclude: str | Sequence[str] = ()
     predicate: Callable[[Path, Any], bool] | None = None
     axis: int | None = None
-    score_fn: Callable[[jax.Array], jax.Array] = jnp.abs
-    pattern_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     skip_indivisible: bool = False
 
     def __post_init__(self):
-        _checks.check_nm(self.n, self.m)
-        if not (isinstance(self.pattern, str) or callable(self.pattern)):
-            raise TypeError(f"pattern must be a pattern name or a function "
-                            f"fn(w, n, m, axis) -> mask, got {self.pattern!r}")
+        object.__setattr__(self, "pattern", as_pattern(self.pattern))
         if self.exclude is None:
             object.__setattr__(self, "exclude", ())
-        if isinstance(self.pattern, str) and self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {sorted(PATTERNS)} or a function, "
-                             f"got {self.pattern!r}")
         for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
             for pat in _as_tuple(getattr(self, name)) or ():
+                if not isinstance(pat, str):
+                    raise TypeError(f"{name} must be regex strings, got {pat!r}")
                 try:
                     re.compile(pat)
                 except re.error as e:
                     raise ValueError(f"{name} regex {pat!r} is invalid: {e}") from None
+        if self.predicate is not None and not callable(self.predicate):
+            raise TypeError(f"predicate must be a function (path, leaf) -> bool, "
+                            f"got {self.predicate!r}")
+        if self.axis is not None and (isinstance(self.axis, bool)
+                                      or not isinstance(self.axis, int | np.integer)):
+            raise TypeError(f"axis must be an int or None, got {self.axis!r}")
+        if not isinstance(self.skip_indivisible, bool):
+            raise TypeError(f"skip_indivisible must be a bool, got {self.skip_indivisible!r}")
 
     @property
     def label(self) -> str:
-        name = self.pattern if isinstance(self.pattern, str) else self.pattern.__name__
-        return f"{self.n}:{self.m} {name}"
+        return self.pattern.label
 
-    def select(self, path: Path, leaf: Any, kind: str | None = None) -> int | None:
+    def select(self, path: Path, leaf: Any, kind: str | None = "infer") -> int | None:
         """The grouped axis of ``leaf`` if this rule masks it, else ``None``.
 
-        ``kind`` (``"dense"`` or ``"conv"``) is for callers that know the layer type; by
-        default the kind comes from :func:`leaf_kind` (path and rank).
+        ``kind``: the layer type (``"dense"``, ``"conv"``, or ``None`` for any other layer)
+        where the caller knows it; ``"infer"`` (default) reads it from the path
+        (:func:`leaf_kind`).
 
         Raises:
           ValueError: a leaf matched by ``include`` has no known contraction axis and the
-            rule names none, or its grouped axis is not divisible by ``m``.
+            rule names none, or the pattern cannot take the leaf (and ``skip_indivisible``
+            is off); the message names the leaf.
         """
-        if kind is None:
+        shape = tuple(getattr(leaf, "shape", ()))
+        if kind == "infer":
             kind, kind_axis = leaf_kind(path, leaf)
-        elif kind in ("dense", "conv"):
-            kind_axis = getattr(leaf, "ndim", 0) - 2  # Dense (in, out): 0; HWIO: I
+        elif kind is None or kind in KINDS:
+            kind, kind_axis = _kind_axis(kind, len(shape))
         else:
-            raise ValueError(f"kind must be 'dense', 'conv' or None, got {kind!r}")
+            raise ValueError(f"kind must be 'dense', 'conv', None or 'infer', got {kind!r}")
         include = _as_tuple(self.include)
         if include is None:
             chosen = kind is not None
@@ -192,65 +189,122 @@ class MaskRule:
         if self.predicate is not None and not self.predicate(path, leaf):
             return None
         axis = self.axis if self.axis is not None else kind_axis
-        shape = tuple(getattr(leaf, "shape", ()))
         if axis is None:
             raise ValueError(
                 f"leaf {path!r} of shape {shape} matches include={self.include!r}, but its "
                 "contraction axis is unknown (not a Dense or Conv kernel); pass MaskRule(axis=...)"
             )
         axis = _checks.check_axis(axis, len(shape), f"axis for leaf {path!r}")
-        if shape[axis] % self.m:
+        reason = self.pattern.check_leaf(shape, axis)
+        if reason is not None:
             if self.skip_indivisible:
                 return None
             raise ValueError(
-                f"leaf {path!r} has shape {shape}; its axis {axis} (length {shape[axis]}) is "
-                f"not divisible by m={self.m}. Exclude it, or pass skip_indivisible=True"
-            )
+                f"leaf {path!r} of shape {shape} cannot take pattern {self.label!r}: {reason}. "
+                "Exclude it (MaskRule(exclude=...)), or pass skip_indivisible=True")
         return axis
 
-    def mask(self, w: jax.Array, axis: int) -> Any:
+    def masks(self, w: jax.Array, axis: int) -> Masks:
         """Applies the pattern to one leaf grouped along ``axis``."""
-        if callable(self.pattern):
-            return self.pattern(w, self.n, self.m, axis, **self.pattern_kwargs)
-        fn = PATTERNS[self.pattern]
-        return fn(w, self.n, self.m, axis, self.score_fn, **self.pattern_kwargs)
+        return self.pattern(w, axis)
 
 
-def build_masks(params: Any, rule: MaskRule) -> Any:
-    """Masks for every leaf ``rule`` selects; ``None`` at leaves left dense.
+def _selected(params: Any, rule: MaskRule, kinds: Mapping[Path, Any] | None):
+    """``[(key_path, path, leaf, axis)]`` of the leaves ``rule`` selects, in tree order."""
+    if not isinstance(rule, MaskRule):
+        raise TypeError(f"rule must be an nmjax.tree.MaskRule, got {type(rule).__name__}")
+    out = []
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(key_path)
+        kind = "infer" if kinds is None else kinds.get(path)
+        axis = rule.select(path, leaf, kind)
+        if axis is not None:
+            out.append((key_path, path, leaf, axis))
+    return out
+
+
+def build_masks(params: Any, rule: MaskRule, *, kinds: Mapping[Path, Any] | None = None
+                ) -> Any:
+    """:class:`~nmjax.masks.Masks` for every leaf ``rule`` selects; ``None`` elsewhere.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    >>> masks = build_masks(params, MaskRule("2:4"))
+    >>> masks["Dense_0"]["bias"] is None, masks["Dense_0"]["kernel"].fwd.shape
+    (True, (8, 4))
 
     Args:
       params: a parameter pytree (Linen ``variables``/``params`` dict, NNX ``State``, ...).
       rule: the :class:`MaskRule`.
+      kinds: optional ``{kernel path: "dense" | "conv" | None}`` layer types
+        (:func:`nmjax.nn.layer_kinds`); without it the kind comes from the path
+        (:func:`leaf_kind`).
 
     Returns:
-      A pytree of ``params``' structure: a boolean mask of the leaf's shape (or, for
-      ``"bimask"``, the pattern's ``(fwd, bwd, perm)`` tuple) at each selected leaf, ``None``
-      elsewhere. Pure and jit-able (``rule`` is static).
+      A pytree of ``params``' structure: a ``Masks(fwd, bwd, perm)`` at each selected leaf,
+      ``None`` elsewhere. Pure; call it outside ``jit`` for expensive patterns (each leaf
+      shape compiles its solver once, where a ``jit`` around the whole tree inlines one
+      copy per leaf).
     """
+    chosen = {path: axis for _, path, _, axis in _selected(params, rule, kinds)}
 
     def one(key_path, leaf):
-        path = path_str(key_path)
-        axis = rule.select(path, leaf)
-        return None if axis is None else rule.mask(leaf, axis)
+        axis = chosen.get(path_str(key_path))
+        return None if axis is None else rule.masks(leaf, axis)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def forward_mask(mask: Any) -> jax.Array | None:
-    """The mask that applies to the weights: the mask itself, or a Bi-Mask's ``fwd``."""
-    return getattr(mask, "fwd", mask)
+def is_masks_leaf(x: Any) -> bool:
+    """``is_leaf`` for mask trees: a :class:`~nmjax.masks.Masks` or ``None`` is one leaf."""
+    return x is None or isinstance(x, Masks)
+
+
+def forward_mask(masks: Any) -> jax.Array | None:
+    """The mask that applies to the weights: a :class:`~nmjax.masks.Masks`' ``fwd`` (a
+    bare boolean array is taken as it is)."""
+    return masks.fwd if isinstance(masks, Masks) else masks
+
+
+def _paths(tree: Any, is_leaf=None) -> list[Path]:
+    return [path_str(p) for p, _ in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def check_structure(params: Any, masks: Any, name: str = "masks") -> None:
+    """Raises ValueError naming the paths where ``masks`` (a mask tree: a
+    :class:`~nmjax.masks.Masks` or ``None`` per leaf) and ``params`` differ."""
+    p_struct = jax.tree_util.tree_structure(params)
+    m_struct = jax.tree_util.tree_structure(masks, is_leaf=is_masks_leaf)
+    if p_struct == m_struct:
+        return
+    have, want = set(_paths(masks, is_masks_leaf)), set(_paths(params))
+    missing, extra = sorted(want - have), sorted(have - want)
+    detail = []
+    if missing:
+        detail.append(f"params paths missing from {name}: {missing[:5]}"
+                      + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if extra:
+        detail.append(f"{name} paths not in params: {extra[:5]}"
+                      + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+    if not detail:
+        detail.append("the paths agree but the container types differ "
+                      f"({p_struct} vs {m_struct})")
+    raise ValueError(f"{name} do not match the parameter tree (built for another model?): "
+                     + "; ".join(detail))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
-    """``params`` with each masked leaf zeroed outside its (forward) mask; dtypes kept.
+    """``params`` with each masked leaf zeroed outside its forward mask; dtypes kept.
 
     Raises:
-      ValueError: a mask's shape differs from its leaf's.
+      ValueError: ``masks`` has another tree structure (the message names the paths that
+        differ), or a mask's shape differs from its leaf's.
     """
+    check_structure(params, masks)
 
-    def one(key_path, leaf, mask):
-        mask = forward_mask(mask)
+    def one(key_path, leaf, masks):
+        mask = forward_mask(masks)
         if mask is None:
             return leaf
         if tuple(mask.shape) != tuple(leaf.shape):
@@ -259,7 +313,10 @@ def apply_masks(params: Any, masks: Any) -> Any:
         return jnp.where(_checks.check_mask(mask, f"mask for {path_str(key_path)!r}"), leaf,
                          jnp.zeros((), leaf.dtype))
 
-    return jax.tree_util.tree_map_with_path(one, params, masks)
+    flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masks_leaf)
+    leaves = jax.tree_util.tree_flatten_with_path(params)
+    out = [one(kp, leaf, m) for (kp, leaf), m in zip(leaves[0], flat_masks, strict=True)]
+    return jax.tree_util.tree_unflatten(leaves[1], out)
 
 
 class LeafSummary(NamedTuple):
@@ -299,17 +356,75 @@ def summarize(params: Any, masks: Any, rule: MaskRule | None = None) -> MaskSumm
     Densities count the forward mask of masked leaves and 1.0 for dense leaves. Needs
     concrete arrays (call it outside ``jit``).
     """
-    rows, kept, total = [], 0, 0
+    check_structure(params, masks)
     label = rule.label if rule is not None else "masked"
-
-    def one(key_path, leaf, mask):
-        nonlocal kept, total
-        mask = forward_mask(mask)
+    rows, kept, total = [], 0, 0
+    flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masks_leaf)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (key_path, leaf), masks_leaf in zip(leaves, flat_masks, strict=True):
+        mask = forward_mask(masks_leaf)
         size = int(np.prod(leaf.shape))
         k = size if mask is None else int(jnp.sum(mask))
         rows.append(LeafSummary(path_str(key_path), tuple(leaf.shape),
                                 "dense" if mask is None else label, k / max(size, 1)))
         kept, total = kept + k, total + size
-
-    jax.tree_util.tree_map_with_path(one, params, masks)
     return MaskSummary(tuple(rows), kept, total)
+
+
+def build_masks_lp(
+    params: Any, rule: MaskRule, *, kinds: Mapping[Path, Any] | None = None,
+    batch_tiles: int = 4096, progress: bool = True, file: TextIO | None = None,
+) -> Any:
+    """:func:`build_masks` for a :class:`~nmjax.masks.Transposable` rule, solved offline by
+    the LP (exact; :func:`nmjax.masks.transposable_mask_lp`, scipy's HiGHS).
+
+    Walks the selected leaves one by one (tiles over the leaf's contraction axis and its
+    last axis, as the pattern does) and prints a progress bar over the leaves and the tiles
+    of the current leaf to ``file`` (default ``sys.stderr``). The pattern's JAX solver
+    options (``method``, ``repair``, ...) do not apply; its ``score_fn`` does.
+
+    Example (a rule selecting the kernels of ``params``)::
+
+      masks = build_masks_lp(params, MaskRule(Transposable(4, 8), exclude=r"head"))
+
+    Args:
+      params: parameter pytree (concrete arrays).
+      rule: a :class:`MaskRule` whose pattern is ``Transposable``.
+      kinds: layer types, as in :func:`build_masks`.
+      batch_tiles: tiles per LP (memory grows linearly with it).
+      progress: print the progress bar.
+      file: stream for the bar.
+
+    Returns:
+      A pytree of ``params``' structure with ``Masks(mask, mask, None)`` (numpy masks) at
+      each selected leaf and ``None`` elsewhere.
+    """
+    if not isinstance(rule, MaskRule) or not isinstance(rule.pattern, Transposable):
+        pattern = getattr(rule, "pattern", rule)
+        raise ValueError(f"build_masks_lp needs a MaskRule with a Transposable pattern, "
+                         f"got {getattr(pattern, 'label', pattern)!r}")
+    spec = rule.pattern
+    chosen = _selected(params, rule, kinds)
+    stream = file if file is not None else sys.stderr
+    t0 = time.perf_counter()
+    solved: dict[Path, Masks] = {}
+
+    def bar(done: int, path: str, tiles_done: int, tiles_total: int) -> None:
+        width = 24
+        filled = int(width * done / max(len(chosen), 1))
+        stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] leaf {done + 1}/{len(chosen)} "
+            f"{path} tiles {tiles_done}/{tiles_total} {time.perf_counter() - t0:.1f}s")
+        stream.flush()
+
+    for done, (_, path, leaf, axis) in enumerate(chosen):
+        leaf = np.asarray(leaf)
+        report = (lambda a, b, d=done, p=path: bar(d, p, a, b)) if progress else None
+        mask = transposable_mask_lp(np.asarray(spec.score_fn(leaf)), spec.n, spec.m,
+                                    axes=(axis, leaf.ndim - 1), batch_tiles=batch_tiles,
+                                    progress=report)
+        solved[path] = Masks(mask, mask, None)
+    if progress and chosen:
+        stream.write(f"\n{len(chosen)} leaves solved in {time.perf_counter() - t0:.1f}s\n")
+        stream.flush()
+    return jax.tree_util.tree_map_with_path(lambda kp, _: solved.get(path_str(kp)), params)

@@ -1,7 +1,7 @@
 """Pallas kernels for 2:4 sparse training on Hopper, each beside its jnp reference."""
 
 from nmjax.kernels.backend import (
-    register,
+    pallas_backend,
     sparse_dense_24,
     sparse_dense_24_input_grad,
 )
@@ -22,10 +22,8 @@ from nmjax.kernels.sparse_matmul import (
     sparse_matmul_24_reference,
 )
 
-register()  # backend="pallas" in nmjax.ops, on sm_90 GPUs
-
 __all__ = [
-    "register",
+    "pallas_backend",
     "sparse_dense_24",
     "sparse_dense_24_input_grad",
     "Packed24",

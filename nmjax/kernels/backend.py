@@ -17,6 +17,7 @@ an H100, ``benchmarks/results/kernels.md``) says the kernel beats dense XLA.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -153,33 +154,37 @@ def measured_speedup(gemm: tuple[int, int, int]) -> float:
     return SPEEDUP_TABLE[nearest] if dist(nearest) <= 1.0 else 0.0
 
 
-def lazy_backend():
-    """The ``"pallas"`` :class:`nmjax.ops.Backend`, for :mod:`nmjax.ops`' lazy loading.
+def _supports(problem) -> str | None:
+    """Why the kernel cannot run ``problem`` (``None``: it can)."""
+    if problem.platform != "gpu" or problem.compute_capability not in ("9.0", "9.0a"):
+        return (f"the sparse-wgmma kernel needs an sm_90 GPU (H100/H200); this device is "
+                f"{problem.platform} ({problem.device_kind}, compute capability "
+                f"{problem.compute_capability})")
+    if problem.dtype != jnp.bfloat16:
+        return f"it takes bf16 operands, got {jnp.dtype(problem.dtype).name}"
+    if problem.nm != (2, 4):
+        return f"it needs a mask declared 2:4 along the contraction axis, got {problem.nm}"
+    dims = (problem.rows, problem.n_in, problem.n_out)
+    if any(d % _TILE for d in dims):
+        return f"rows, in and out must be multiples of {_TILE}, got {dims}"
+    return None
 
-    Raises:
-      RuntimeError: not on an sm_90 GPU (the reason is kept for ``backend="pallas"``'s error).
+
+def _speedup(problem) -> float:
+    return measured_speedup(problem.gemm)
+
+
+@functools.cache
+def pallas_backend(config=None):
+    """The Pallas sparse-wgmma GEMM as an :class:`nmjax.backends.Backend` (cached per
+    ``config``; ``None``: the default tiling).
+
+    Runs on sm_90 GPUs only; elsewhere its ``supports`` gives the reason, which
+    ``backend="pallas"`` raises. Importing this module registers nothing.
     """
-    from nmjax import ops
+    from nmjax.backends import Backend
 
-    reason = sm90_unavailable()
-    if reason is not None:
-        raise RuntimeError(reason)
-    return ops.Backend(forward=sparse_dense_24, input_grad=sparse_dense_24_input_grad,
-                       claims=claims, unavailable=sm90_unavailable)
-
-
-def register(force: bool = False) -> bool:
-    """Registers this backend as ``"pallas"`` in :mod:`nmjax.ops` where it can run.
-
-    Called on import of :mod:`nmjax.kernels`. Off sm_90 it registers nothing (unless
-    ``force``), so ``backend="pallas"`` keeps :mod:`nmjax.ops`' "not available on this
-    device" error. Returns whether it registered. Idempotent.
-    """
-    from nmjax import ops
-
-    if not force and sm90_unavailable() is not None:
-        return False
-    ops.register_backend("pallas", ops.Backend(
-        forward=sparse_dense_24, input_grad=sparse_dense_24_input_grad, claims=claims,
-        unavailable=sm90_unavailable))
-    return True
+    if config is not None and not isinstance(config, _kernel().SparseMatmulConfig):
+        raise TypeError(f"config must be a SparseMatmulConfig, got {type(config).__name__}")
+    return Backend(name="pallas", forward=sparse_dense_24, input_grad=sparse_dense_24_input_grad,
+                   supports=_supports, speedup=_speedup)

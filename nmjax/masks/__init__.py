@@ -1,12 +1,15 @@
-"""Masks as pure functions: N:M, transposable N:M, Bi-Mask, and mask diversity.
+"""Masks as pure functions: N:M, transposable N:M, Bi-Mask, their pattern specs, diversity.
 
 Every function takes scores or weights and returns boolean masks; none mutates its input.
 Axis convention (DESIGN §2): a Dense kernel ``w: (in, out)`` is grouped along axis 0.
+Every pattern spec (:class:`NM`, :class:`Transposable`, :class:`BiMask`, :class:`Custom`)
+returns one type, :class:`Masks` ``(fwd, bwd, perm)``. Importing this package imports no Flax.
 """
 
-from nmjax.masks.bimask import (
-    BiMask,
-    bimask,
+from nmjax.masks._bimask import bimask
+from nmjax.masks._diversity import log10_mask_diversity, transposable_count
+from nmjax.masks._nm import is_nm, is_permutation, is_transposable, nm_mask
+from nmjax.masks._permutation import (
     invert_permutation,
     permute_out,
     random_candidates,
@@ -14,25 +17,31 @@ from nmjax.masks.bimask import (
     search_permutation,
     unpermute_out,
 )
-from nmjax.masks.diversity import log10_mask_diversity, transposable_count
-from nmjax.masks.nm import is_nm, is_transposable, nm_mask
-from nmjax.masks.transposable import build_masks_lp, transposable_mask, transposable_mask_lp
+from nmjax.masks._spec import NM, BiMask, Custom, Pattern, Transposable, as_pattern
+from nmjax.masks._types import Masks
+from nmjax.masks.transposable import transposable_mask, transposable_mask_lp
 
 __all__ = [
+    "NM",
     "BiMask",
+    "Custom",
+    "Masks",
+    "Pattern",
+    "Transposable",
+    "as_pattern",
     "bimask",
     "invert_permutation",
+    "is_nm",
+    "is_permutation",
+    "is_transposable",
+    "log10_mask_diversity",
+    "nm_mask",
     "permute_out",
     "random_candidates",
     "score_permutations",
     "search_permutation",
-    "unpermute_out",
-    "is_nm",
-    "is_transposable",
-    "log10_mask_diversity",
-    "nm_mask",
     "transposable_count",
-    "build_masks_lp",
     "transposable_mask",
     "transposable_mask_lp",
+    "unpermute_out",
 ]

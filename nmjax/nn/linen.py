@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
+from nmjax.masks import BiMask, Masks, Pattern
 from nmjax.nn import _core
-from nmjax.nn._core import MASKS, USED_MASKS, LayerMasks, Sparsity
+from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
 from nmjax.tree import MaskRule, build_masks, path_str
 
 
@@ -23,20 +24,23 @@ def _path(mdl: nn.Module) -> str:
     return "/".join([*(str(p) for p in mdl.scope.path), "kernel"])
 
 
-def _layer_masks(mdl: nn.Module, kernel: jax.Array, axis: int, sp: Sparsity) -> LayerMasks:
+def _layer_masks(mdl: nn.Module, kernel: jax.Array, axis: int, sp: Sparsity) -> Masks:
     path = _path(mdl)
     if sp.mode == "dynamic":
         # Bi-Mask: a permutation searched every I steps may sit in nm_masks/<layer>/perm.
         perm = mdl.get_variable(MASKS, "perm") if mdl.has_variable(MASKS, "perm") else None
-        masks = _core.split_masks(_core.compute_masks(kernel, axis, sp, path, perm))
+        masks = _core.compute_masks(kernel, axis, sp, path, perm)
     else:
         if not (mdl.has_variable(MASKS, "kernel") or mdl.is_mutable_collection(MASKS)):
             raise ValueError(
                 f"static masks: the {MASKS!r} collection has no mask for {path!r}. Pass the "
                 f"{MASKS!r} collection that init returned, or "
                 f"nmjax.nn.linen_masks(params, rule) as variables[{MASKS!r}]")
-        raw = mdl.variable(MASKS, "kernel", _core.compute_masks, kernel, axis, sp, path).value
-        masks = _core.split_masks(raw)
+        masks = mdl.variable(MASKS, "kernel", _core.compute_masks, kernel, axis, sp, path).value
+        if not isinstance(masks, Masks):
+            raise TypeError(f"static masks for {path!r} must be an nmjax.masks.Masks "
+                            f"(fwd, bwd, perm), got {type(masks).__name__}; build them with "
+                            "nmjax.nn.linen_masks(params, rule)")
         _core.check_mask_shapes(masks, kernel.shape, path)
     if not mdl.is_initializing():  # keep init's variables those of the dense model
         mdl.sow(USED_MASKS, "kernel", masks, init_fn=lambda: None, reduce_fn=lambda _, new: new)
@@ -96,14 +100,17 @@ class SparseDense(nn.Dense):
     Same fields, parameter names and shapes as ``nn.Dense`` (``kernel: (in, features)``,
     ``bias: (features,)``), plus ``sparsity``. Forward groups run along ``in`` (axis 0).
 
-    Example::
+    Example:
 
-      layer = SparseDense(128, sparsity=Sparsity(2, 4, "transposable"))
-      variables = layer.init(key, x)             # x: (..., in) -> (..., 128)
-      y = layer.apply(variables, x)
+    >>> import jax, jax.numpy as jnp
+    >>> layer = SparseDense(8, sparsity=Sparsity("2:4 transposable"))
+    >>> x = jnp.ones((2, 16))                             # (..., in) -> (..., 8)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> layer.apply(variables, x).shape, variables["params"]["kernel"].shape
+    ((2, 8), (16, 8))
 
     With ``Sparsity(mode="static")``, ``init`` also returns ``variables["nm_masks"]``
-    (``{"kernel": mask}``), which ``apply`` reads.
+    (``{"kernel": Masks(fwd, bwd, perm)}``), which ``apply`` reads.
     """
 
     sparsity: Sparsity = Sparsity()
@@ -128,22 +135,38 @@ class SparseConv(nn.Conv):
         return conv_call(self, inputs, self.sparsity)
 
 
-def _unsupported(mdl: nn.Module, rule: MaskRule) -> None:
+Rules = tuple[tuple[MaskRule, Sparsity], ...]
+
+
+def _pick(rules: Rules, path: str, leaf: Any, kind: str | None) -> Sparsity | None:
+    """The sparsity of the one rule that selects ``path`` (two that differ: an error)."""
+    hits = [sp for rule, sp in rules if rule.select(path, leaf, kind) is not None]
+    if len(set(hits)) > 1:
+        raise ValueError(f"layer {path!r} is selected by {len(hits)} rules with different "
+                         f"sparsity ({', '.join(sp.label for sp in hits)}); exclude it from "
+                         "all but one")
+    return hits[0] if hits else None
+
+
+def _unsupported(mdl: nn.Module, rules: Rules) -> None:
     if not mdl.has_variable("params", "kernel"):
         return
     kernel = mdl.get_variable("params", "kernel")
     path = _path(mdl)
-    if rule.select(path, kernel) is not None:
-        raise ValueError(
-            f"rule {rule.label!r} selects {path!r} of a {type(mdl).__name__} layer (kernel "
-            f"{tuple(kernel.shape)}), but sparsify supports nn.Dense and nn.Conv only; "
-            "exclude it from the rule (MaskRule(exclude=...))")
+    for rule, _ in rules:
+        try:
+            selected = rule.select(path, kernel, None) is not None
+        except ValueError:  # e.g. include= matched it but it has no known axis
+            selected = True
+        if selected:
+            raise ValueError(
+                f"rule {rule.label!r} selects {path!r} of a {type(mdl).__name__} layer "
+                f"(kernel {tuple(kernel.shape)}), but sparsify supports nn.Dense and nn.Conv "
+                "only; exclude it from the rule (MaskRule(exclude=...))")
 
 
-def _interceptor(rule: MaskRule, mode: str, decay: float, backend: str):
+def _interceptor(rules: Rules, kinds: dict[str, Any] | None = None):
     # A plain closure: a Module method would itself be intercepted, recursively.
-    sp = Sparsity.from_rule(rule, mode=mode, decay=decay, backend=backend)
-
     def intercept(next_fun, args, kwargs, context):
         mdl = context.module
         if context.method_name != "__call__" or isinstance(mdl, SparseDense | SparseConv):
@@ -151,61 +174,81 @@ def _interceptor(rule: MaskRule, mode: str, decay: float, backend: str):
         inputs = args[0] if args else kwargs["inputs"]
         if type(mdl) is nn.Dense:
             leaf = jax.ShapeDtypeStruct((jnp.shape(inputs)[-1], mdl.features), mdl.param_dtype)
-            if rule.select(_path(mdl), leaf, kind="dense") is not None:
-                return dense_call(mdl, inputs, sp)
-            return next_fun(*args, **kwargs)
+            sp = _pick(rules, _path(mdl), leaf, "dense")
+            return next_fun(*args, **kwargs) if sp is None else dense_call(mdl, inputs, sp)
         if type(mdl) is nn.Conv:
             leaf = jax.ShapeDtypeStruct(_conv_kernel_shape(mdl, inputs), mdl.param_dtype)
-            if rule.select(_path(mdl), leaf, kind="conv") is not None:
-                return conv_call(mdl, inputs, sp)
-            return next_fun(*args, **kwargs)
+            sp = _pick(rules, _path(mdl), leaf, "conv")
+            return next_fun(*args, **kwargs) if sp is None else conv_call(mdl, inputs, sp)
         out = next_fun(*args, **kwargs)
-        _unsupported(mdl, rule)
+        _unsupported(mdl, rules)
         return out
 
     return intercept
 
 
 class Sparsified(nn.Module):
-    """A Linen model whose ``nn.Dense``/``nn.Conv`` layers selected by ``rule`` run sparse.
+    """A Linen model whose ``nn.Dense``/``nn.Conv`` layers selected by its rules run sparse.
 
     Built by :func:`sparsify`. It shares the wrapped model's scope, so its ``params`` are
     exactly the dense model's. ``__call__`` runs the model's ``__call__``; :meth:`call`
     runs another of its methods.
+
+    Attributes:
+      model: the dense Linen model.
+      rules: ``((MaskRule, Sparsity), ...)``: which layers, and how each is sparse.
     """
 
     model: nn.Module
-    rule: MaskRule
-    mode: str = "dynamic"
-    decay: float = 0.0
-    backend: str = "auto"
+    rules: Rules
 
     def setup(self):
         nn.share_scope(self, self.model)
 
     def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(_interceptor(self.rule, self.mode, self.decay, self.backend)):
+        with nn.intercept_methods(_interceptor(self.rules)):
             return self.model(*args, **kwargs)
 
     def call(self, method: str, *args, **kwargs):
         """Runs ``self.model.<method>(*args, **kwargs)`` with the sparse layers."""
-        with nn.intercept_methods(_interceptor(self.rule, self.mode, self.decay, self.backend)):
+        with nn.intercept_methods(_interceptor(self.rules)):
             return getattr(self.model, method)(*args, **kwargs)
 
 
-def sparsify(model: nn.Module, rule: MaskRule, *, mode: str = "dynamic", decay: float = 0.0,
-             backend: str = "auto") -> Sparsified:
+def as_rule(rule: Any, pattern: str | None = None) -> MaskRule:
+    """A :class:`~nmjax.tree.MaskRule` from a rule, a pattern spec or a shorthand string
+    (``"2:4"``, with ``pattern="transposable"`` or ``"bimask"`` for the other kinds)."""
+    if isinstance(rule, MaskRule):
+        if pattern is not None:
+            raise ValueError(f"pattern={pattern!r} applies to a shorthand rule like '2:4'; "
+                             "this MaskRule has its pattern already")
+        return rule
+    if isinstance(rule, str | Pattern):
+        from nmjax.masks import as_pattern
+
+        return MaskRule(as_pattern(rule, pattern))
+    raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec or a string like "
+                    f"'2:4', got {type(rule).__name__}")
+
+
+def sparsify(model: nn.Module, rule: MaskRule | Pattern | str, *, pattern: str | None = None,
+             mode: str = "dynamic", decay: float | jax.Array = 0.0,
+             backend: Any = "auto") -> Sparsified:
     """The Linen ``model`` with every ``nn.Dense``/``nn.Conv`` that ``rule`` selects made sparse.
 
     Selection is :meth:`nmjax.tree.MaskRule.select` on the kernel's path inside ``params``
-    (``"Dense_0/kernel"``, ``"block/Conv_1/kernel"``), the same paths
-    :func:`nmjax.tree.build_masks` sees. Layers are intercepted at call time
-    (``nn.intercept_methods``); parameters keep their names, shapes and tree, so the dense
-    model's checkpoint restores unchanged.
+    (``"Dense_0/kernel"``, ``"block/Conv_1/kernel"``) with the layer's real type, so other
+    layer types (``Einsum``, ``DenseGeneral``) are never picked by a default rule.
+    Layers are intercepted at call time (``nn.intercept_methods``); parameters keep their
+    names, shapes and tree, so the dense model's checkpoint restores unchanged. Sparsifying
+    a :class:`Sparsified` model again adds the new rule (a layer two rules select with
+    different settings is an error at the first call).
 
     Example::
 
-      sparse = sparsify(model, MaskRule(2, 4, pattern="transposable", exclude="head"))
+      sparse = sparsify(model, "2:4")                                  # every Dense/Conv
+      sparse = sparsify(model, "2:4", pattern="transposable")
+      sparse = sparsify(model, MaskRule(Transposable(2, 4), exclude="head"), decay=2e-4)
       y = sparse.apply({"params": dense_params}, x)
 
       static = sparsify(model, rule, mode="static")
@@ -213,83 +256,138 @@ def sparsify(model: nn.Module, rule: MaskRule, *, mode: str = "dynamic", decay: 
       y = static.apply({"params": dense_params, "nm_masks": masks}, x)
 
     Args:
-      model: a Linen module (unbound).
-      rule: which kernels, which pattern (``"nm"``, ``"transposable"``, ``"bimask"``).
+      model: a Linen module (unbound), or a :class:`Sparsified` one.
+      rule: a :class:`~nmjax.tree.MaskRule`, a pattern spec, or a shorthand (``"2:4"``).
+      pattern: with a shorthand string, the kind (``"transposable"``, ``"bimask"``).
       mode: ``"dynamic"`` (masks from the current weights at every call) or ``"static"``
         (masks from the ``"nm_masks"`` collection).
       decay: SR-STE ``λ`` for the selected kernels.
-      backend: product backend (:mod:`nmjax.ops`).
+      backend: product backend (:mod:`nmjax.backends`).
 
     Returns:
       A :class:`Sparsified` module; ``init``/``apply`` it like ``model``.
 
     Raises:
-      TypeError: ``model`` is not a Linen module, ``rule`` not a ``MaskRule``.
-      ValueError (at init/apply): the rule selects a layer other than ``nn.Dense``/
-        ``nn.Conv`` (``DenseGeneral``, ``ConvTranspose``, ...), a selected kernel's grouped
-        axis is not divisible by ``m``, or a static mask is missing or misshapen.
+      TypeError: ``model`` is not a Linen module, ``rule`` of the wrong type.
+      ValueError: bad settings; at init/apply: the rule selects a layer other than
+        ``nn.Dense``/``nn.Conv`` by ``include=``, a selected kernel cannot take the pattern,
+        or a static mask is missing or misshapen.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}; "
                         "for NNX use nmjax.nn.nnx.sparsify")
-    if not isinstance(rule, MaskRule):
-        raise TypeError(f"rule must be an nmjax.tree.MaskRule, got {type(rule).__name__}")
-    Sparsity.from_rule(rule, mode=mode, decay=decay, backend=backend)  # validates
-    return Sparsified(model, rule, mode, decay, backend)
+    rule = as_rule(rule, pattern)
+    sp = Sparsity(rule.pattern, mode=mode, backend=backend, decay=decay)
+    if isinstance(model, Sparsified):
+        return Sparsified(model.model, (*model.rules, (rule, sp)))
+    return Sparsified(model, ((rule, sp),))
 
 
-def linen_perms(params: Any, rule: MaskRule, key: jax.Array, **options: Any) -> dict[str, Any]:
+def layer_kinds(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str | None]:
+    """``{kernel path: "dense" | "conv" | None}`` for every layer with a ``kernel`` of a Linen
+    ``model`` (paths as in its ``params``), from the layers' real types, traced abstractly
+    with example inputs ``args`` (nothing is computed).
+
+    Pass it to :func:`nmjax.tree.build_masks` / :func:`linen_masks` (``kinds=``) so they
+    select exactly the layers :func:`sparsify` makes sparse.
+    """
+    kinds: dict[str, str | None] = {}
+    target = model.model if isinstance(model, Sparsified) else model
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mdl = context.module
+        if context.method_name == "__call__" and mdl.has_variable("params", "kernel"):
+            kind = {nn.Dense: "dense", nn.Conv: "conv"}.get(type(mdl))
+            kinds[_path(mdl)] = kind
+        return out
+
+    def init(key):
+        with nn.intercept_methods(record):
+            return target.init(key, *args, **kwargs)
+
+    jax.eval_shape(init, jax.random.key(0))
+    return kinds
+
+
+def linen_perms(params: Any, rule: MaskRule, key: jax.Array, *, previous: Any = None,
+                kinds: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bi-Mask permutations for dynamic mode: ``{<layer path>: {"perm": (out,) int32}}``.
 
     The Bi-Mask recipe: every I steps (the paper: 100) search a permutation of each layer's
-    output channels on the current weights, and pass the result as ``variables["nm_masks"]``;
-    forward and backward masks are still recomputed from the weights at every call, the
-    backward one in that permutation's order. Without it the identity permutation is used.
+    output channels on the current weights (the rule's :class:`~nmjax.masks.BiMask` search
+    settings), and pass the result as ``variables["nm_masks"]``; forward and backward masks
+    are still recomputed from the weights at every call, the backward one in that
+    permutation's order. Without it the identity permutation is used.
 
     Example::
 
-      sparse = sparsify(model, MaskRule(2, 4, pattern="bimask"), decay=2e-4)
-      perms = linen_perms(params, rule, jax.random.key(step), method="swap")
+      rule = MaskRule(BiMask(2, 4, search="swap"))
+      sparse = sparsify(model, rule, decay=2e-4)
+      perms = linen_perms(params, rule, jax.random.key(step), previous=perms)
       logits = sparse.apply({"params": params, "nm_masks": perms}, x)
 
     Args:
       params: the ``params`` pytree.
-      rule: a ``MaskRule`` with ``pattern="bimask"`` (the one given to :func:`sparsify`).
+      rule: a ``MaskRule`` with a Bi-Mask pattern (the one given to :func:`sparsify`).
       key: PRNG key; split across layers.
-      **options: :func:`nmjax.masks.search_permutation` options (``method``, ``rounds``,
-        ``num_candidates``, ``score``).
+      previous: the last result, to warm-start a ``"swap"`` search from.
+      kinds: layer types (:func:`layer_kinds`), as in :func:`nmjax.tree.build_masks`.
     """
-    sp = Sparsity.from_rule(rule)
+    if not isinstance(rule, MaskRule) or not isinstance(rule.pattern, BiMask):
+        raise ValueError(f"linen_perms needs a MaskRule with a Bi-Mask pattern, got "
+                         f"{getattr(rule, 'label', rule)!r}")
     selected = []
 
     def visit(key_path, leaf):
         path = path_str(key_path)
-        if rule.select(path, leaf) is not None:
+        kind = "infer" if kinds is None else kinds.get(path)
+        if rule.select(path, leaf, kind) is not None:
             selected.append((path, leaf))
 
     jax.tree_util.tree_map_with_path(visit, params)
     keys = jax.random.split(key, max(len(selected), 1))
     out: dict[str, Any] = {}
     for (path, kernel), k in zip(selected, keys, strict=False):
+        layer = path.split("/")[:-1]
+        init = None
+        if previous is not None:
+            node = previous
+            for part in layer:
+                node = node.get(part, {}) if hasattr(node, "get") else {}
+            init = node.get("perm") if hasattr(node, "get") else None
         node = out
-        for part in path.split("/")[:-1]:
+        for part in layer:
             node = node.setdefault(part, {})
-        node["perm"] = _core.search_perm(kernel, sp, k, **options)
+        node["perm"] = rule.pattern.search_permutation(jax.lax.stop_gradient(kernel), k,
+                                                        init=init)
     return out
 
 
-def linen_masks(params: Any, rule: MaskRule) -> dict[str, Any]:
-    """The ``"nm_masks"`` collection for ``params``: :func:`nmjax.tree.build_masks` without
-    the leaves left dense (a dict laid out like ``params``).
-
-    Call it on the current ``params`` to refresh static masks during training.
-    """
+def to_collection(masks: Any) -> dict[str, Any]:
+    """A mask tree (:func:`nmjax.tree.build_masks`) as the ``"nm_masks"`` collection: a dict
+    laid out like ``params`` without the leaves left dense."""
 
     def prune(tree):
-        if hasattr(tree, "items"):  # dict / FrozenDict (a BiMask is a NamedTuple: a leaf here)
+        if isinstance(tree, Masks) or tree is None:
+            return tree
+        if hasattr(tree, "items"):  # dict / FrozenDict
             out = {k: prune(v) for k, v in tree.items()}
             return {k: v for k, v in out.items()
                     if v is not None and not (isinstance(v, dict) and not v)}
         return tree
 
-    return prune(build_masks(params, rule))
+    return prune(masks)
+
+
+def linen_masks(params: Any, rule: MaskRule, *, kinds: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The ``"nm_masks"`` collection for ``params``: :func:`nmjax.tree.build_masks` without
+    the leaves left dense (a dict laid out like ``params``, a
+    :class:`~nmjax.masks.Masks` at each sparse kernel).
+
+    Call it on the current ``params`` to refresh static masks during training (or let
+    :mod:`nmjax.optim` do it). ``kinds``: :func:`layer_kinds`, for models whose layer names
+    do not tell their types.
+    """
+    return to_collection(build_masks(params, rule, kinds=kinds))

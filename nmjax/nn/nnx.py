@@ -12,8 +12,10 @@ from typing import Any
 import jax
 from flax import nnx
 
+from nmjax.masks import BiMask, Masks, Pattern
 from nmjax.nn import _core
-from nmjax.nn._core import LayerMasks, Sparsity
+from nmjax.nn._core import Sparsity, check_sparsity
+from nmjax.nn.linen import as_rule
 from nmjax.tree import MaskRule
 
 DEFAULT = Sparsity()  # 2:4 along in, dynamic
@@ -23,37 +25,65 @@ class NMMask(nnx.Variable):
     """A static N:M mask (or Bi-Mask permutation) held by a sparse NNX layer."""
 
 
-def _init_masks(layer: Any) -> None:
+class NMDecay(nnx.Variable):
+    """SR-STE's λ of a sparse NNX layer, when given as a JAX scalar: state, so a jitted step
+    may change it (``layer.decay.set_value(x)``) without recompiling."""
+
+
+def _init_state(layer: Any) -> None:
     layer.fwd_mask = nnx.data(None)
     layer.bwd_mask = nnx.data(None)
     layer.perm = nnx.data(None)
+    decay = layer.sparsity.decay
+    layer.decay = NMDecay(decay) if isinstance(decay, jax.Array) else nnx.data(None)
     if layer.sparsity.mode == "static":
         refresh_layer(layer)
 
 
-def refresh_layer(layer: Any) -> None:
-    """Recomputes a static sparse layer's :class:`NMMask` variables from its current kernel."""
+def _kernel_axis(layer: Any) -> tuple[jax.Array, int]:
     if isinstance(layer, SparseConv):
         kernel = layer._kernel()
-        axis = kernel.ndim - 2
-    else:
-        kernel, axis = layer.kernel.get_value(), 0
-    masks = _core.split_masks(_core.compute_masks(kernel, axis, layer.sparsity))
+        return kernel, kernel.ndim - 2
+    return layer.kernel.get_value(), 0
+
+
+def set_masks(layer: Any, masks: Masks) -> None:
+    """Stores ``masks`` as a static sparse layer's :class:`NMMask` variables (in place)."""
+    if not isinstance(masks, Masks):
+        raise TypeError(f"masks must be an nmjax.masks.Masks, got {type(masks).__name__}")
+    _core.check_mask_shapes(masks, layer.kernel.get_value().shape, "kernel")
     layer.fwd_mask = NMMask(masks.fwd)
     layer.bwd_mask = NMMask(masks.bwd)
     layer.perm = NMMask(masks.perm) if masks.perm is not None else nnx.data(None)
 
 
-def _masks(layer: Any, kernel: jax.Array, axis: int) -> LayerMasks:
+def refresh_layer(layer: Any) -> None:
+    """Recomputes a sparse layer's :class:`NMMask` variables from its current kernel (a
+    Bi-Mask layer keeps its stored permutation)."""
+    kernel, axis = _kernel_axis(layer)
+    perm = None if layer.perm is None else layer.perm.get_value()
+    set_masks(layer, _core.compute_masks(kernel, axis, layer.sparsity, perm=perm))
+
+
+def _decay(layer: Any) -> Any:
+    return layer.decay.get_value() if layer.decay is not None else layer.sparsity.decay
+
+
+def _masks(layer: Any, kernel: jax.Array, axis: int) -> Masks:
+    perm = None if layer.perm is None else layer.perm.get_value()
     if layer.sparsity.mode == "dynamic":
-        perm = None if layer.perm is None else layer.perm.get_value()
-        return _core.split_masks(_core.compute_masks(kernel, axis, layer.sparsity, perm=perm))
+        return _core.compute_masks(kernel, axis, layer.sparsity, perm=perm)
     if layer.fwd_mask is None:
         raise ValueError("static masks are missing; call nmjax.nn.nnx.refresh_masks(model)")
-    perm = None if layer.perm is None else layer.perm.get_value()
-    masks = LayerMasks(layer.fwd_mask.get_value(), layer.bwd_mask.get_value(), perm)
+    masks = Masks(layer.fwd_mask.get_value(), layer.bwd_mask.get_value(), perm)
     _core.check_mask_shapes(masks, kernel.shape, "kernel")
     return masks
+
+
+def _constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
+    """``nnx.Linear``'s ``out_sharding``: the output's sharding (a ``NamedSharding``, or a
+    ``PartitionSpec`` under a mesh)."""
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
 class SparseLinear(nnx.Linear):
@@ -61,23 +91,21 @@ class SparseLinear(nnx.Linear):
 
     Takes ``nnx.Linear``'s arguments plus ``sparsity`` (:class:`nmjax.nn.Sparsity`).
 
-    Example::
-
-      layer = SparseLinear(256, 128, sparsity=Sparsity(2, 4, "transposable"),
-                           rngs=nnx.Rngs(0))
-      y = layer(x)                               # x: (..., 256) -> (..., 128)
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> layer = SparseLinear(16, 8, sparsity=Sparsity("2:4 transposable"), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 16))).shape                    # (..., in) -> (..., out)
+    (2, 8)
     """
 
     def __init__(self, in_features: int, out_features: int, *,
                  sparsity: Sparsity = DEFAULT, **kwargs: Any):
         super().__init__(in_features, out_features, **kwargs)
-        if not isinstance(sparsity, Sparsity):
-            raise TypeError(f"sparsity must be an nmjax.nn.Sparsity, got {sparsity!r}")
-        self.sparsity = sparsity
-        _init_masks(self)
+        self.sparsity = check_sparsity(sparsity)
+        _init_state(self)
 
-    def masks(self) -> LayerMasks:
-        """The masks the next call uses: ``fwd``, ``bwd`` of the kernel's shape, ``perm``."""
+    def masks(self) -> Masks:
+        """The masks the next call uses: ``Masks(fwd, bwd, perm)`` of the kernel's shape."""
         return _masks(self, self.kernel.get_value(), 0)
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -88,7 +116,9 @@ class SparseLinear(nnx.Linear):
         masks = _masks(self, kernel, 0)
         bias = self.bias.get_value() if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        return _core.dense_product(inputs, kernel, bias, masks, self.sparsity, self.precision)
+        y = _core.dense_product(inputs, kernel, bias, masks, self.sparsity, self.precision,
+                                _decay(self))
+        return _constrain(y, out_sharding)
 
 
 class SparseConv(nnx.Conv):
@@ -100,17 +130,15 @@ class SparseConv(nnx.Conv):
     def __init__(self, in_features: int, out_features: int, kernel_size: Any,
                  strides: Any = 1, *, sparsity: Sparsity = DEFAULT, **kwargs: Any):
         super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
-        if not isinstance(sparsity, Sparsity):
-            raise TypeError(f"sparsity must be an nmjax.nn.Sparsity, got {sparsity!r}")
-        self.sparsity = sparsity
-        _init_masks(self)
+        self.sparsity = check_sparsity(sparsity)
+        _init_state(self)
 
     def _kernel(self) -> jax.Array:
         kernel = self.kernel.get_value()
         return kernel * self.mask if self.mask is not None else kernel
 
-    def masks(self) -> LayerMasks:
-        """The masks the next call uses: ``fwd``, ``bwd`` of the kernel's shape, ``perm``."""
+    def masks(self) -> Masks:
+        """The masks the next call uses: ``Masks(fwd, bwd, perm)`` of the kernel's shape."""
         kernel = self._kernel()
         return _masks(self, kernel, kernel.ndim - 2)
 
@@ -122,11 +150,15 @@ class SparseConv(nnx.Conv):
         masks = _masks(self, kernel, kernel.ndim - 2)
         bias = self.bias.get_value() if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        return _core.conv_product(
+        y = _core.conv_product(
             inputs, kernel, bias, masks, self.sparsity, kernel_size=self.kernel_size,
             strides=self.strides, padding=self.padding, input_dilation=self.input_dilation,
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
-            precision=self.precision)
+            precision=self.precision, decay=_decay(self))
+        return _constrain(y, out_sharding)
+
+
+SPARSE_LAYERS = (SparseLinear, SparseConv)
 
 
 _COPIED = {  # attributes a sparse layer takes over from the dense one
@@ -141,7 +173,7 @@ _COPIED = {  # attributes a sparse layer takes over from the dense one
 
 def _swap(layer: nnx.Module, sp: Sparsity) -> nnx.Module:
     """A sparse layer holding ``layer``'s own kernel/bias variables (no re-initialisation)."""
-    dynamic = Sparsity.from_rule(sp.rule(), mode="dynamic")  # nothing computed while abstract
+    dynamic = Sparsity(sp.pattern)  # nothing is computed while abstract
     if type(layer) is nnx.Linear:
         new = nnx.eval_shape(lambda: SparseLinear(layer.in_features, layer.out_features,
                                                   use_bias=layer.use_bias, sparsity=dynamic,
@@ -150,76 +182,108 @@ def _swap(layer: nnx.Module, sp: Sparsity) -> nnx.Module:
     else:
         new = nnx.eval_shape(lambda: SparseConv(
             layer.in_features, layer.out_features, layer.kernel_size, use_bias=layer.use_bias,
-            feature_group_count=layer.feature_group_count, rngs=nnx.Rngs(0)))
+            feature_group_count=layer.feature_group_count, sparsity=dynamic,
+            rngs=nnx.Rngs(0)))
         base = nnx.Conv
     for name in _COPIED[base]:
         setattr(new, name, getattr(layer, name))
     new.kernel = layer.kernel
     new.bias = layer.bias if layer.bias is not None else nnx.data(None)
     new.sparsity = sp
-    _init_masks(new)
+    _init_state(new)
     return new
 
 
+def _children(node: Any):
+    """``(key, child)`` of a graph node: a module's attributes, a list's or dict's items."""
+    if isinstance(node, nnx.Module):
+        return [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
+    if isinstance(node, dict | nnx.Dict):
+        return list(node.items())
+    if isinstance(node, list | nnx.List):
+        return list(enumerate(node))
+    return []
+
+
 def _set_child(parent: Any, key: Any, child: Any) -> None:
-    if isinstance(key, str):
+    if isinstance(parent, nnx.Module) and isinstance(key, str):
         setattr(parent, key, child)
     else:
         parent[key] = child
 
 
-def sparsify(model: nnx.Module, rule: MaskRule, *, mode: str = "dynamic", decay: float = 0.0,
-             backend: str = "auto") -> nnx.Module:
+def sparsify(model: nnx.Module, rule: MaskRule | Pattern | str, *, pattern: str | None = None,
+             mode: str = "dynamic", decay: float | jax.Array = 0.0,
+             backend: Any = "auto") -> nnx.Module:
     """A copy of the NNX ``model`` with each ``nnx.Linear``/``nnx.Conv`` that ``rule`` selects
     swapped for :class:`SparseLinear`/:class:`SparseConv`.
 
     Selection is :meth:`nmjax.tree.MaskRule.select` on the kernel's path in
-    ``nnx.state(model, nnx.Param)`` (``"layers/0/kernel"``), the paths
-    :func:`nmjax.tree.build_masks` sees. The sparse layers keep the (copied) ``kernel`` and
-    ``bias`` variables, so ``nnx.state(sparse, nnx.Param)`` has the dense model's structure
-    and a dense checkpoint restores into it with ``nnx.update``. ``model`` is not modified.
-    A layer object referenced from two places in the graph (tied layers) is swapped only at
-    the first path ``nnx.iter_graph`` reports; untie it, or build the sparse layers yourself.
-    ``rule.pattern_kwargs`` must be hashable here (they become static module attributes).
+    ``nnx.state(model, nnx.Param)`` (``"layers/0/kernel"``) with the layer's real type, so
+    other layer types (``LinearGeneral``, ``Einsum``) are never picked by a default rule.
+    The sparse layers keep the (copied) ``kernel`` and ``bias`` variables, so
+    ``nnx.state(sparse, nnx.Param)`` has the dense model's structure and a dense checkpoint
+    restores into it with ``nnx.update``. ``model`` is not modified. A layer reachable from
+    several places (tied layers) is swapped everywhere for one sparse layer. Layers that are
+    sparse already are left as they are, unless the rule selects them with other settings,
+    which is an error (sparsify the dense model instead).
 
     Example::
 
-      sparse = sparsify(model, MaskRule(2, 4, pattern="transposable"))
+      sparse = sparsify(model, "2:4", pattern="transposable")
+      sparse = sparsify(model, MaskRule(Transposable(2, 4), exclude="head"), decay=2e-4)
       optimizer = nnx.Optimizer(sparse, optax.adam(1e-3), wrt=nnx.Param)
 
     Args:
       model: an NNX module.
-      rule: which kernels, which pattern.
+      rule: a :class:`~nmjax.tree.MaskRule`, a pattern spec, or a shorthand (``"2:4"``).
+      pattern: with a shorthand string, the kind (``"transposable"``, ``"bimask"``).
       mode, decay, backend: as :class:`nmjax.nn.Sparsity`.
 
     Returns:
       The sparse copy.
 
     Raises:
-      TypeError: ``model`` not an NNX module, ``rule`` not a ``MaskRule``.
+      TypeError: ``model`` not an NNX module, ``rule`` of the wrong type.
       ValueError: the rule selects a kernel of a layer other than ``nnx.Linear``/``nnx.Conv``
-        (``LinearGeneral``, ``ConvTranspose``, ``Einsum``, ...), a selected kernel's grouped
-        axis is not divisible by ``m``, or the model is itself a selected layer.
+        by ``include=``, a selected kernel cannot take the pattern, a sparse layer selected
+        with other settings, or the model is itself a selected layer.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx Module, got {type(model).__name__}; "
                         "for Linen use nmjax.nn.linen.sparsify")
-    if not isinstance(rule, MaskRule):
-        raise TypeError(f"rule must be an nmjax.tree.MaskRule, got {type(rule).__name__}")
-    sp = Sparsity.from_rule(rule, mode=mode, decay=decay, backend=backend)
+    rule = as_rule(rule, pattern)
+    sp = Sparsity(rule.pattern, mode=mode, backend=backend, decay=decay)
     model = nnx.clone(model)
-    swaps = []
+    new_by_id: dict[int, nnx.Module] = {}
+    containers = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Module) or isinstance(node, SparseLinear | SparseConv):
+        if isinstance(node, nnx.Module | list | dict | nnx.List | nnx.Dict):
+            containers.append(node)
+        if not isinstance(node, nnx.Module):
             continue
         kernel = getattr(node, "kernel", None)
         if not isinstance(kernel, nnx.Param):
             continue
         kpath = "/".join(str(p) for p in (*path, "kernel"))
-        kind = {nnx.Linear: "dense", nnx.Conv: "conv"}.get(type(node))
-        if rule.select(kpath, kernel.get_value(), kind=kind) is None:
+        kind = {nnx.Linear: "dense", nnx.Conv: "conv", SparseLinear: "dense",
+                SparseConv: "conv"}.get(type(node))
+        try:
+            axis = rule.select(kpath, kernel.get_value(), kind)
+        except ValueError:
+            if kind is not None:
+                raise
+            axis = 0  # include= matched a layer type sparsify cannot take: reported below
+        if axis is None:
             continue
-        if type(node) not in (nnx.Linear, nnx.Conv):
+        if isinstance(node, SPARSE_LAYERS):
+            if node.sparsity != sp:
+                raise ValueError(
+                    f"layer {kpath!r} is sparse already ({node.sparsity.label}) and the rule "
+                    f"selects it with other settings ({sp.label}); sparsify the dense model, "
+                    "or exclude the layer from the rule")
+            continue
+        if kind is None:
             raise ValueError(
                 f"rule {rule.label!r} selects {kpath!r} of a {type(node).__name__} layer "
                 f"(kernel {tuple(kernel.get_value().shape)}), but sparsify supports "
@@ -227,34 +291,56 @@ def sparsify(model: nnx.Module, rule: MaskRule, *, mode: str = "dynamic", decay:
         if not path:
             raise ValueError("model is itself a single layer; build SparseLinear/SparseConv "
                              "directly, or wrap it in a module")
-        swaps.append((path, node))
-    for path, node in swaps:
-        parent = model
-        for key in path[:-1]:
-            parent = getattr(parent, key) if isinstance(key, str) else parent[key]
-        _set_child(parent, path[-1], _swap(node, sp))
+        new_by_id[id(node)] = _swap(node, sp)
+    for parent in containers:
+        for key, child in _children(parent):
+            new = new_by_id.get(id(child))
+            if new is not None:
+                _set_child(parent, key, new)
     return model
 
 
-def search_perms(model: nnx.Module, key: jax.Array, **options: Any) -> None:
-    """Searches a new Bi-Mask permutation for every dynamic ``"bimask"`` layer (in place).
+def sparse_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``[(kernel path, layer)]`` of the sparse layers of ``model``, in graph order (paths as
+    in ``nnx.state(model, nnx.Param)``)."""
+    return [("/".join(str(p) for p in (*path, "kernel")), node)
+            for path, node in nnx.iter_graph(model) if isinstance(node, SPARSE_LAYERS)]
 
-    The Bi-Mask recipe: call it every I steps (the paper: 100); forward and backward masks
-    are still recomputed from the weights at every call, the backward one in the stored
-    permutation's order (an :class:`NMMask` ``perm`` variable). ``options`` go to
-    :func:`nmjax.masks.search_permutation` (``method``, ``rounds``, ``num_candidates``).
+
+def layer_kinds(model: nnx.Module) -> dict[str, str | None]:
+    """``{kernel path: "dense" | "conv" | None}`` for every layer with a ``kernel`` param of
+    an NNX ``model``, from the layers' real types (for :func:`nmjax.tree.build_masks`)."""
+    kinds = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "kernel", None),
+                                                       nnx.Param):
+            kinds["/".join(str(p) for p in (*path, "kernel"))] = {
+                nnx.Linear: "dense", nnx.Conv: "conv", SparseLinear: "dense",
+                SparseConv: "conv"}.get(type(node))
+    return kinds
+
+
+def search_perms(model: nnx.Module, key: jax.Array) -> None:
+    """Searches a new Bi-Mask permutation for every Bi-Mask layer of ``model`` (in place),
+    warm-started from its current one, with its pattern's search settings.
+
+    The Bi-Mask recipe: call it every I steps (the paper: 100). Dynamic layers recompute
+    their forward and backward masks from the weights at every call, the backward one in
+    the stored permutation's order; static layers also refresh their masks here.
     """
-    layers = [node for _, node in nnx.iter_graph(model)
-              if isinstance(node, SparseLinear) and node.sparsity.pattern == "bimask"
-              and node.sparsity.mode == "dynamic"]
+    layers = [node for _, node in sparse_layers(model) if isinstance(node, SparseLinear)
+              and isinstance(node.sparsity.pattern, BiMask)]
     for layer, k in zip(layers, jax.random.split(key, max(len(layers), 1)), strict=False):
-        layer.perm = NMMask(_core.search_perm(layer.kernel.get_value(), layer.sparsity, k,
-                                              **options))
+        init = None if layer.perm is None else layer.perm.get_value()
+        perm = _core.search_perm(layer.kernel.get_value(), layer.sparsity, k, init=init)
+        layer.perm = NMMask(perm)
+        if layer.sparsity.mode == "static":
+            refresh_layer(layer)
 
 
 def refresh_masks(model: nnx.Module) -> None:
     """Recomputes the static masks of every sparse layer in ``model`` from its current kernel
     (in place, the NNX way). Dynamic layers need no refresh."""
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, SparseLinear | SparseConv) and node.sparsity.mode == "static":
+    for _, node in sparse_layers(model):
+        if node.sparsity.mode == "static":
             refresh_layer(node)

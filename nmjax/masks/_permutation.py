@@ -1,50 +1,27 @@
-"""Bi-Mask (Zhang et al., 2023): a forward N:M mask, a backward N:M mask and a permutation.
+"""Bi-Mask's output-channel permutations: applying them, scoring them, searching for one.
 
-Conventions for a Dense kernel ``w: (in, out)`` (DESIGN §2, §3):
-
-* ``fwd``: N:M along axis 0 (``in``), the contraction axis of ``Y = X @ (w ⊙ fwd)``.
-* ``perm``: ``(out,)`` int32, a permutation of the output channels such that
-  ``w[:, perm]`` has each backward group as ``m`` consecutive columns (the official code's
-  convention).
-* ``bwd``: a subset of ``fwd``; ``bwd[:, perm]`` is N:M along axis 1, so the input gradient
-  ``dX = dY @ (w ⊙ bwd).T`` contracts over groups of ``m`` permuted output channels.
+For a Dense kernel ``w: (in, out)`` a permutation ``perm: (out,)`` orders the output channels
+so that ``w[:, perm]`` has each backward group as ``m`` consecutive columns (the official
+Bi-Mask code's convention). The search maximises what the backward mask keeps: per input row
+and group of ``m`` permuted channels, the best ``n`` forward-kept entries (DESIGN §3).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nmjax import _checks
-from nmjax.masks.nm import nm_mask
+from nmjax.masks._nm import nm_mask
 
 METHODS = ("random", "swap")
 SCORES = ("count", "magnitude")
 # Elements scored at once by the random search (candidates are batched to stay under this).
 _RANDOM_BATCH_ELEMENTS = 1 << 24
-
-
-class BiMask(NamedTuple):
-    """The two masks of a Dense kernel ``w: (in, out)`` and the output permutation.
-
-    Attributes:
-      fwd: ``(in, out)`` bool, exactly N of every M along axis 0.
-      bwd: ``(in, out)`` bool, ``bwd ⊆ fwd``; ``bwd[:, perm]`` keeps at most N of every M
-        consecutive entries along axis 1 (exactly ``min(N, fwd-kept)`` per group).
-      perm: ``(out,)`` int32 permutation of the output channels; backward group ``g`` is
-        the columns ``perm[g*M:(g+1)*M]`` of ``w``.
-    """
-
-    fwd: jax.Array
-    bwd: jax.Array
-    perm: jax.Array
-
-
-# ----------------------------------------------------------------------------- permutations
 
 
 def invert_permutation(perm: Any) -> jax.Array:
@@ -56,7 +33,7 @@ def invert_permutation(perm: Any) -> jax.Array:
     Returns:
       ``(K,)`` int32.
     """
-    perm = _check_perm_array(perm, None)
+    perm = _checks.check_perm(perm, None)
     size = perm.shape[0]
     return jnp.zeros(size, jnp.int32).at[perm].set(jnp.arange(size, dtype=jnp.int32))
 
@@ -86,7 +63,7 @@ def permute_out(a: Any, perm: Any) -> jax.Array:
     a = jnp.asarray(a)
     if a.ndim == 0:
         raise ValueError("a must have at least one axis (the output channels), got a scalar")
-    perm = _check_perm_array(perm, a.shape[-1])
+    perm = _checks.check_perm(perm, a.shape[-1])
     return jnp.take(a, perm, axis=-1)
 
 
@@ -103,28 +80,8 @@ def unpermute_out(a: Any, perm: Any) -> jax.Array:
     a = jnp.asarray(a)
     if a.ndim == 0:
         raise ValueError("a must have at least one axis (the output channels), got a scalar")
-    perm = _check_perm_array(perm, a.shape[-1])
+    perm = _checks.check_perm(perm, a.shape[-1])
     return jnp.take(a, invert_permutation(perm), axis=-1)
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_perm_array(perm: Any, size: int | None, name: str = "perm") -> jax.Array:
-    dtype = jnp.result_type(perm)
-    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer index array, got dtype {dtype}")
-    perm = jnp.asarray(perm)
-    if perm.ndim != 1 or (size is not None and perm.shape[0] != size):
-        want = f"({size},)" if size is not None else "(K,)"
-        raise ValueError(f"{name} must have shape {want} (one index per output channel), "
-                         f"got shape {tuple(perm.shape)}")
-    if _checks.is_concrete(perm):
-        values = np.asarray(perm)
-        if not np.array_equal(np.sort(values), np.arange(values.shape[0])):
-            raise ValueError(f"{name} of shape {tuple(perm.shape)} is not a permutation of "
-                             f"0..{values.shape[0] - 1} (repeated or out-of-range indices)")
-    return perm.astype(jnp.int32)
 
 
 def _check_perm_rows(perms: jax.Array, size: int) -> jax.Array:
@@ -149,53 +106,8 @@ def _check_weight(w: Any, m: int) -> jax.Array:
     return w
 
 
-def _check_key(key: Any, method: str) -> jax.Array:
-    if key is None:
-        raise ValueError(f"method={method!r} needs a PRNG key: pass key=jax.random.key(seed)")
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
-        raise TypeError(f"key must be a single PRNG key (jax.random.key(seed)), got dtype "
-                        f"{key.dtype} and shape {tuple(key.shape)}")
-    return key
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _check_count(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be a Python int, got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {name}={value}")
-    return int(value)
-
-
-# ----------------------------------------------------------------------------- core math
-
-
 def _forward(w: jax.Array, n: int, m: int) -> jax.Array:
     return nm_mask(jnp.abs(w), n, m, axis=0)
-
-
-def _backward(w: jax.Array, fwd: jax.Array, perm: jax.Array, n: int, m: int) -> jax.Array:
-    """The official backward mask for ``perm``: the top-n forward-kept ``|w|`` per group.
-
-    Forward-pruned entries score -1, below every kept ``|w|`` (zeros included), so each
-    group keeps ``min(n, kept)`` forward-kept entries: the exact optimum for this ``perm``.
-    """
-    score = jnp.where(fwd, jnp.abs(w), -1)
-    sel = nm_mask(permute_out(score, perm), n, m, axis=1)
-    return unpermute_out(sel & permute_out(fwd, perm), perm)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "m"))
-def _masks_for(w, perm, n, m):
-    fwd = _forward(w, n, m)
-    return fwd, _backward(w, fwd, perm, n, m)
 
 
 def _kept_values(w: jax.Array, fwd: jax.Array, score: str, count_dtype=jnp.float32) -> jax.Array:
@@ -260,9 +172,9 @@ def random_candidates(key: Any, out: int, num_candidates: int) -> jax.Array:
 
     Candidate ``k`` is ``jax.random.permutation(jax.random.split(key, K)[k], out)``.
     """
-    key = _check_key(key, "random")
-    out = _check_count(out, "out", 1)
-    num_candidates = _check_count(num_candidates, "num_candidates", 1)
+    key = _checks.check_key(key, "random")
+    out = _checks.check_count(out, "out", 1)
+    num_candidates = _checks.check_count(num_candidates, "num_candidates", 1)
     return _candidates(key, out, num_candidates)
 
 
@@ -344,9 +256,6 @@ def _swap_search(w, init, key, n, m, rounds, score):
     return perm_groups.reshape(out)
 
 
-# ----------------------------------------------------------------------------- public API
-
-
 def score_permutations(w: Any, n: int, m: int, perms: Any, *, score: str = "count") -> jax.Array:
     """Scores candidate output permutations the way the Bi-Mask search does.
 
@@ -366,7 +275,7 @@ def score_permutations(w: Any, n: int, m: int, perms: Any, *, score: str = "coun
     """
     n, m = _checks.check_nm(n, m)
     w = _check_weight(w, m)
-    score = _check_choice(score, "score", SCORES)
+    score = _checks.check_choice(score, "score", SCORES)
     perms_arr = jnp.asarray(perms)
     single = perms_arr.ndim == 1
     perms_arr = perms_arr[None] if single else perms_arr
@@ -385,7 +294,7 @@ def search_permutation(
     method: str = "swap",
     key: Any = None,
     score: str | None = None,
-    num_candidates: int = 100,
+    num_candidates: int | None = None,
     rounds: int | None = None,
     init: Any = None,
 ) -> jax.Array:
@@ -422,7 +331,7 @@ def search_permutation(
       key: a PRNG key (required).
       score: ``"count"`` (survivors) or ``"magnitude"`` (their ``|w|``); ``None`` takes the
         method's default.
-      num_candidates: ``K`` for ``"random"`` (>= 1).
+      num_candidates: ``K`` for ``"random"`` (>= 1; default 100, the official setting).
       rounds: pairing rounds for ``"swap"`` (>= 0); ``None`` takes ``max(1, 8 // m)``
         (2 at M=4, 1 at M=8), which on CPU costs no more than the K=100 random search
         (``benchmarks/results/bimask.md``). More rounds keep more; each costs about as much
@@ -435,84 +344,25 @@ def search_permutation(
     """
     n, m = _checks.check_nm(n, m)
     w = _check_weight(w, m)
-    method = _check_choice(method, "method", METHODS)
-    key = _check_key(key, method)
+    method = _checks.check_choice(method, "method", METHODS)
+    key = _checks.check_key(key, method)
     if score is None:
         score = "count" if method == "random" else "magnitude"
-    score = _check_choice(score, "score", SCORES)
+    score = _checks.check_choice(score, "score", SCORES)
     if method == "random":
-        if init is not None:
-            raise ValueError("init is an option of method='swap', not of method='random'")
-        k = _check_count(num_candidates, "num_candidates", 1)
+        for name, value in (("init", init), ("rounds", rounds)):
+            if value is not None:
+                raise ValueError(f"{name} is an option of method='swap', not of "
+                                 "method='random'")
+        k = 100 if num_candidates is None else num_candidates
+        k = _checks.check_count(k, "num_candidates", 1)
         return _random_search(w, key, n=n, m=m, k=k, score=score)
-    rounds = max(1, 8 // m) if rounds is None else _check_count(rounds, "rounds", 0)
+    if num_candidates is not None:
+        raise ValueError("num_candidates is an option of method='random', not of "
+                         "method='swap' (which takes rounds)")
+    rounds = max(1, 8 // m) if rounds is None else _checks.check_count(rounds, "rounds", 0)
     out = w.shape[1]
     if init is None:
         init = jnp.arange(out, dtype=jnp.int32)
-    init = _check_perm_array(init, out, "init")
+    init = _checks.check_perm(init, out, "init")
     return _swap_search(w, init, key, n=n, m=m, rounds=rounds, score=score)
-
-
-def bimask(
-    w: Any,
-    n: int,
-    m: int,
-    perm: Any = None,
-    *,
-    search: str | None = None,
-    key: Any = None,
-    **search_options: Any,
-) -> BiMask:
-    """Bi-Mask of a Dense kernel: forward N:M mask, backward N:M mask and their permutation.
-
-    The forward mask keeps the ``n`` largest ``|w|`` of every ``m`` along axis 0 (``in``).
-    The backward mask keeps, in each group of ``m`` consecutive *permuted* output channels
-    and each input row, the ``n`` largest forward-kept ``|w|`` — the official Bi-Mask
-    backward mask, which for a given ``perm`` keeps the most possible (``min(n, kept)`` per
-    group; forward-kept zeros are preferred to pruned entries, ties to the lower permuted
-    index). It is expressed in the original channel order.
-
-    Example::
-
-      w = jax.random.normal(key, (768, 3072))
-      fwd, bwd, perm = bimask(w, 2, 4)                                   # identity perm
-      fwd, bwd, perm = bimask(w, 2, 4, search="swap", key=jax.random.key(0))
-      assert nmjax.masks.is_nm(bwd[:, perm], 2, 4, axis=1)
-
-    Args:
-      w: ``(in, out)`` real weights; ``in`` and ``out`` divisible by ``m``.
-      n, m: the N:M pattern.
-      perm: ``(out,)`` integer permutation of the output channels (``w[:, perm]`` has the
-        backward groups as consecutive columns). ``None`` (default) means the identity,
-        unless ``search`` is given.
-      search: ``None`` or a :func:`search_permutation` method (``"swap"``, ``"random"``)
-        run on ``w`` to choose ``perm``.
-      key: the PRNG key for ``search``.
-      **search_options: further :func:`search_permutation` options (``score``,
-        ``num_candidates``, ``rounds``, ``init``).
-
-    Returns:
-      ``BiMask(fwd, bwd, perm)``: ``(in, out)`` bool, ``(in, out)`` bool, ``(out,)`` int32.
-      Works under ``jit`` (``n``, ``m`` and ``search`` static); a traced ``perm`` is not
-      checked for being a permutation.
-
-    Raises:
-      TypeError: boolean/complex ``w``, non-integer ``perm``, bad ``key``.
-      ValueError: ``w`` not 2-D, ``in`` or ``out`` not divisible by ``m``, ``perm`` of the
-        wrong shape or not a permutation, both ``perm`` and ``search`` given.
-    """
-    n, m = _checks.check_nm(n, m)
-    w = _check_weight(w, m)
-    out = w.shape[1]
-    if search is not None:
-        if perm is not None:
-            raise ValueError("pass either perm or search, not both")
-        perm = search_permutation(w, n, m, method=search, key=key, **search_options)
-    else:
-        if search_options or key is not None:
-            given = sorted(search_options) + (["key"] if key is not None else [])
-            raise ValueError(f"options {given} need search='swap' or search='random'")
-        if perm is None:
-            perm = jnp.arange(out, dtype=jnp.int32)
-        perm = _check_perm_array(perm, out)
-    return BiMask(*_masks_for(w, perm, n=n, m=m), perm)

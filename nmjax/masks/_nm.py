@@ -9,26 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from nmjax import _checks
+from nmjax._layout import from_groups, to_groups
 
-
-def _to_groups(x: jax.Array, axis: int, m: int) -> jax.Array:
-    """(..., K, ...) with K along ``axis`` -> (rest..., K // m, m), groups last."""
-    x = jnp.moveaxis(x, axis, -1)
-    return x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
-
-
-def _from_groups(g: jax.Array, axis: int) -> jax.Array:
-    """Inverse of :func:`_to_groups`."""
-    x = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])
-    return jnp.moveaxis(x, -1, axis)
+# Up to this group size the rank is an O(M²) comparison count (no sort; vectorises over
+# all groups); above it a stable sort, O(M log M) time and O(M) memory per group.
+_COUNT_RANK_MAX_M = 32
 
 
 def group_rank(groups: jax.Array) -> jax.Array:
     """Rank of each entry within its group (last axis), 0 = largest.
 
-    Ties go to the lower index; NaN ranks below every number (``-inf`` included).
-    Exact and branch-free: each entry counts the entries that beat it (O(M²) per group,
-    which for M ≤ 32 is cheaper than a sort and vectorises over all groups).
+    Ties go to the lower index; NaN ranks below every number (``-inf`` included). Small
+    groups (M ≤ 32) count, for each entry, the entries that beat it; larger ones sort.
 
     Args:
       groups: ``(..., M)`` real scores.
@@ -43,6 +35,14 @@ def group_rank(groups: jax.Array) -> jax.Array:
     else:
         nan = jnp.zeros(groups.shape, bool)
         val = groups
+    if m > _COUNT_RANK_MAX_M:
+        # Sort keys: NaN last, then larger first (``~v`` for integers: no overflow), then
+        # the lower index first; the rank is the inverse of the sorted order.
+        neg = ~val if jnp.issubdtype(val.dtype, jnp.integer) else -val
+        iota = jax.lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
+        order = jax.lax.sort((nan.astype(jnp.int8), neg, iota), dimension=groups.ndim - 1,
+                             num_keys=3)[2]
+        return jnp.argsort(order, axis=-1).astype(jnp.int32)
     vi, vj = val[..., :, None], val[..., None, :]
     ni, nj = nan[..., :, None], nan[..., None, :]
     lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # [i, j]: j < i
@@ -57,11 +57,16 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
     so the default ``axis=0`` makes the forward product N:M sparse (DESIGN §2). For a conv
     kernel ``HWIO`` pass ``axis=2`` (the ``I`` axis).
 
-    Example::
+    Example:
 
-      w = jax.random.normal(key, (768, 3072))
-      mask = nm_mask(jnp.abs(w), 2, 4)          # (768, 3072) bool, 2 of every 4 along axis 0
-      sparse_w = jnp.where(mask, w, 0)
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax.masks import nm_mask
+    >>> w = jnp.array([[0.1, -2.0], [3.0, 0.5], [-0.2, 0.0], [1.0, 4.0]])  # (in=4, out=2)
+    >>> nm_mask(jnp.abs(w), 2, 4)                  # 2 of every 4 along axis 0 (in)
+    Array([[False,  True],
+           [ True, False],
+           [False, False],
+           [ True,  True]], dtype=bool)
 
     Args:
       scores: real array of any rank, e.g. ``jnp.abs(w)`` (magnitude pruning); integer or
@@ -81,7 +86,9 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
 
     Raises:
       TypeError: boolean/complex scores, non-integer ``n``/``m``/``axis``.
-      ValueError: ``n > m``, ``n < 1``, axis out of range, axis length not divisible by ``m``.
+      ValueError: ``n > m``, ``n < 1``, axis out of range, axis length not divisible by
+        ``m``, host integer scores outside int32 while JAX's x64 mode is off (float64 host
+        scores that tie only in float32 give a warning).
     """
     n, m = _checks.check_nm(n, m)
     scores = _checks.check_scores(scores)
@@ -97,11 +104,11 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _nm_mask(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
     # One compiled program per (shape, dtype, n, m, axis), also when called eagerly.
-    return _from_groups(group_rank(_to_groups(scores, axis, m)) < n, axis)
+    return from_groups(group_rank(to_groups(scores, axis, m)) < n, axis)
 
 
 def _group_counts(mask: jax.Array, axis: int, m: int) -> jax.Array:
-    return _to_groups(mask, axis, m).sum(-1, dtype=jnp.int32)
+    return to_groups(mask, axis, m).sum(-1, dtype=jnp.int32)
 
 
 def _check_mask_args(mask, n, m, name="mask"):
@@ -161,12 +168,34 @@ def is_transposable(
     mask, n, m = _check_mask_args(mask, n, m)
     if mask.ndim < 2:
         raise ValueError(f"mask must have rank >= 2 for a transposable check, got {mask.shape}")
-    if not isinstance(axes, tuple | list) or len(axes) != 2:
-        raise TypeError(f"axes must be a pair of ints, got {axes!r}")
-    a0 = _checks.check_axis(axes[0], mask.ndim, "axes[0]")
-    a1 = _checks.check_axis(axes[1], mask.ndim, "axes[1]")
-    if a0 == a1:
-        raise ValueError(f"axes must name two different axes, got {axes}")
+    a0, a1 = _checks.check_axes_pair(axes, mask.ndim)
     for a in (a0, a1):
         _checks.check_divisible(mask.shape, a, m, "mask")
     return _is_nm(mask, n, m, a0, exact) & _is_nm(mask, n, m, a1, exact)
+
+
+def is_permutation(perm: Any) -> jax.Array:
+    """Whether ``perm: (K,)`` holds every index ``0..K-1`` once; a JAX boolean scalar.
+
+    Jit-able, so it checks traced permutations too (which :func:`nmjax.ops.nm_dense` cannot:
+    an invalid traced ``perm`` gives a wrong input gradient silently). Call it where
+    permutations are made, e.g. with ``jax.experimental.checkify`` or at a mask refresh.
+
+    >>> import jax.numpy as jnp
+    >>> bool(is_permutation(jnp.array([2, 0, 1]))), bool(is_permutation(jnp.array([0, 0, 1])))
+    (True, False)
+    """
+    perm = _checks._as_array(perm, "perm")
+    if perm.dtype == jnp.bool_ or not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise TypeError(f"perm must be an integer index array, got dtype {perm.dtype}")
+    if perm.ndim != 1:
+        raise ValueError(f"perm must have shape (K,), got shape {tuple(perm.shape)}")
+    return _is_permutation(jnp.asarray(perm))
+
+
+@jax.jit
+def _is_permutation(perm: jax.Array) -> jax.Array:
+    size = perm.shape[0]
+    inside = (perm >= 0) & (perm < size)
+    seen = jnp.zeros(size, jnp.int32).at[jnp.where(inside, perm, 0)].add(inside)
+    return inside.all() & (seen == 1).all()

@@ -6,6 +6,9 @@ import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from nmjax import _checks
 
@@ -50,7 +53,12 @@ def transposable_count(n: int, m: int) -> int:
     Exact integer arithmetic (a dynamic programme over rows whose state is the multiset of
     column sums; ``K(m, n) = K(m, m - n)`` by complement). ``transposable_count(2, 4) == 90``;
     ``transposable_count(4, 8) == 116963796250``. The result is cached; 8:16, the hardest
-    case up to m = 16, takes about 10 s on one CPU core the first time.
+    case up to m = 16, takes about 10 s on one CPU core the first time. ``m`` is capped at
+    16 (the largest tile the solvers take): the state space grows too fast beyond it
+    (10:20 did not finish in a minute).
+
+    Raises:
+      ValueError: ``m > 16`` (or an invalid pattern).
 
     Args:
       n, m: ``1 <= n <= m``.
@@ -58,7 +66,7 @@ def transposable_count(n: int, m: int) -> int:
     Returns:
       Python ``int``.
     """
-    n, m = _checks.check_nm(n, m)
+    n, m = _checks.check_nm(n, m, max_m=_checks.MAX_M)
     return _count_regular(min(n, m - n) if n < m else n, m)
 
 
@@ -70,7 +78,8 @@ def _log10_comb(total: int, k: int) -> float:
 
 
 def log10_mask_diversity(
-    kind: str, shape: Sequence[int], n: int, m: int, *, axes: tuple[int, int] = (-2, -1)
+    kind: str, shape: int | Sequence[int], n: int, m: int, *, axis: int = 0,
+    axes: tuple[int, int] = (-2, -1),
 ) -> float:
     """log10 of the number of masks a structure allows on a weight of ``shape``.
 
@@ -85,9 +94,11 @@ def log10_mask_diversity(
 
     Args:
       kind: one of ``"unstructured"``, ``"nm"``, ``"transposable"``.
-      shape: weight shape; the grouped axes must be divisible by ``m`` (for ``"nm"`` the
-        total size must be; for ``"transposable"`` both ``axes``).
+      shape: weight shape (an int is a 1-D shape); the grouped axes must be divisible by
+        ``m`` (``axis`` for ``"nm"``, both ``axes`` for ``"transposable"``, the total size
+        for ``"unstructured"``).
       n, m: the pattern, ``1 <= n <= m``.
+      axis: the grouped axis for ``"nm"``.
       axes: tile axes for ``"transposable"``.
 
     Returns:
@@ -96,18 +107,31 @@ def log10_mask_diversity(
     n, m = _checks.check_nm(n, m)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be non-empty with positive sizes, got {shape}")
+    shape = _check_shape(shape)
     total = math.prod(shape)
     if kind == "transposable":
         if len(shape) < 2:
             raise ValueError(f"shape must have rank >= 2 for 'transposable', got {shape}")
-        for name, a in (("axes[0]", axes[0]), ("axes[1]", axes[1])):
-            _checks.check_divisible(shape, _checks.check_axis(a, len(shape), name), m, "shape")
+        for a in _checks.check_axes_pair(axes, len(shape)):
+            _checks.check_divisible(shape, a, m, "shape")
         return (total // (m * m)) * math.log10(transposable_count(n, m))
+    if kind == "nm":
+        _checks.check_divisible(shape, _checks.check_axis(axis, len(shape)), m, "shape")
+        return (total // m) * math.log10(math.comb(m, n))
     if total % m:
         raise ValueError(f"shape {shape} has {total} entries, not divisible by m={m}")
-    if kind == "nm":
-        return (total // m) * math.log10(math.comb(m, n))
     return _log10_comb(total, total // m * n)
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, int | np.integer) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, str) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int | np.integer):
+            raise TypeError(f"shape entries must be ints, got {s!r} in shape={tuple(shape)!r}")
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be non-empty with positive sizes, got {shape}")
+    return shape
