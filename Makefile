@@ -23,14 +23,14 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m nmjax.demo
+	$(PY) examples/demo.py
 	$(PY) benchmarks/train.py --steps 300
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check nmjax tests benchmarks
+	$(VENV)/bin/ruff check nmjax tests benchmarks examples notebooks
 
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]"

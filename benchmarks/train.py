@@ -20,6 +20,7 @@ import optax
 from flax import linen as nn
 
 from nmjax.nn import linen_masks, linen_perms, sparsify
+from nmjax.masks import BiMask
 from nmjax.tree import MaskRule, build_masks, summarize
 
 
@@ -50,15 +51,15 @@ def _loss(logits, y):
 
 CONFIGS = [  # (label, rule or None for dense, mode)
     ("dense", None, "dense"),
-    ("2:4 nm, dynamic (SR-STE)", MaskRule(2, 4, exclude="head"), "dynamic"),
+    ("2:4 nm, dynamic (SR-STE)", MaskRule("2:4", exclude="head"), "dynamic"),
     ("2:4 transposable, dynamic (SR-STE)",
-     MaskRule(2, 4, pattern="transposable", exclude="head"), "dynamic"),
+     MaskRule("2:4 transposable", exclude="head"), "dynamic"),
     ("2:4 transposable, static (refresh/50)",
-     MaskRule(2, 4, pattern="transposable", exclude="head"), "static"),
-    ("2:4 bimask, dynamic (identity perm)", MaskRule(2, 4, pattern="bimask", exclude="head"),
+     MaskRule("2:4 transposable", exclude="head"), "static"),
+    ("2:4 bimask, dynamic (identity perm)", MaskRule(BiMask(2, 4, search="swap"), exclude="head"),
      "dynamic"),
     ("2:4 bimask, dynamic (swap search/100)",
-     MaskRule(2, 4, pattern="bimask", exclude="head"), "search"),
+     MaskRule(BiMask(2, 4, search="swap"), exclude="head"), "search"),
 ]
 
 
@@ -77,7 +78,7 @@ def train(rule, mode, *, steps=300, batch=128, lr=3e-3, decay=2e-4, refresh=50, 
         model, rule, mode="static" if mode == "static" else "dynamic", decay=decay)
     masks = linen_masks(params, rule) if mode == "static" else None
     if mode == "search":
-        masks = linen_perms(params, rule, jax.random.key(seed), method="swap")
+        masks = linen_perms(params, rule, jax.random.key(seed))
     tx = optax.adam(lr)
     opt_state = tx.init(params)
     batches = np.random.default_rng(seed + 1).integers(0, len(y_train), (steps, batch))
@@ -101,7 +102,7 @@ def train(rule, mode, *, steps=300, batch=128, lr=3e-3, decay=2e-4, refresh=50, 
         if mode == "static" and t and t % refresh == 0:
             masks = linen_masks(params, rule)
         if mode == "search" and t and t % search == 0:
-            masks = linen_perms(params, rule, jax.random.key(seed + t), method="swap")
+            masks = linen_perms(params, rule, jax.random.key(seed + t), previous=masks)
         idx = batches[t]
         t1 = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from nmjax.masks import (
     BiMask,
+    Masks,
     bimask,
     invert_permutation,
     is_nm,
@@ -109,7 +110,7 @@ def test_valid_for_any_permutation(case, seed, perm_seed):
     w = _weights(seed, shape)
     perm = jax.random.permutation(jax.random.key(perm_seed), shape[1])
     masks = bimask(w, n, m, perm=perm)
-    assert isinstance(masks, BiMask)
+    assert isinstance(masks, Masks)
     _check_valid(masks, w, n, m)
     np.testing.assert_array_equal(np.asarray(masks.perm), np.asarray(perm))
     np.testing.assert_array_equal(masks.bwd, ref_backward(w, ref_forward(w, n, m), perm, n, m))
@@ -330,16 +331,20 @@ def test_input_gradient_in_permuted_order(case):
 def test_tree_rule_builds_bimasks():
     params = {"Dense_0": {"kernel": _weights(0, (8, 16)), "bias": jnp.zeros(16)},
               "Dense_1": {"kernel": _weights(1, (16, 8)), "bias": jnp.zeros(8)}}
-    rule = MaskRule(2, 4, pattern="bimask",
-                    pattern_kwargs={"search": "swap", "key": jax.random.key(0)})
-    masks = build_masks(params, rule)
+    spec = BiMask(2, 4, search="swap")
+    rule = MaskRule(spec)
+    masks = build_masks(params, rule)          # identity permutations until a search runs
     assert masks["Dense_0"]["bias"] is None
     for name in ("Dense_0", "Dense_1"):
         leaf = masks[name]["kernel"]
-        assert isinstance(leaf, BiMask)
+        assert isinstance(leaf, Masks)
         _check_valid(leaf, params[name]["kernel"], 2, 4)
+        np.testing.assert_array_equal(leaf.perm, np.arange(leaf.perm.shape[0]))
+        assert bool(spec.valid(leaf))
+        searched = spec(params[name]["kernel"], key=jax.random.key(0))
         direct = bimask(params[name]["kernel"], 2, 4, search="swap", key=jax.random.key(0))
-        np.testing.assert_array_equal(leaf.bwd, direct.bwd)
+        for a, b in zip(searched, direct, strict=True):
+            np.testing.assert_array_equal(a, b)
     sparse = apply_masks(params, masks)
     np.testing.assert_array_equal(
         sparse["Dense_0"]["kernel"],
@@ -386,6 +391,14 @@ KEY = jax.random.key(0)
          ValueError, r"init must have shape \(8,\)"),
         (lambda: search_permutation(W, 2, 4, method="random", key=KEY, init=jnp.arange(8)),
          ValueError, "init is an option of method='swap'"),
+        (lambda: search_permutation(W, 2, 4, method="random", key=KEY, rounds=2),
+         ValueError, "rounds is an option of method='swap'"),
+        (lambda: search_permutation(W, 2, 4, method="swap", key=KEY, num_candidates=5),
+         ValueError, "num_candidates is an option of method='random'"),
+        (lambda: BiMask(2, 4, search="swap", num_candidates=5), ValueError,
+         "num_candidates is an option of search='random'"),
+        (lambda: BiMask(2, 4)(W, perm=jnp.arange(8), key=KEY), ValueError,
+         "either perm .* or key"),
         (lambda: score_permutations(W, 2, 4, jnp.zeros((2, 8), int)), ValueError,
          r"perms\[0\] is not a permutation"),
         (lambda: score_permutations(W, 2, 4, jnp.zeros((2, 6), int)), ValueError,

@@ -80,7 +80,9 @@ def test_log10_formulas_and_order():
     "args, match",
     [
         (("sparse", (8, 8), 2, 4), "kind must be one of"),
-        (("nm", (6,), 2, 4), "not divisible by m=4"),
+        (("nm", (6,), 2, 4), "divisible by m=4"),
+        (("nm", (6, 8), 2, 4), r"axis 0 \(length 6\)"),
+        (("transposable", (8, 8), 2, 4, (0, 0)), "two different axes"),
         (("transposable", (8, 6), 2, 4), "length 6"),
         (("transposable", (16,), 2, 4), "rank >= 2"),
         (("nm", (8, 8), 5, 4), "n must be <= m"),
@@ -88,8 +90,20 @@ def test_log10_formulas_and_order():
     ],
 )
 def test_bad_input(args, match):
+    kwargs = {"axes": args[4]} if len(args) > 4 else {}
     with pytest.raises(ValueError, match=match):
-        log10_mask_diversity(*args)
+        log10_mask_diversity(*args[:4], **kwargs)
     if args[0] == "nm" and args[2] > args[3]:
         with pytest.raises(ValueError, match=match):
             transposable_count(args[2], args[3])
+
+
+def test_shapes_are_ints_and_counts_are_capped():
+    with pytest.raises(TypeError, match=r"shape entries must be ints, got 8.7"):
+        log10_mask_diversity("nm", (8.7, 4), 2, 4)
+    assert log10_mask_diversity("nm", 8, 2, 4) == pytest.approx(2 * math.log10(6))
+    assert log10_mask_diversity("nm", (4, 6), 2, 4, axis=0) == pytest.approx(6 * math.log10(6))
+    with pytest.raises(ValueError, match=r"axis 1 \(length 6\) must be divisible by m=4"):
+        log10_mask_diversity("nm", (4, 6), 2, 4, axis=1)
+    with pytest.raises(ValueError, match="m must be <= 16"):
+        transposable_count(10, 20)

@@ -178,3 +178,61 @@ def test_python_lists_are_accepted():
     np.testing.assert_array_equal(nm_mask([3.0, 1.0, 2.0, 0.0], 2, 4), [True, False, True, False])
     with pytest.raises(TypeError, match="got a boolean array"):
         nm_mask([True, False], 1, 2)
+
+
+def _ref_rank_mask(scores, n, axis):
+    """Stable numpy reference: NaN last, larger first, ties to the lower index."""
+    g = np.moveaxis(np.asarray(scores, np.float64), axis, -1)
+    key = np.where(np.isnan(g), np.inf, -g)
+    order = np.argsort(key, axis=-1, kind="stable")
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order[..., :n], True, axis=-1)
+    return np.moveaxis(keep, -1, axis)
+
+
+@pytest.mark.parametrize("m", [40, 64])
+def test_large_groups_sort_with_the_same_ties_and_nan_rule(m):
+    rng = np.random.default_rng(m)
+    scores = rng.integers(0, 5, (m, 6)).astype(np.float32)   # many ties
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    scores[0, 0] = np.inf
+    scores[1, 1] = -np.inf
+    got = np.asarray(nm_mask(scores, 7, m))
+    np.testing.assert_array_equal(got, _ref_rank_mask(scores, 7, 0))
+    ints = rng.integers(-2**31, 2**31 - 1, (m, 3)).astype(np.int32)  # ~x, not -x: no overflow
+    np.testing.assert_array_equal(np.asarray(nm_mask(ints, 3, m)), _ref_rank_mask(ints, 3, 0))
+
+
+def test_one_group_of_4096_stays_small():
+    """A group of M = 4096 ranks by sorting (O(M log M)), not by an M x M comparison."""
+    scores = jnp.asarray(np.random.default_rng(0).standard_normal((4096, 256)), jnp.float32)
+    compiled = jax.jit(lambda s: nm_mask(s, 2, 4096)).lower(scores).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:  # the M x M path needed > 17 GB of temporaries
+        assert analysis.temp_size_in_bytes < 64 * 2**20
+    mask = np.asarray(nm_mask(scores, 2, 4096))
+    assert (mask.sum(0) == 2).all()
+    np.testing.assert_array_equal(mask, _ref_rank_mask(np.asarray(scores), 2, 0))
+
+
+def test_host_scores_are_never_narrowed_silently():
+    big = np.array([2**40, 3, 1, 2], np.int64)
+    with pytest.raises(ValueError, match=r"outside int32; JAX \(x64 off\) would wrap them"):
+        nm_mask(big, 2, 4)
+    close = np.array([1.0, 1.0 + 1e-12, 0.5, 0.25])
+    with pytest.warns(UserWarning, match="1 distinct value"):
+        nm_mask(close, 1, 4)
+    np.testing.assert_array_equal(nm_mask(np.array([4, 3, 1, 2], np.int64), 2, 4),
+                                  [True, True, False, False])  # in range: fine
+
+
+def test_is_permutation_is_jittable():
+    from nmjax.masks import is_permutation
+
+    check = jax.jit(is_permutation)
+    assert bool(check(jnp.array([3, 1, 0, 2])))
+    assert not bool(check(jnp.array([3, 1, 1, 2])))
+    assert not bool(check(jnp.array([0, 1, 2, 4])))
+    assert not bool(check(jnp.array([-1, 1, 2, 0])))
+    with pytest.raises(TypeError, match="integer index array"):
+        is_permutation(jnp.arange(3.0))

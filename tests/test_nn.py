@@ -10,7 +10,8 @@ from flax import linen as nn
 from flax import nnx
 
 import nmjax
-from nmjax.masks import is_nm, is_transposable, nm_mask, transposable_mask
+from nmjax.masks import NM, BiMask, Masks, Transposable, is_nm, is_transposable, nm_mask
+from nmjax.masks import transposable_mask
 from nmjax.nn import Sparsity, linen_masks, sparsify
 from nmjax.nn import linen as nl
 from nmjax.nn import nnx as nx
@@ -30,9 +31,9 @@ def rngs(seed):
 
 X = jnp.asarray(RNG.standard_normal((4, 8)), jnp.float32)
 IMG = jnp.asarray(RNG.standard_normal((2, 6, 6, 4)), jnp.float32)
-RULE_T = MaskRule(2, 4, pattern="transposable", exclude="head")
+RULE_T = MaskRule("2:4 transposable", exclude="head")
 # The conv tests use plain N:M: each transposable shape costs seconds of compile here.
-RULE_NM = MaskRule(2, 4, exclude="head")
+RULE_NM = MaskRule("2:4", exclude="head")
 USED = nmjax.nn.USED_MASKS
 
 
@@ -67,7 +68,7 @@ def masked_params(params, rule):
 @pytest.mark.parametrize("pattern", ["nm", "transposable"])
 def test_sparse_dense_matches_nn_dense_params_and_masked_values(pattern):
     dense = nn.Dense(16)
-    sparse = nl.SparseDense(16, sparsity=Sparsity(2, 4, pattern))
+    sparse = nl.SparseDense(16, sparsity=Sparsity(f"2:4 {pattern}"))
     params = dense.init(key(0), X)
     assert shapes(sparse.init(key(0), X)) == shapes(params)
     w = params["params"]["kernel"]
@@ -95,7 +96,7 @@ def test_sparse_conv_matches_nn_conv_params_and_masked_values():
 
 
 def _is_valid(mask, rule):
-    if rule.pattern == "transposable":
+    if isinstance(rule.pattern, Transposable):
         return bool(is_transposable(mask, 2, 4, axes=(-2, -1), exact=True))
     return bool(is_nm(mask, 2, 4, axis=mask.ndim - 2, exact=True))
 
@@ -114,9 +115,9 @@ def test_linen_sparsify_restores_dense_checkpoint_and_masks_selected_layers(mode
     _, used = sparse.apply(params, x, mutable=[nmjax.nn.USED_MASKS])
     built = linen_masks(params["params"], rule)
     used = used[nmjax.nn.USED_MASKS]
-    assert jax.tree.structure(built) == jax.tree.structure(
-        jax.tree.map(lambda m: m.fwd, used, is_leaf=lambda m: hasattr(m, "fwd")))
-    for path, m in jax.tree_util.tree_leaves_with_path(used, is_leaf=lambda m: hasattr(m, "fwd")):
+    is_masks = lambda m: isinstance(m, Masks)  # noqa: E731
+    assert jax.tree.structure(built, is_leaf=is_masks) == jax.tree.structure(used, is_leaf=is_masks)
+    for path, m in jax.tree_util.tree_leaves_with_path(used, is_leaf=is_masks):
         assert _is_valid(m.fwd, rule), path
 
 
@@ -136,7 +137,7 @@ def test_linen_static_mode_reads_the_nm_masks_collection():
                                MLP().apply({"params": params}, X), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"'nm_masks' collection has no mask for 'Dense_0/kernel'"):
         static.apply({"params": params}, X)
-    bad = {**masks, "Dense_0": {"kernel": jnp.ones((4, 16), bool)}}
+    bad = {**masks, "Dense_0": {"kernel": Masks(*[jnp.ones((4, 16), bool)] * 2)}}
     with pytest.raises(ValueError, match=r"static fwd mask for 'Dense_0/kernel' has shape \(4, 16"):
         static.apply({"params": params, nmjax.nn.MASKS: bad}, X)
 
@@ -148,7 +149,7 @@ class WithGeneral(nn.Module):
 
 
 def test_linen_errors_unsupported_layer_indivisible_kernel_bad_args():
-    sparse = sparsify(WithGeneral(), MaskRule(2, 4, include="general/kernel", axis=0))
+    sparse = sparsify(WithGeneral(), MaskRule("2:4", include="general/kernel", axis=0))
     with pytest.raises(ValueError, match=r"selects 'general/kernel' of a DenseGeneral layer"):
         sparse.init(key(0), X)
 
@@ -157,26 +158,28 @@ def test_linen_errors_unsupported_layer_indivisible_kernel_bad_args():
         def __call__(self, x):
             return nn.Dense(4)(x[:, :6])
 
-    with pytest.raises(ValueError, match=r"Dense_0/kernel' has shape \(6, 4\).*not divisible"):
-        sparsify(Odd(), MaskRule(2, 4)).init(key(0), X)
-    with pytest.raises(ValueError, match=r"kernel 'kernel' has shape \(6, 4\); its axis 0"):
+    with pytest.raises(ValueError, match=r"Dense_0/kernel' of shape \(6, 4\).*not divisible"):
+        sparsify(Odd(), MaskRule("2:4")).init(key(0), X)
+    with pytest.raises(ValueError, match=r"kernel 'kernel' of shape \(6, 4\) cannot take"):
         nl.SparseDense(4).init(key(0), X[:, :6])
-    with pytest.raises(TypeError, match="rule must be an nmjax.tree.MaskRule"):
+    with pytest.raises(TypeError, match="rule must be an nmjax.tree.MaskRule, a pattern spec"):
         sparsify(MLP(), {"n": 2})
     with pytest.raises(TypeError, match="model must be a flax.linen or flax.nnx Module"):
         sparsify(object(), RULE_T)
     with pytest.raises(ValueError, match="mode must be one of"):
         sparsify(MLP(), RULE_T, mode="sometimes")
-    with pytest.raises(ValueError, match="decay must be a float >= 0"):
+    with pytest.raises(ValueError, match="decay must be >= 0"):
         Sparsity(decay=-1.0)
-    with pytest.raises(ValueError, match="decay must be a float >= 0, got True"):
+    with pytest.raises(TypeError, match="decay must be a real scalar, got True"):
         Sparsity(decay=True)
     assert Sparsity(decay=np.float32(0.5)).decay == 0.5  # numpy scalars, as nm_dense takes
-    with pytest.raises(ValueError, match="pattern must be one of"):
+    with pytest.raises(ValueError, match="pattern string must be 'N:M'"):
         Sparsity(pattern="random")
     with pytest.raises(ValueError, match="n must be <= m"):
-        Sparsity(5, 4)
-    with pytest.raises(ValueError, match="backend 'pallas' is not available"):
+        Sparsity("5:4")
+    with pytest.raises(TypeError, match="backend must be a string or an nmjax.backends.Backend"):
+        Sparsity(backend=3)
+    with pytest.raises(ValueError, match="backend 'pallas' cannot run the forward product"):
         sparsify(MLP(), RULE_T, backend="pallas").init(key(0), X)
 
 
@@ -242,7 +245,7 @@ def test_nnx_sparsify_swaps_layers_and_restores_dense_state(cls, mode):
 
 def test_nnx_layers_mirror_nnx_linear_and_conv():
     dense = nnx.Linear(8, 16, rngs=rngs(0))
-    sparse = nx.SparseLinear(8, 16, sparsity=Sparsity(2, 4, "transposable"), rngs=rngs(0))
+    sparse = nx.SparseLinear(8, 16, sparsity=Sparsity("2:4 transposable"), rngs=rngs(0))
     assert shapes(nnx.state(sparse, nnx.Param)) == shapes(nnx.state(dense, nnx.Param))
     np.testing.assert_allclose(sparse.kernel[...], dense.kernel[...])
     masks = sparse.masks()
@@ -278,27 +281,27 @@ def test_nnx_errors_unsupported_layer_and_indivisible_kernel():
             self.general = nnx.LinearGeneral(8, (2, 8), rngs=rngs)
 
     with pytest.raises(ValueError, match=r"selects 'general/kernel' of a LinearGeneral layer"):
-        sparsify(WithEinsum(rngs(0)), MaskRule(2, 4, include="general/kernel", axis=0))
+        sparsify(WithEinsum(rngs(0)), MaskRule("2:4", include="general/kernel", axis=0))
 
     class Odd(nnx.Module):
         def __init__(self, rngs):
             self.lin = nnx.Linear(6, 4, rngs=rngs)
 
-    with pytest.raises(ValueError, match=r"'lin/kernel' has shape \(6, 4\).*not divisible"):
-        sparsify(Odd(rngs(0)), MaskRule(2, 4))
-    with pytest.raises(ValueError, match="must be divisible by m=4"):
+    with pytest.raises(ValueError, match=r"'lin/kernel' of shape \(6, 4\).*not divisible"):
+        sparsify(Odd(rngs(0)), MaskRule("2:4"))
+    with pytest.raises(ValueError, match="not divisible by m=4"):
         nx.SparseLinear(6, 4, sparsity=Sparsity(mode="static"), rngs=rngs(0))
     with pytest.raises(TypeError, match="sparsity must be an nmjax.nn.Sparsity"):
         nx.SparseLinear(8, 4, sparsity=(2, 4), rngs=rngs(0))
-    with pytest.raises(ValueError, match="pattern 'bimask' supports Dense kernels"):
-        nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity(2, 4, "bimask", mode="static"),
+    with pytest.raises(ValueError, match="Bi-Mask takes Dense kernels"):
+        nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity("2:4 bimask", mode="static"),
                       rngs=rngs(0))
 
 
 def test_bimask_layers_use_forward_and_backward_masks():
     from nmjax.masks import bimask
 
-    sp = Sparsity(2, 4, "bimask")
+    sp = Sparsity("2:4 bimask")
     layer = nl.SparseDense(16, sparsity=sp)
     params = layer.init(key(3), X)
     w = params["params"]["kernel"]
@@ -310,7 +313,7 @@ def test_bimask_layers_use_forward_and_backward_masks():
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(vjp(dy)[0], dy @ jnp.where(bwd, w, 0).T, rtol=1e-5, atol=1e-5)
     # NNX, static: the stored permutation and backward mask are the ones used.
-    lin = nx.SparseLinear(8, 16, sparsity=Sparsity(2, 4, "bimask", mode="static"), rngs=rngs(3))
+    lin = nx.SparseLinear(8, 16, sparsity=Sparsity("2:4 bimask", mode="static"), rngs=rngs(3))
     m = lin.masks()
     assert m.perm is not None and bool(is_nm(m.bwd[:, m.perm], 2, 4, axis=1))
     _, vjp = jax.vjp(lambda x: lin(x), X)
@@ -356,9 +359,9 @@ def test_linen_other_methods_and_low_precision_layers():
 def test_dynamic_bimask_uses_a_searched_permutation():
     from nmjax.masks import bimask
 
-    rule = MaskRule(2, 4, pattern="bimask", exclude="head")
+    rule = MaskRule(BiMask(2, 4, search="random", num_candidates=8), exclude="head")
     params = MLP().init(key(6), X)["params"]
-    perms = nmjax.nn.linen_perms(params, rule, key(7), method="random", num_candidates=8)
+    perms = nmjax.nn.linen_perms(params, rule, key(7))
     assert shapes(perms) == {"Dense_0": {"perm": (16,)}, "Dense_1": {"perm": (12,)}}
     sparse = sparsify(MLP(), rule)
     _, used = sparse.apply({"params": params, nmjax.nn.MASKS: perms}, X, mutable=[USED])
@@ -369,11 +372,11 @@ def test_dynamic_bimask_uses_a_searched_permutation():
         np.testing.assert_array_equal(m.fwd, ref.fwd)
         np.testing.assert_array_equal(m.bwd, ref.bwd)
         assert bool(is_nm(m.bwd[:, perm], 2, 4, axis=1))
-    with pytest.raises(ValueError, match="permutation search needs pattern 'bimask'"):
+    with pytest.raises(ValueError, match="linen_perms needs a MaskRule with a Bi-Mask pattern"):
         nmjax.nn.linen_perms(params, RULE_T, key(7))
-    # NNX: search_perms stores one permutation per dynamic Bi-Mask layer; calls use it.
+    # NNX: search_perms stores one permutation per Bi-Mask layer; calls use it.
     model = sparsify(NMLP(rngs(6)), rule)
-    nmjax.nn.search_perms(model, key(8), method="random", num_candidates=8)
+    nmjax.nn.search_perms(model, key(8))
     for layer in model.layers:
         m = layer.masks()
         np.testing.assert_array_equal(m.perm, layer.perm[...])
@@ -381,16 +384,141 @@ def test_dynamic_bimask_uses_a_searched_permutation():
     assert nnx.jit(lambda m, x: m(x))(model, X).shape == (4, 10)
 
 
-def test_stored_perm_ignores_search_options():
-    """A layer with a stored Bi-Mask permutation must not trip over its search options."""
+def test_stored_perm_gives_the_bimask_of_that_perm():
     from nmjax.masks import bimask
     from nmjax.nn import _core
 
     w = jax.random.normal(jax.random.key(0), (8, 16))
     perm = jax.random.permutation(jax.random.key(1), 16)
-    sp = Sparsity(2, 4, "bimask", pattern_kwargs={"search": "swap", "key": jax.random.key(2),
-                                                   "rounds": 3})
+    sp = Sparsity(BiMask(2, 4, search="swap", rounds=3))
     got = _core.compute_masks(w, 0, sp, perm=perm)
     want = bimask(w, 2, 4, perm=perm)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="a stored permutation applies to a Bi-Mask pattern"):
+        _core.compute_masks(w, 0, Sparsity("2:4"), perm=perm)
+
+
+# ------------------------------------------------------------------ defects (issue 9)
+
+
+class LinenEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Einsum((16, 8), "bi,oi->bo")(x)     # kernel (out=16, in=8): contracts axis 1
+        return nn.Dense(8)(x)
+
+
+def test_default_rule_skips_einsum_and_build_masks_agrees_with_sparsify():
+    params = LinenEinsum().init(key(0), X)
+    assert params["params"]["Einsum_0"]["kernel"].shape == (16, 8)
+    built = nmjax.tree.build_masks(params["params"], MaskRule("2:4"))
+    assert built["Einsum_0"]["kernel"] is None and built["Dense_0"]["kernel"] is not None
+    _, used = sparsify(LinenEinsum(), "2:4").apply(params, X, mutable=[USED])
+    assert set(used[USED]) == {"Dense_0"}
+    # With the real layer types, a user-named einsum is not taken for a Dense either.
+
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="out")(nn.Einsum((16, 8), "bi,oi->bo", name="proj")(x))
+
+    p = Named().init(key(0), X)["params"]
+    kinds = nmjax.nn.layer_kinds(Named(), X)
+    assert kinds == {"proj/kernel": None, "out/kernel": "dense"}
+    built = nmjax.tree.build_masks(p, MaskRule("2:4"), kinds=kinds)
+    assert built["proj"]["kernel"] is None and built["out"]["kernel"] is not None
+    _, used = sparsify(Named(), "2:4").apply({"params": p}, X, mutable=[USED])
+    assert set(used[USED]) == {"out"}
+
+
+def test_nnx_sparsify_twice_and_tied_layers():
+    model = sparsify(NMLP(rngs(0)), MaskRule("2:4", include="layers/0"))
+    again = sparsify(model, MaskRule("2:4 transposable", include="layers/1"))  # composes
+    assert again.layers[0].sparsity.pattern == NM(2, 4)
+    assert isinstance(again.layers[1].sparsity.pattern, Transposable)
+    same = sparsify(model, MaskRule("2:4", include="layers/0"))       # same settings: kept
+    assert same.layers[0].sparsity == model.layers[0].sparsity
+    with pytest.raises(ValueError, match=r"'layers/0/kernel' is sparse already \(2:4 nm"):
+        sparsify(model, MaskRule("2:4 transposable", include="layers/0"))
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            shared = nnx.Linear(8, 8, rngs=rngs)
+            self.enc, self.dec = shared, shared
+
+        def __call__(self, x):
+            return self.dec(self.enc(x))
+
+    tied = sparsify(Tied(rngs(1)), "2:4")
+    assert isinstance(tied.enc, nx.SparseLinear) and tied.enc is tied.dec
+    w = tied.enc.kernel[...]
+    mw = jnp.where(nm_mask(jnp.abs(w), 2, 4), w, 0)
+    b = tied.enc.bias[...]
+    np.testing.assert_allclose(tied(X), (X @ mw + b) @ mw + b, rtol=1e-5, atol=1e-5)
+
+
+def test_linen_sparsify_twice():
+    model = sparsify(MLP(), RULE_T)
+    twice = sparsify(model, RULE_T)                  # the same rule again: same model
+    params = MLP().init(key(1), X)
+    np.testing.assert_allclose(twice.apply(params, X), model.apply(params, X))
+    head = sparsify(model, MaskRule("1:2", include="head"))        # another layer: composes
+    _, used = head.apply(params, X, mutable=[USED])
+    assert set(used[USED]) == {"Dense_0", "Dense_1", "head"}
+    assert bool(is_nm(used[USED]["head"]["kernel"].fwd, 1, 2, exact=True))
+    clash = sparsify(model, MaskRule("2:4", exclude="head"))
+    with pytest.raises(ValueError, match="'Dense_0/kernel' is selected by 2 rules with different"):
+        clash.apply(params, X)
+
+
+def test_indivisible_output_axis_names_the_leaf_and_is_skipped_on_request():
+    params = MLP().init(key(2), X)["params"]           # head: (12, 10), 10 % 4 != 0
+    rule = MaskRule("2:4 transposable")
+    with pytest.raises(ValueError, match=r"leaf 'head/kernel' of shape \(12, 10\) cannot take "
+                       r"pattern '2:4 transposable': its output axis 1 has length 10"):
+        nmjax.tree.build_masks(params, rule)
+    skip = MaskRule("2:4 transposable", skip_indivisible=True)
+    built = nmjax.tree.build_masks(params, skip)
+    assert built["head"]["kernel"] is None and built["Dense_1"]["kernel"] is not None
+    _, used = sparsify(MLP(), skip).apply({"params": params}, X, mutable=[USED])
+    assert set(used[USED]) == {"Dense_0", "Dense_1"}
+    with pytest.raises(ValueError, match=r"leaf 'head/kernel' .* output axis 1 has length 10"):
+        nmjax.tree.build_masks(params, MaskRule(BiMask(2, 4)))
+
+
+def test_traced_decay_changes_without_recompiling():
+    x, w = X, jnp.asarray(RNG.standard_normal((8, 16)), jnp.float32)
+    fwd = nm_mask(jnp.abs(w), 2, 4)
+    traces = []
+
+    @jax.jit
+    def grad_w(lam):
+        traces.append(1)
+        layer = nl.SparseDense(16, use_bias=False, sparsity=Sparsity(decay=lam))
+        return jax.grad(lambda k: layer.apply({"params": {"kernel": k}}, x).sum())(w)
+
+    g1, g2 = grad_w(jnp.float32(0.0)), grad_w(jnp.float32(0.5))
+    assert len(traces) == 1
+    np.testing.assert_allclose(g1, x.T @ jnp.ones((4, 16)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g2 - g1, 0.5 * jnp.where(fwd, 0, w), rtol=1e-5, atol=1e-5)
+    # NNX: a JAX-array decay is layer state, changed in place without recompiling.
+    lin = nx.SparseLinear(8, 16, sparsity=Sparsity(decay=jnp.float32(0.0)), rngs=rngs(0))
+    step = nnx.jit(lambda m: nnx.grad(lambda m: m(x).sum())(m))
+    d0 = step(lin).kernel[...]
+    lin.decay.set_value(jnp.float32(0.5))
+    d1 = step(lin).kernel[...]
+    k = lin.kernel[...]
+    np.testing.assert_allclose(d1 - d0, 0.5 * jnp.where(lin.masks().fwd, 0, k), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_nnx_out_sharding_is_honoured():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    lin = nx.SparseLinear(8, 16, rngs=rngs(0))
+    sharding = NamedSharding(mesh, PartitionSpec(None, "d"))
+    y = jax.jit(lambda x: lin(x, out_sharding=sharding))(X)
+    assert y.sharding.is_equivalent_to(sharding, 2)
+    np.testing.assert_allclose(y, lin(X), rtol=1e-6)

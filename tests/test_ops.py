@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from nmjax import ops
+from nmjax import backends, ops
 from nmjax.masks import nm_mask
 
 # A small fixed set of shapes, so JAX compiles each once.
@@ -153,45 +153,47 @@ def test_bad_inputs_raise_clear_errors():
         ops.nm_dense(x, w[None], fwd[None])
     with pytest.raises(TypeError, match="x must be a floating array"):
         ops.nm_dense(x.astype(jnp.int32), w, fwd)
-    with pytest.raises(ValueError, match=r"perm has shape \(8,\); it must be \(12,\)"):
+    with pytest.raises(ValueError, match=r"perm must have shape \(12,\).*got shape \(8,\)"):
         ops.nm_dense(x, w, fwd, perm=jnp.arange(8))
-    with pytest.raises(ValueError, match="perm must be a permutation of 0..11"):
+    with pytest.raises(ValueError, match=r"perm of shape \(12,\) is not a permutation of 0..11"):
         ops.nm_dense(x, w, fwd, perm=jnp.zeros(12, jnp.int32))
-    with pytest.raises(TypeError, match="perm must be an integer array"):
+    with pytest.raises(TypeError, match="perm must be an integer index array"):
         ops.nm_dense(x, w, fwd, perm=jnp.arange(12.0))
     with pytest.raises(ValueError, match="decay must be >= 0"):
         ops.nm_dense(x, w, fwd, decay=-1.0)
-    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
-        ops.nm_dense(x, w, fwd, backend="cuda")
     with pytest.raises(ValueError, match=r"fwd_nm must be None or an \(n, m\) pair"):
         ops.nm_dense(x, w, fwd, fwd_nm=2)
 
 
-@pytest.mark.skipif("pallas" in ops.backends(), reason="a pallas backend is registered")
 def test_unavailable_pallas_backend_names_device_and_requirement():
     x, w, fwd, _, _ = _problem(9, (6,), 8, 12)
     platform = jax.devices()[0].platform
-    with pytest.raises(ValueError, match=rf"'pallas' is not available on this device "
+    if platform == "gpu":
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match=rf"'pallas' cannot run the forward product .* "
                                          rf"\({platform}.*sm_90 GPU"):
         ops.nm_dense(x, w, fwd, backend="pallas")
 
 
-def _fake_backend(calls, claim_nm):
+def _fake_backend(calls, claim_nm, speed=2.0):
     def forward(x2d, w, mask):
         calls.append("forward")
-        return ops.reference_forward(x2d, w, mask)
+        return backends.reference_forward(x2d, w, mask)
 
     def input_grad(dy2d, w, mask, perm):
         calls.append("input_grad")
-        return ops.reference_input_grad(dy2d, w, mask, perm)
+        return backends.reference_input_grad(dy2d, w, mask, perm)
 
-    return ops.Backend(forward, input_grad, claims=lambda p: p.nm == claim_nm,
-                       unavailable=lambda: None)
+    def supports(problem):
+        return None if problem.nm == claim_nm else f"it needs {claim_nm}, got {problem.nm}"
+
+    return backends.Backend("fake", forward, input_grad, supports, lambda p: speed)
 
 
-def test_auto_dispatch_uses_a_backend_only_where_it_claims_the_product(monkeypatch):
+def test_auto_dispatch_uses_a_backend_only_where_it_supports_and_beats_dense(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setitem(ops._BACKENDS, "fake", _fake_backend(calls, (2, 4)))
+    fake = _fake_backend(calls, (2, 4))
+    monkeypatch.setattr(backends, "_auto_candidates", lambda problem: (fake,))
     x, w, fwd, bwd, dy = _problem(10, (6,), 8, 12)
     f = lambda x, **kw: jax.vjp(lambda x: ops.nm_dense(x, w, fwd, bwd, **kw), x)[1](dy)[0]
     ref = f(x, backend="reference")
@@ -199,17 +201,68 @@ def test_auto_dispatch_uses_a_backend_only_where_it_claims_the_product(monkeypat
     np.testing.assert_allclose(f(x, fwd_nm=(2, 4)), ref, rtol=1e-6)
     assert calls == ["forward"]
     calls.clear()
-    f(x)  # nothing declared: no product is claimed
+    f(x)  # nothing declared: no product is supported
     assert calls == []
-    f(x, backend="fake")  # explicit: both products
+    # A backend measured slower than dense is never picked by "auto".
+    slow = _fake_backend(calls, (2, 4), speed=0.9)
+    monkeypatch.setattr(backends, "_auto_candidates", lambda problem: (slow,))
+    f(x, fwd_nm=(2, 4), bwd_nm=(2, 4))
+    assert calls == []
+
+
+def test_a_backend_value_runs_both_products_or_refuses_with_its_reason():
+    calls: list[str] = []
+    x, w, fwd, bwd, dy = _problem(10, (6,), 8, 12)
+    fake = _fake_backend(calls, (2, 4))
+    g = jax.vjp(lambda x: ops.nm_dense(x, w, fwd, bwd, backend=fake, fwd_nm=(2, 4),
+                                       bwd_nm=(2, 4)), x)[1](dy)[0]
     assert sorted(calls) == ["forward", "input_grad"]
+    np.testing.assert_allclose(g, dy @ jnp.where(bwd, w, 0).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'fake' cannot run the input_grad product .*it needs "
+                                         r"\(2, 4\), got None"):
+        jax.vjp(lambda x: ops.nm_dense(x, w, fwd, backend=fake, fwd_nm=(2, 4)), x)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'reference', an "):
+        ops.nm_dense(x, w, fwd, backend="cuda")
+    with pytest.raises(TypeError, match="backend must be a string or an nmjax.backends.Backend"):
+        ops.nm_dense(x, w, fwd, backend=3)
 
 
-def test_register_backend_validates():
-    with pytest.raises(ValueError, match="reserved"):
-        ops.register_backend("reference", _fake_backend([], None))
-    with pytest.raises(TypeError, match="must be an nmjax.ops.Backend"):
-        ops.register_backend("x", object())
+def test_importing_kernels_registers_nothing_and_auto_is_reference_off_gpu(monkeypatch):
+    import nmjax.kernels  # noqa: F401
+
+    x, w, fwd, _, _ = _problem(10, (6,), 8, 12)
+    fwd_plan, bwd_plan = ops._plan("auto", 6, w.shape, jnp.float32, (2, 4), (2, 4), False)
+    if jax.devices()[0].platform != "gpu":
+        assert fwd_plan[0] is backends.REFERENCE and bwd_plan[0] is backends.REFERENCE
+    # The default device decides (jax.default_device is respected).
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert backends.device_facts()[0] == "cpu"
+        assert backends.resolve("auto", fwd_plan[1]._replace(platform="cpu")) is \
+            backends.REFERENCE
+
+
+def test_zero_decay_gives_exactly_the_straight_through_gradient():
+    x, w, fwd, _, dy = _problem(11, (6,), 8, 12)
+    w = jnp.where(fwd, w, jnp.inf)  # non-finite pruned weights (e.g. after an overflow)
+    want = np.asarray(x).reshape(-1, 8).T @ np.asarray(dy).reshape(-1, 12)
+    for decay in (0.0, jnp.float32(0.0)):
+        dw = jax.vjp(lambda w: ops.nm_dense(x, w, fwd, decay=decay), w)[1](dy)[0]
+        np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
+    traced = jax.jit(lambda d: jax.vjp(lambda w: ops.nm_dense(x, w, fwd, decay=d), w)[1](dy)[0])
+    np.testing.assert_allclose(traced(jnp.float32(0.0)), want, rtol=1e-5, atol=1e-5)
+    assert not np.isfinite(np.asarray(traced(jnp.float32(1e-3)))).all()  # the term is real
+
+
+def test_masks_value_passes_all_three():
+    from nmjax.masks import BiMask
+
+    x, w, _, _, dy = _problem(12, (6,), 8, 12)
+    masks = BiMask(2, 4)(w, perm=jnp.asarray(np.random.default_rng(1).permutation(12)))
+    got = jax.vjp(lambda x: ops.nm_dense(x, w, masks), x)[1](dy)[0]
+    want = jax.vjp(lambda x: ops.nm_dense(x, w, masks.fwd, masks.bwd, perm=masks.perm), x)[1](dy)
+    np.testing.assert_allclose(got, want[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="pass no bwd_mask or perm beside it"):
+        ops.nm_dense(x, w, masks, masks.bwd)
 
 
 # ---------------------------------------------------------------------------------- conv
@@ -251,20 +304,20 @@ def test_conv_values_and_grads_match_masked_reference(case):
                 atol=2e-2, rtol=2e-2)  # fp32 finite differences over a 3x3 window
 
 
-def test_pointwise_conv_routes_to_nm_dense(monkeypatch):
+def test_pointwise_conv_routes_to_nm_dense():
     calls: list[str] = []
-    monkeypatch.setitem(ops._BACKENDS, "fake", _fake_backend(calls, (2, 4)))
+    fake = _fake_backend(calls, (2, 4))
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal((2, 5, 5, 8)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1, 1, 8, 12)), jnp.float32)
     fwd = nm_mask(jnp.abs(w), 2, 4, axis=2)
-    y = ops.nm_conv(x, w, fwd, backend="fake")
+    y = ops.nm_conv(x, w, fwd, backend=fake, fwd_nm=(2, 4), bwd_nm=(2, 4))
     assert calls == ["forward"]
     np.testing.assert_allclose(y, _lax_conv(x, jnp.where(fwd, w, 0), 1, "SAME", 1),
                                rtol=1e-5, atol=1e-5)
     w3 = jnp.asarray(rng.standard_normal((3, 3, 8, 12)), jnp.float32)
     with pytest.raises(ValueError, match=r"'fake' has no convolution kernel.*\(3, 3, 8, 12\)"):
-        ops.nm_conv(x, w3, nm_mask(jnp.abs(w3), 2, 4, axis=2), backend="fake")
+        ops.nm_conv(x, w3, nm_mask(jnp.abs(w3), 2, 4, axis=2), backend=fake)
 
 
 def test_conv_bad_inputs_raise_clear_errors():
@@ -285,27 +338,3 @@ def test_conv_bad_inputs_raise_clear_errors():
         ops.nm_conv(x, w, mask, strides="2")
     with pytest.raises(ValueError, match=r"padding entries must be .* got \(1, 1, 1\)"):
         ops.nm_conv(x, w, mask, padding=[(1, 1, 1), (1, 1)])
-
-
-def test_lazy_backend_loads_on_first_use_or_reports_why_not(monkeypatch):
-    import types
-
-    calls: list[str] = []
-    mod = types.ModuleType("fake_kernels")
-    mod.make = lambda: _fake_backend(calls, (2, 4))
-
-    def broken():
-        raise RuntimeError("needs an sm_90 GPU")
-
-    mod.broken = broken
-    monkeypatch.setitem(__import__("sys").modules, "fake_kernels", mod)
-    monkeypatch.setattr(ops, "_LAZY_BACKENDS", {"lazy": "fake_kernels:make",
-                                                "gone": "fake_kernels:broken"})
-    monkeypatch.setattr(ops, "_LAZY_FAILED", {})
-    monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
-    x, w, fwd, _, _ = _problem(13, (6,), 8, 12)
-    y = ops.nm_dense(x, w, fwd, fwd_nm=(2, 4))  # "auto" loads "lazy", which claims 2:4
-    assert calls == ["forward"] and "lazy" in ops.backends()
-    np.testing.assert_allclose(y, ops.nm_dense(x, w, fwd, backend="reference"), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"'gone' is not available .*RuntimeError: needs an sm_90"):
-        ops.nm_dense(x, w, fwd, backend="gone")

@@ -17,7 +17,7 @@ from flax import linen as nn
 from flax import nnx
 
 import nmjax
-from nmjax.masks import is_nm, is_transposable
+from nmjax.masks import Transposable, is_nm, is_transposable
 from nmjax.nn import USED_MASKS, linen_masks, sparsify
 from nmjax.nn import nnx as nx
 from nmjax.tree import MaskRule
@@ -34,9 +34,8 @@ TOLERANCE = 0.05
 ACC_TOLERANCE = 0.04
 # Greedy transposable masks (at most 2 per tile row and column): the exact 2:4 solver costs
 # ~10 s of compile per kernel shape on this CPU; benchmarks/train.py trains with it.
-RULE_T = MaskRule(2, 4, pattern="transposable", exclude="head", skip_indivisible=True,
-                  pattern_kwargs={"method": "greedy"})
-RULE_NM = MaskRule(2, 4, exclude="head", skip_indivisible=True)
+RULE_T = MaskRule(Transposable(2, 4, method="greedy"), exclude="head", skip_indivisible=True)
+RULE_NM = MaskRule("2:4", exclude="head", skip_indivisible=True)
 
 
 def _digits():
@@ -87,7 +86,7 @@ def _valid(masks, rule) -> jax.Array:
     ok = jnp.array(True)
     for m in masks:
         ok &= jnp.all(m.bwd == m.fwd)
-        if rule.pattern == "transposable":
+        if isinstance(rule.pattern, Transposable):
             ok &= is_transposable(m.fwd, 2, 4, axes=(-2, -1)) & (m.fwd.mean() > 0.45)
         else:
             ok &= is_nm(m.fwd, 2, 4, axis=m.fwd.ndim - 2, exact=True)

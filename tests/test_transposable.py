@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmjax.masks import (
-    build_masks_lp,
+    Transposable,
     is_transposable,
     transposable_mask,
     transposable_mask_lp,
 )
-from nmjax.tree import MaskRule, build_masks
+from nmjax.tree import MaskRule, build_masks, build_masks_lp
 
 KINDS = ("gauss", "cauchy", "ties", "zeros")
 # (n, m) -> the fixed test shape (a few tiles; one compile per pattern and method).
@@ -361,27 +361,28 @@ def params_tree():
 def test_tree_rule_uses_transposable_mask():
     params = params_tree()
     for method in ("auto", "greedy"):
-        rule = MaskRule(2, 4, pattern="transposable", pattern_kwargs={"method": method})
+        rule = MaskRule(Transposable(2, 4, method=method))
         masks = build_masks(params, rule)
         assert masks["Dense_0"]["bias"] is None
         exact = method != "greedy"
-        assert bool(is_transposable(masks["Dense_0"]["kernel"], 2, 4, exact=exact))
-        assert bool(is_transposable(masks["Conv_0"]["kernel"], 2, 4, axes=(2, 3), exact=exact))
+        assert bool(is_transposable(masks["Dense_0"]["kernel"].fwd, 2, 4, exact=exact))
+        assert bool(is_transposable(masks["Conv_0"]["kernel"].fwd, 2, 4, axes=(2, 3),
+                                    exact=exact))
 
 
 def test_build_masks_lp_matches_and_reports_progress():
     params = params_tree()
-    rule = MaskRule(2, 4, pattern="transposable")
+    rule = MaskRule("2:4 transposable")
     out = io.StringIO()
     masks = build_masks_lp(params, rule, file=out)
     ref = build_masks(params, rule)
     assert masks["Dense_0"]["bias"] is None
     for name in ("Dense_0", "Conv_0"):
         w = np.abs(params[name]["kernel"])
-        assert isinstance(masks[name]["kernel"], np.ndarray)
-        assert_close_objective(objective(w, masks[name]["kernel"]),
-                               objective(w, ref[name]["kernel"]), w)
+        assert isinstance(masks[name]["kernel"].fwd, np.ndarray)
+        assert_close_objective(objective(w, masks[name]["kernel"].fwd),
+                               objective(w, ref[name]["kernel"].fwd), w)
     text = out.getvalue()
     assert "leaf 2/2" in text and "2 leaves solved" in text
-    with pytest.raises(ValueError, match=r"pattern='transposable'"):
-        build_masks_lp(params, MaskRule(2, 4))
+    with pytest.raises(ValueError, match=r"needs a MaskRule with a Transposable pattern"):
+        build_masks_lp(params, MaskRule("2:4"))

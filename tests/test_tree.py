@@ -9,7 +9,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmjax.masks import is_nm
+from nmjax.masks import Custom, Masks, Transposable, is_nm
 from nmjax.tree import (
     MaskRule,
     apply_masks,
@@ -69,15 +69,17 @@ MODELS = {
 
 
 def flat(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-    return {path_str(p): v for p, v in leaves}
+    """``{path: leaf}``; a Masks counts as one leaf and is shown by its forward mask."""
+    is_leaf = lambda x: x is None or isinstance(x, Masks)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {path_str(p): (v.fwd if isinstance(v, Masks) else v) for p, v in leaves}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
 def test_default_rule_on_real_models(name, n, m):
     params = MODELS[name]()
-    rule = MaskRule(n, m)
+    rule = MaskRule(f"{n}:{m}")
     masks = build_masks(params, rule)
     p, mk = flat(params), flat(masks)
     assert p.keys() == mk.keys()
@@ -110,7 +112,7 @@ def test_default_rule_on_real_models(name, n, m):
 def test_nnx_round_trip_into_model():
     model = NNXCNN(nnx.Rngs(key()))
     params = nnx.state(model, nnx.Param)
-    sparse = apply_masks(params, build_masks(params, MaskRule(2, 4)))
+    sparse = apply_masks(params, build_masks(params, MaskRule("2:4")))
     nnx.update(model, sparse)
     assert bool(is_nm(model.conv2.kernel[...] != 0, 2, 4, axis=2))
     y = model.fc(jnp.ones((1, 256)))
@@ -119,30 +121,30 @@ def test_nnx_round_trip_into_model():
 
 def test_include_exclude_predicate():
     params = MODELS["linen_mlp"]()
-    only_head = build_masks(params, MaskRule(2, 4, include=r"head/kernel$"))
+    only_head = build_masks(params, MaskRule("2:4", include=r"head/kernel$"))
     assert flat(only_head)["Dense_0/kernel"] is None
     assert flat(only_head)["head/kernel"] is not None
-    no_head = build_masks(params, MaskRule(2, 4, exclude="head"))
+    no_head = build_masks(params, MaskRule("2:4", exclude="head"))
     assert flat(no_head)["head/kernel"] is None and flat(no_head)["Dense_0/kernel"] is not None
-    big = build_masks(params, MaskRule(2, 4, predicate=lambda path, w: w.size > 300))
+    big = build_masks(params, MaskRule("2:4", predicate=lambda path, w: w.size > 300))
     assert flat(big)["head/kernel"] is None and flat(big)["Dense_0/kernel"] is not None
     # include can select leaves that are not kernels when told their axis.
-    emb = build_masks(MODELS["nnx_mlp"](), MaskRule(2, 4, include="embedding", axis=1))
+    emb = build_masks(MODELS["nnx_mlp"](), MaskRule("2:4", include="embedding", axis=1))
     assert bool(is_nm(flat(emb)["embed/embedding"], 2, 4, axis=1))
 
 
 def test_custom_pattern_and_jit():
     params = MODELS["linen_cnn"]()
 
-    def keep_first(w, n, m, axis):
-        idx = jnp.arange(w.shape[axis]) % m < n
+    def keep_first(w, axis):
+        idx = jnp.arange(w.shape[axis]) % 4 < 1
         return jnp.broadcast_to(jnp.expand_dims(idx, range(1, w.ndim - axis)), w.shape)
 
-    masks = build_masks(params, MaskRule(1, 4, pattern=keep_first))
+    masks = build_masks(params, MaskRule(Custom(keep_first, fwd_nm=(1, 4))))
     k = flat(masks)["Conv_1/kernel"]
     assert bool(is_nm(k, 1, 4, axis=2, exact=True))
     assert bool(k[..., 0, :].all()) and not bool(k[..., 1:4, :].any())
-    rule = MaskRule(2, 4)
+    rule = MaskRule("2:4")
     jitted = jax.jit(lambda p: build_masks(p, rule))(params)
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(build_masks(params, rule)),
                     strict=True):
@@ -155,6 +157,8 @@ def test_custom_pattern_and_jit():
                      ("b/kernel", 4, None, None), ("conv1d/kernel", 3, "conv", 1),
                      ("stem/Conv3D/kernel", 5, "conv", 3), ("conv/proj/kernel", 4, None, None),
                      ("x/DenseGeneral_0/kernel", 3, None, None), ("a/bias", 1, None, None),
+                     ("Einsum_0/kernel", 2, None, None), ("Dense_3/kernel", 2, "dense", 0),
+                     ("DenseGeneral_1/kernel", 2, None, None), ("Conv_2/kernel", 2, None, None),
                      ("e/embedding", 2, None, None), ("n/scale", 1, None, None)])
 )
 def test_leaf_kind(case):
@@ -171,45 +175,66 @@ def test_dense_general_is_not_guessed():
             return nn.DenseGeneral(features=(4, 8), axis=(-2, -1), name="proj")(x)
 
     params = linen_params(Proj(), jnp.ones((2, 3, 8, 16)))
-    assert flat(build_masks(params, MaskRule(2, 4)))["proj/kernel"] is None
-    masks = build_masks(params, MaskRule(2, 4, include="proj/kernel", axis=1))
+    assert flat(build_masks(params, MaskRule("2:4")))["proj/kernel"] is None
+    masks = build_masks(params, MaskRule("2:4", include="proj/kernel", axis=1))
     assert bool(is_nm(flat(masks)["proj/kernel"], 2, 4, axis=1))
     # A caller that knows the layer type (sparsify) can say so.
-    assert MaskRule(2, 4).select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="conv") == 2
+    assert MaskRule("2:4").select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="conv") == 2
+    assert MaskRule("2:4").select("Dense_0/kernel", jnp.zeros((8, 8)), kind=None) is None
     with pytest.raises(ValueError, match="kind must be"):
-        MaskRule(2, 4).select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="linear")
+        MaskRule("2:4").select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="linear")
 
 
 def test_inputs_not_mutated():
     params = MODELS["linen_mlp"]()
     before = jax.tree.map(np.array, params)
-    apply_masks(params, build_masks(params, MaskRule(2, 4)))
+    apply_masks(params, build_masks(params, MaskRule("2:4")))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_bad_input():
     params = {"d": {"kernel": jnp.ones((6, 4))}, "g": {"kernel": jnp.ones((2, 4, 8))}}
-    with pytest.raises(ValueError, match=r"'d/kernel' has shape \(6, 4\); its axis 0 "
-                                         r"\(length 6\) is not divisible by m=4"):
-        build_masks(params, MaskRule(2, 4))
-    assert flat(build_masks(params, MaskRule(2, 4, skip_indivisible=True)))["d/kernel"] is None
+    with pytest.raises(ValueError, match=r"leaf 'd/kernel' of shape \(6, 4\) cannot take "
+                                         r"pattern '2:4 nm': its contraction axis 0 has "
+                                         r"length 6, not divisible by m=4"):
+        build_masks(params, MaskRule("2:4"))
+    assert flat(build_masks(params, MaskRule("2:4", skip_indivisible=True)))["d/kernel"] is None
     with pytest.raises(ValueError, match=r"'g/kernel' of shape \(2, 4, 8\).*axis is unknown"):
-        build_masks(params, MaskRule(2, 4, include="g/"))
-    with pytest.raises(ValueError, match="groups along the last axis itself"):
-        build_masks({"d": {"kernel": jnp.ones((8, 8))}},
-                    MaskRule(2, 4, pattern="transposable", axis=1))
-    with pytest.raises(ValueError, match="pattern must be one of"):
-        MaskRule(2, 4, pattern="magic")
-    with pytest.raises(TypeError, match="pattern must be a pattern name or a function"):
-        MaskRule(2, 4, pattern=5)
-    assert MaskRule(2, 4, exclude=None).select("d/kernel", jnp.ones((8, 4))) == 0
+        build_masks(params, MaskRule("2:4", include="g/"))
+    with pytest.raises(ValueError, match="the contraction axis is the last axis itself"):
+        build_masks({"d": {"kernel": jnp.ones((8, 8))}}, MaskRule("2:4 transposable", axis=1))
+    with pytest.raises(ValueError, match="pattern string must be 'N:M'"):
+        MaskRule("2:4 magic")
+    with pytest.raises(TypeError, match="pattern must be a pattern spec"):
+        MaskRule(5)
+    assert MaskRule("2:4", exclude=None).select("d/kernel", jnp.ones((8, 4))) == 0
     with pytest.raises(ValueError, match="n must be <= m"):
-        MaskRule(8, 4)
+        MaskRule("8:4")
     with pytest.raises(ValueError, match="include regex"):
-        MaskRule(2, 4, include="(")
+        MaskRule("2:4", include="(")
+    with pytest.raises(TypeError, match="skip_indivisible must be a bool"):
+        MaskRule("2:4", skip_indivisible="yes")
     good = {"d": {"kernel": jnp.ones((8, 4))}}
     with pytest.raises(ValueError, match=r"mask for 'd/kernel' has shape \(4, 4\)"):
         apply_masks(good, {"d": {"kernel": jnp.ones((4, 4), bool)}})
     with pytest.raises(TypeError, match="mask for 'd/kernel' must be a boolean"):
         apply_masks(good, {"d": {"kernel": jnp.ones((8, 4))}})
+
+
+def test_masks_of_another_model_name_the_paths_that_differ():
+    params = MODELS["linen_mlp"]()
+    other = build_masks(MODELS["linen_cnn"](), MaskRule("2:4"))
+    with pytest.raises(ValueError, match=r"do not match the parameter tree .*params paths "
+                                         r"missing from masks: \['LayerNorm_0/bias'"):
+        apply_masks(params, other)
+    with pytest.raises(ValueError, match=r"masks paths not in params: \['Conv_0/bias'"):
+        summarize(params, other)
+
+
+def test_shorthand_and_specs_are_one_thing():
+    assert MaskRule("2:4 transposable") == MaskRule(Transposable(2, 4))
+    assert MaskRule("transposable 2:4").pattern == Transposable(2, 4)
+    assert hash(MaskRule("4:8")) == hash(MaskRule("4:8"))
+    with pytest.raises(ValueError, match="at most one kind"):
+        MaskRule("2:4 nm transposable")

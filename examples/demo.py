@@ -1,6 +1,6 @@
 """The demo: N:M masks for a small Flax model's parameters, with a sparsity summary.
 
-Run with ``make demo`` (or ``python -m nmjax.demo``).
+Run with ``python examples/demo.py``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ def main() -> None:
     x = jnp.ones((1, 32, 32, 3))
     params = model.init(jax.random.key(0), x)["params"]
     # The first conv has I = 3 input channels: not divisible by 4, so it stays dense.
-    rule = MaskRule(n=2, m=4, skip_indivisible=True)
+    rule = MaskRule("2:4", skip_indivisible=True)
     masks = build_masks(params, rule)
     print(f"nmjax {nmjax.__version__}: 2:4 masks along each kernel's contraction axis\n")
     print(summarize(params, masks, rule))
     sparse = apply_masks(params, masks)
-    for mask in jax.tree.leaves(masks):  # Dense (in, out) and Conv HWIO: axis ndim - 2
+    for masks_leaf in jax.tree.leaves(masks, is_leaf=nmjax.tree.is_masks_leaf):
+        if masks_leaf is None:
+            continue
+        mask = masks_leaf.fwd  # Dense (in, out) and Conv HWIO: groups along axis ndim - 2
         assert bool(nmjax.masks.is_nm(mask, 2, 4, axis=mask.ndim - 2, exact=True))
     y_dense = model.apply({"params": params}, x)
     y_sparse = model.apply({"params": sparse}, x)
