@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from nmjax.nn import linen_masks, linen_perms, sparsify
 from nmjax.masks import BiMask
+from nmjax.nn import linen_masks, linen_perms, sparsify
 from nmjax.tree import MaskRule, build_masks, summarize
 
 

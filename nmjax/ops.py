@@ -430,7 +430,7 @@ def nm_conv(
                         precision=precision, fwd_nm=fwd_nm, bwd_nm=bwd_nm)
     if backend not in ("auto", REFERENCE):
         raise ValueError(f"backend {backend.name!r} has no convolution kernel: only 1x1 "
-                         f"convolutions (unit strides/dilations, one group) route to nm_dense; kernel shape "
-                         f"{tuple(w.shape)} needs backend='reference' or 'auto'")
+                         f"convolutions (unit strides/dilations, one group) route to nm_dense; "
+                         f"kernel shape {tuple(w.shape)} needs backend='reference' or 'auto'")
     dtype = jnp.promote_types(x.dtype, w.dtype)
     return _conv_vjp(x.astype(dtype), w.astype(dtype), fwd_mask, bwd_mask, perm, decay, spec)

@@ -10,8 +10,16 @@ from flax import linen as nn
 from flax import nnx
 
 import nmjax
-from nmjax.masks import NM, BiMask, Masks, Transposable, is_nm, is_transposable, nm_mask
-from nmjax.masks import transposable_mask
+from nmjax.masks import (
+    NM,
+    BiMask,
+    Masks,
+    Transposable,
+    is_nm,
+    is_transposable,
+    nm_mask,
+    transposable_mask,
+)
 from nmjax.nn import Sparsity, linen_masks, sparsify
 from nmjax.nn import linen as nl
 from nmjax.nn import nnx as nx

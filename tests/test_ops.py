@@ -246,7 +246,7 @@ def test_zero_decay_gives_exactly_the_straight_through_gradient():
     w = jnp.where(fwd, w, jnp.inf)  # non-finite pruned weights (e.g. after an overflow)
     want = np.asarray(x).reshape(-1, 8).T @ np.asarray(dy).reshape(-1, 12)
     for decay in (0.0, jnp.float32(0.0)):
-        dw = jax.vjp(lambda w: ops.nm_dense(x, w, fwd, decay=decay), w)[1](dy)[0]
+        dw = jax.vjp(lambda w, d=decay: ops.nm_dense(x, w, fwd, decay=d), w)[1](dy)[0]
         np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
     traced = jax.jit(lambda d: jax.vjp(lambda w: ops.nm_dense(x, w, fwd, decay=d), w)[1](dy)[0])
     np.testing.assert_allclose(traced(jnp.float32(0.0)), want, rtol=1e-5, atol=1e-5)
