@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("nmjax_cusparselt.cc")
+# cusparse.h stand-in for cuSPARSELt headers before 0.9 where no cuSPARSE header exists.
+COMPAT_INCLUDE = Path(__file__).with_name("compat")
 LIBRARY_STEM = "libnmjax_cusparselt"
 # -static-libstdc++: the library then loads beside any libstdc++ the process already has
 # (a library built here also runs on a machine whose compiler is older or absent).
@@ -194,6 +196,7 @@ def library_path(toolchain: Toolchain, env: Mapping[str, str] | None = None) -> 
 
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
+    digest.update((COMPAT_INCLUDE / "cusparse.h").read_bytes())
     digest.update(Path(toolchain.cusparselt_include, "cusparseLt.h").read_bytes())
     digest.update(jaxlib.__version__.encode())
     digest.update(" ".join(CXXFLAGS).encode())
@@ -208,7 +211,7 @@ def compile_command(toolchain: Toolchain, output: Path) -> list[str]:
         tc.cxx, *CXXFLAGS, str(SOURCE), "-o", str(output),
         # jax's headers warn under -Wall-like defaults; they are not ours to fix
         "-isystem", tc.jax_include, "-isystem", tc.cuda_include,
-        "-isystem", tc.cusparselt_include,
+        "-isystem", tc.cusparselt_include, "-isystem", str(COMPAT_INCLUDE),
         f"-L{cslt_dir}", f"-l:{Path(tc.cusparselt).name}",
         f"-L{cudart_dir}", f"-l:{Path(tc.cudart).name}",
         # found at load time through the preload in _ffi.load; the rpath covers other loaders

@@ -51,7 +51,7 @@ def load() -> ctypes.CDLL:
 
 def versions() -> tuple[int, int]:
     """``(header, runtime)`` cuSPARSELt versions of the loaded library
-    (``major·10⁶ + minor·100 + patch``; the runtime one is ``-1`` if the query failed)."""
+    (``major·10⁴ + minor·100 + patch``; the runtime one is ``-1`` if the query failed)."""
     lib = load()
     return lib.nmjax_cusparselt_header_version(), lib.nmjax_cusparselt_runtime_version()
 

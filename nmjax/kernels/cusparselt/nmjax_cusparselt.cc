@@ -278,8 +278,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NmjaxCusparseltSpmm, Spmm,
 // Host-side helpers for Python (ctypes); none touches a GPU.
 extern "C" {
 
-// The cuSPARSELt version this library was compiled against (major*1000000+minor*100+patch).
-int nmjax_cusparselt_header_version() { return CUSPARSELT_VERSION; }
+// The cuSPARSELt version this library was compiled against, major*10000 + minor*100 + patch
+// (CUSPARSELT_VERSION's own encoding changed between releases).
+int nmjax_cusparselt_header_version() {
+  return CUSPARSELT_VER_MAJOR * 10000 + CUSPARSELT_VER_MINOR * 100 + CUSPARSELT_VER_PATCH;
+}
 
 // The version of the libcusparseLt.so.0 actually loaded, same encoding; -1 on failure.
 int nmjax_cusparselt_runtime_version() {
@@ -288,7 +291,7 @@ int nmjax_cusparselt_runtime_version() {
       cusparseLtGetProperty(MINOR_VERSION, &minor) != CUSPARSE_STATUS_SUCCESS ||
       cusparseLtGetProperty(PATCH_LEVEL, &patch) != CUSPARSE_STATUS_SUCCESS)
     return -1;
-  return major * 1000000 + minor * 100 + patch;
+  return major * 10000 + minor * 100 + patch;
 }
 
 // Number of cached plans (one per device, direction, dtype, shape and search flag).
