@@ -34,17 +34,21 @@ MAX_TABLE_DISTANCE = 1.0
 
 
 def fits_24(nm: tuple[int, int] | None) -> bool:
-    """Whether every mask with this N:M pattern keeps at most 2 of every aligned group of 4,
-    which is what the 2:4 sparse tensor cores (and cuSPARSELt's compress) accept: 2:4, 1:4,
-    1:2, 2:8, 1:8, 2:16... but not 4:8 (up to 4 of a group of 4) or 2:3 (groups straddle)."""
+    """Whether every mask with this N:M pattern (N kept per group of M consecutive entries)
+    keeps at most 2 of every aligned group of 4, which is what the 2:4 sparse tensor cores
+    (and cuSPARSELt's compress) accept: 2:4, 1:4, 1:2, 2:8, 1:3... but not 4:8 (up to 4 of
+    an aligned 4) or 2:6 (a 4 straddling two groups can hold 2 of each)."""
     if nm is None:
         return False
     n, m = nm
-    if m % 4 == 0:
-        return n <= 2
-    if 4 % m == 0:
-        return n * (4 // m) <= 2
-    return False
+    period = math.lcm(4, m)  # the pattern of overlaps repeats with this period
+    for start in range(0, period, 4):
+        # the most a window can hold: from each group it overlaps, min(n, overlap)
+        most = sum(min(n, max(0, min(start + 4, g + m) - max(start, g)))
+                   for g in range(0, period, m))
+        if most > 2:
+            return False
+    return True
 
 
 def _cc(compute_capability: str | None) -> tuple[int, int] | None:
@@ -82,7 +86,7 @@ def supports(problem: Problem, *, availability: Callable[[], str | None] = _buil
                 f"at most 2 kept in every aligned group of 4 along {axis} (declare e.g. (2, 4))")
     if not fits_24(problem.nm):
         return (f"declared N:M {problem.nm} can keep more than 2 of an aligned group of 4 "
-                f"along {axis}; cuSPARSELt runs 2:4 (and 1:4, 1:2, 2:8, 1:8, ...)")
+                f"along {axis}; cuSPARSELt runs 2:4 (and 1:4, 1:2, 2:8, ...)")
     dims = {"rows": (problem.rows, ROW_MULTIPLE), "in": (problem.n_in, FEATURE_MULTIPLE),
             "out": (problem.n_out, FEATURE_MULTIPLE)}
     bad = [f"{name}={size} (multiple of {mult})" for name, (size, mult) in dims.items()
