@@ -477,3 +477,15 @@ def test_build_register_and_lower_for_cuda(tmp_path, monkeypatch):
     assert len(calls) == 3
     assert "tensor<32x48xf16>, tensor<24x32xf16>) -> tensor<24x48xf16>" in calls[0]
     assert "direction = 1 : i32" in calls[1] and "-> tensor<24x32xf16>" in calls[1]
+
+
+def test_products_refuse_a_process_without_gpu_before_building(monkeypatch):
+    def load():
+        raise AssertionError("nothing may be built or loaded without a GPU")
+
+    monkeypatch.setattr(_ffi, "load", load)
+    x, w, dy, mask = layer(jax.random.key(6))
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs.*cpu only"):
+        cslt.forward(x, w, mask)
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs"):
+        jax.jit(cslt.input_grad)(dy, w, mask, None)

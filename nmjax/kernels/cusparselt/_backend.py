@@ -200,7 +200,7 @@ def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True) -> Ar
     Raises:
       TypeError: a non-16-bit float operand, mixed dtypes, a non-boolean mask.
       ValueError: shapes that do not fit, sizes off cuSPARSELt's multiples, a concrete mask
-        with more than 2 of 4 kept.
+        with more than 2 of 4 kept, no GPU in this process.
       BuildError: the FFI library is neither prebuilt nor buildable here.
     """
     _check_operands("x2d", x2d, w, fwd_mask, "in")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
@@ -15,6 +16,25 @@ TARGET = "nmjax_cusparselt_spmm"
 FORWARD, INPUT_GRAD = 0, 1
 
 _load_lock = threading.Lock()
+_lowering = threading.local()
+
+
+@contextlib.contextmanager
+def lowering_without_gpu():
+    """Lets :func:`spmm` trace in a process without a GPU, for lowering to CUDA only (the
+    CPU-side check); running the result still needs a GPU."""
+    _lowering.allowed = True
+    try:
+        yield
+    finally:
+        _lowering.allowed = False
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
 
 
 @functools.cache
@@ -85,7 +105,15 @@ def spmm(w_masked: jax.Array, dense: jax.Array, *, direction: int, search: bool)
 
     Returns:
       ``(rows, out)`` (forward) or ``(rows, in)`` (input grad), ``dense``'s dtype.
+
+    Raises:
+      ValueError: this process has no GPU (checked before anything is built or loaded).
     """
+    if not getattr(_lowering, "allowed", False) and not _has_gpu():
+        raise ValueError(
+            "the cusparselt backend runs on NVIDIA GPUs (compute capability >= 8.0); this "
+            f"process has none ({jax.devices()[0].platform} only); use backend='reference' or "
+            "'auto'")
     load()
     cols = w_masked.shape[1] if direction == FORWARD else w_masked.shape[0]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((dense.shape[0], cols), dense.dtype),
