@@ -489,3 +489,16 @@ def test_products_refuse_a_process_without_gpu_before_building(monkeypatch):
         cslt.forward(x, w, mask)
     with pytest.raises(ValueError, match="runs on NVIDIA GPUs"):
         jax.jit(cslt.input_grad)(dy, w, mask, None)
+
+
+def test_runtime_libraries_need_no_headers(no_system_cuda, tmp_path):
+    """A prebuilt library runs where only the wheels' shared libraries are installed."""
+    nvidia = tmp_path / "nvidia"
+    touch(nvidia / "cu13" / "lib" / "libcudart.so.13")
+    touch(nvidia / "cu13" / "include" / "cusparseLt.h")
+    touch(nvidia / "cu13" / "lib" / "libcusparseLt.so.0")
+    libs = _build.runtime_libraries({"PATH": ""}, [nvidia])
+    assert libs == [nvidia / "cu13" / "lib" / "libcudart.so.13",
+                    nvidia / "cu13" / "lib" / "libcusparseLt.so.0"]
+    with pytest.raises(cslt.BuildError, match="no CUDA runtime headers"):
+        cslt.find_toolchain({"PATH": ""}, nvidia_dirs=[nvidia], need_compiler=False)

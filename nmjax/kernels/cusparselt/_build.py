@@ -104,16 +104,24 @@ def _cuda_roots(env: Mapping[str, str]) -> list[Path]:
     return roots
 
 
-def _find_cuda(env: Mapping[str, str], nvidia: Sequence[Path]) -> tuple[Path, Path] | None:
-    """(include dir, libcudart) from one CUDA installation or wheel."""
+_CUDART = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
+
+
+def _cuda_candidates(env: Mapping[str, str], nvidia: Sequence[Path]) -> list[tuple[Path, list]]:
+    """(include dir, library dirs) of each CUDA installation or wheel, in search order."""
     candidates = [(r / "include", [r / "lib64", r / "lib", r / "targets/x86_64-linux/lib"])
                   for r in _cuda_roots(env)]
     for d in nvidia:
         for sub in ("cu13", "cuda_runtime", "cu12"):
             candidates.append((d / sub / "include", [d / sub / "lib"]))
-    for include, libs in candidates:
+    return candidates
+
+
+def _find_cuda(env: Mapping[str, str], nvidia: Sequence[Path]) -> tuple[Path, Path] | None:
+    """(include dir, libcudart) from one CUDA installation or wheel."""
+    for include, libs in _cuda_candidates(env, nvidia):
         if (include / "cuda_runtime_api.h").is_file():
-            cudart = _first_file(libs, ("libcudart.so", "libcudart.so.13", "libcudart.so.12"))
+            cudart = _first_file(libs, _CUDART)
             if cudart is not None:
                 return include, cudart
     return None
@@ -286,8 +294,11 @@ def runtime_libraries(env: Mapping[str, str] | None = None,
     library, whose own rpath may point at another machine's paths)."""
     env = os.environ if env is None else env
     nvidia = _nvidia_dirs() if nvidia_dirs is None else list(nvidia_dirs)
-    found = [_find_cuda(env, nvidia), _find_cusparselt(env, nvidia)]
-    return [pair[1] for pair in found if pair is not None]
+    cuda = _find_cuda(env, nvidia)  # headers not needed to run: any libcudart will do
+    cudart = cuda[1] if cuda else _first_file(
+        [d for _, libs in _cuda_candidates(env, nvidia) for d in libs], _CUDART)
+    cslt = _find_cusparselt(env, nvidia)
+    return [p for p in (cudart, cslt[1] if cslt else None) if p is not None]
 
 
 @functools.cache
