@@ -15,9 +15,11 @@ line to OUT.jsonl as soon as it ends:
 5. ``nm_dense``: forward + backward (y, dx, dw) through ``nmjax.ops.nm_dense`` with the backend
    against the reference backend (a local ``custom_vjp`` of the same contract if this
    ``nmjax.ops`` does not take a Backend value).
-6. ``gemm``: each product vs dense XLA bf16 (and the Pallas backend where it runs) in this
+6. ``layer``: ``nm_dense`` forward + backward vs dense XLA, the reference and Pallas.
+7. ``gemm``: each product vs dense XLA bf16 (and the Pallas backend where it runs) in this
    process; rewrites ``--table`` (the speedup table ``"auto"`` reads) after every shape.
-7. ``layer``: ``nm_dense`` forward + backward vs dense XLA, the reference and Pallas.
+
+Steps 6 and 7 also write one line per measurement (and refresh ``--md``) as they go.
 
 Timing: CUPTI kernel time (``jax.experimental.mosaic.gpu.profiler.measure``, as
 ``benchmarks/kernels.py``), median of ``--iters`` runs after a warm-up (which includes the
@@ -67,10 +69,9 @@ CORRECT_CASES = [
 ]
 # (M, N, K) of the sparse GEMM, as benchmarks/kernels.py: forward (out, rows, in),
 # input grad (in, rows, out)
-GEMM_SHAPES = [
-    (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192),
-    (3072, 8192, 768), (768, 8192, 3072),
-    (4096, 8192, 4096), (16384, 8192, 4096), (4096, 8192, 16384),
+GEMM_SHAPES = [  # the most informative first: a timeout keeps what was measured
+    (4096, 8192, 4096), (3072, 8192, 768), (768, 8192, 3072), (8192, 8192, 8192),
+    (4096, 4096, 4096), (2048, 2048, 2048), (16384, 8192, 4096), (4096, 8192, 16384),
 ]
 PERM_SHAPES = [(4096, 8192, 4096), (768, 8192, 3072)]
 FP16_SHAPES = [(4096, 4096, 4096), (4096, 8192, 4096)]
@@ -360,7 +361,7 @@ class Table:
             entries=self.entries), indent=1) + "\n")
 
 
-def step_gemm(table: Table, shapes, perm_shapes, fp16_shapes, iters: int) -> dict:
+def step_gemm(table: Table, shapes, perm_shapes, fp16_shapes, iters: int, emit) -> dict:
     pallas, pallas_why = pallas_backend()
     b = cslt.cusparselt_backend()
     rows_out = []
@@ -416,6 +417,7 @@ def step_gemm(table: Table, shapes, perm_shapes, fp16_shapes, iters: int) -> dic
             if (m, n, k) == (8192, 8192, 8192) and not permuted:
                 row["cusparselt_kernels"] = kernel_breakdown(sparse_f, *sparse_args)
             rows_out.append(row)
+            emit("gemm", row, rows_out)
             table.add(direction, dtype_name, permuted, (m, n, k), row["speedup"])
             print(f"gemm {direction} M={m} N={n} K={k} {dtype_name} perm={permuted}: dense "
                   f"{row['dense_tflops']:.0f} TF/s cusparselt {row['cusparselt_tflops']:.0f} TF/s"
@@ -425,7 +427,7 @@ def step_gemm(table: Table, shapes, perm_shapes, fp16_shapes, iters: int) -> dic
     return dict(rows=rows_out)
 
 
-def step_layer(shapes, iters: int) -> dict:
+def step_layer(shapes, iters: int, emit) -> dict:
     pallas, pallas_why = pallas_backend()
     rows_out = []
     for (rows, n_in, n_out) in shapes:
@@ -457,6 +459,7 @@ def step_layer(shapes, iters: int) -> dict:
         else:
             row["pallas_error"] = pallas_why
         rows_out.append(row)
+        emit("layer", row, rows_out)
         print(f"layer rows={rows} in={n_in} out={n_out}: dense {t_dense['ms']:.3f} ms reference "
               f"{t_ref['ms']:.3f} ms cusparselt {t_sp['ms']:.3f} ms "
               f"({row['speedup_vs_dense']:.2f}x dense) err {row['max_rel_err']:.1e}", flush=True)
@@ -469,7 +472,7 @@ def markdown(build, gemm, layer) -> str:
     lines = [f"device: {kind} (sm {cc}); jax {jax.__version__}; cuSPARSELt "
              f"{version // 10000}.{version // 100 % 100}.{version % 100}; "
              f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}", ""]
-    if gemm:
+    if gemm and gemm["rows"]:
         lines += ["### Sparse products vs dense XLA bf16 (cusparselt = mask + compress + matmul)",
                   "", "| product | M | N | K | dtype | perm | dense TFLOP/s | cusparselt TFLOP/s "
                   "| cusparselt/dense | pallas/dense |", "|---|---:|---:|---:|---|---|---:|---:|"
@@ -480,7 +483,7 @@ def markdown(build, gemm, layer) -> str:
             lines.append(f"| {r['direction']} | {m} | {n} | {k} | {r['dtype']} | "
                          f"{'yes' if r['permuted'] else ''} | {r['dense_tflops']:.0f} | "
                          f"{r['cusparselt_tflops']:.0f} | {r['speedup']:.2f}x | {pal} |")
-    if layer:
+    if layer and layer["rows"]:
         lines += ["", "### `nm_dense` forward + backward (y, dx, dw), bf16", "",
                   "| rows | in | out | dense ms | reference ms | cusparselt ms | pallas ms "
                   "| dense/cusparselt | max rel err |", "|---:|---:|---:|---:|---:|---:|---:|"
@@ -520,12 +523,18 @@ def main(argv=None) -> int:
     table = Table(args.table)
     q = QUICK if args.quick else dict(gemm=GEMM_SHAPES, perm=PERM_SHAPES, fp16=FP16_SHAPES,
                                       layer=LAYER_SHAPES)
-    gemm = rec.step("gemm", step_gemm, table, q["gemm"], q["perm"], q["fp16"], args.iters)
-    if args.md:
-        args.md.write_text(markdown(build, gemm, None))
-    layer = rec.step("layer", step_layer, q["layer"], max(5, args.iters // 2))
-    if args.md:
-        args.md.write_text(markdown(build, gemm, layer))
+    so_far: dict = {"layer": [], "gemm": []}
+
+    def emit(step: str, row: dict, rows: list) -> None:
+        """One line per measurement and a fresh markdown file, so a timeout keeps them."""
+        rec.write(dict(step=f"{step}_row", **row))
+        so_far[step] = rows
+        if args.md:
+            args.md.write_text(markdown(build, dict(rows=so_far["gemm"]),
+                                        dict(rows=so_far["layer"])))
+
+    rec.step("layer", step_layer, q["layer"], max(5, args.iters // 2), emit)
+    rec.step("gemm", step_gemm, table, q["gemm"], q["perm"], q["fp16"], args.iters, emit)
     rec.write(dict(step="done", failed=rec.failed))
     return 1 if rec.failed else 0
 

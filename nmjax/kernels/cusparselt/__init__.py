@@ -3,8 +3,12 @@
 A ``jax.ffi`` custom call runs each 2:4 product (forward ``x @ (w ⊙ fwd)`` and input
 gradient ``dy @ (w ⊙ bwd)ᵀ``, Bi-Mask permutation included) on the sparse tensor cores of
 any sm_80+ GPU, in bfloat16 or float16 with fp32 accumulation, on XLA's stream and with
-XLA's scratch memory. cuSPARSELt compresses ``w`` on the device at every call (the weights
-change every step); plans and the algorithm choice are cached per shape.
+XLA's scratch memory. cuSPARSELt compresses ``w`` on the device at every call; plans and
+the algorithm choice are cached per shape. There is deliberately no compress-at-mask-refresh
+cache: in training ``w`` changes at every optimizer step even when the masks are static, so
+a compressed copy is stale one step later, and compressing is one pass over ``w`` fused into
+the same custom call (a few percent of the GEMM at layer sizes). Only frozen weights
+(inference) could reuse it, and its size is opaque to XLA until cuSPARSELt runs on a GPU.
 
 Needs: an NVIDIA GPU of compute capability >= 8.0; ``pip install 'nmjax[cusparselt]'`` (the
 nvidia-cusparselt-cu13 wheel); a C++17 compiler and the CUDA runtime headers for the
