@@ -8,8 +8,8 @@ the algorithm choice are cached per shape. There is deliberately no compress-at-
 cache: in training ``w`` changes at every optimizer step even when the masks are static, so
 a compressed copy is stale one step later, and compressing is one pass over ``w`` fused into
 the same custom call (expected to be small next to the GEMM; the GPU benchmark's kernel
-breakdown measures it). Only frozen weights
-(inference) could reuse it, and its size is opaque to XLA until cuSPARSELt runs on a GPU.
+breakdown measures it). Only frozen weights (inference) could reuse it, and its size is
+opaque to XLA until cuSPARSELt runs on a GPU.
 
 Needs: an NVIDIA GPU of compute capability >= 8.0; ``pip install 'nmjax[cusparselt]'`` (the
 nvidia-cusparselt-cu13 wheel); a C++17 compiler and the CUDA runtime headers for the
