@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n auto
 FIND_PYTHON := for c in "env PYENV_VERSION=3.12.1 python3.12" python3.12 python3.13 python3 python; do \
   $$c -c 'import sys; assert sys.version_info >= (3, 11); print(sys.executable)' 2>/dev/null && break; done
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean cusparselt-check
 
 $(VENV)/.installed: pyproject.toml
 	@py="$$($(FIND_PYTHON))"; \
@@ -31,6 +31,12 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check nmjax tests benchmarks examples notebooks
+
+# Build the cuSPARSELt FFI handler (fresh), load it, register it and lower both products for
+# CUDA; no GPU needed (the GPU run is benchmarks/gpu_cusparselt.py).
+cusparselt-check: venv
+	$(PY) -m pip install -q -e ".[cusparselt]"
+	$(PY) -m nmjax.kernels.cusparselt check --force
 
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]"

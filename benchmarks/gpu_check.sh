@@ -31,6 +31,8 @@ VARIANTS="${VARIANTS:-v1 v1_mf ws_mf ws ws_np}"
   echo "BEST=$best"
   timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/kernels.py bench layer --variant "$best" \
     --iters 20 --md "$O/kernels_table.md" ${BENCH_ARGS:-} || echo "bench exited $?"
+  # cuSPARSELt backend: build (or .cusparselt-prebuilt/, carried), correctness, timings, table
+  timeout "${CUSPARSELT_TIMEOUT:-240}" "$PY" benchmarks/gpu_cusparselt.py "$O/cusparselt.jsonl" --table "$O/cusparselt_speedups.json" --md "$O/cusparselt_table.md" --prebuilt .cusparselt-prebuilt/libnmjax_cusparselt.so ${CUSPARSELT_ARGS:-} || echo "gpu_cusparselt exited $?"
   if [ "${PYTEST:-1}" = 1 ]; then
     timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -n 15
   fi

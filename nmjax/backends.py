@@ -9,7 +9,7 @@ The two sparse products of a linear layer with kernel ``w: (in, out)`` run throu
 
 :data:`REFERENCE` (masked dense ``jnp``, any platform, fp32 accumulation) runs everywhere.
 Kernel backends come from factories (``nmjax.kernels.pallas_backend(config)``,
-``nmjax.kernels.cusparselt_backend()``); importing a module never registers anything.
+``nmjax.kernels.cusparselt.cusparselt_backend()``); importing a module never registers anything.
 ``backend=`` arguments take a :class:`Backend`, ``"reference"``, ``"auto"`` or the name of a
 known factory (``"pallas"``, ``"cusparselt"``), resolved per product by :func:`resolve`.
 ``"auto"`` runs a kernel only where its own measured table says it beats dense XLA on this
@@ -35,7 +35,7 @@ DIRECTIONS = ("forward", "input_grad")
 # no argument and returns a Backend (it may be unable to run here: see Backend.supports).
 FACTORIES: dict[str, str] = {
     "pallas": "nmjax.kernels:pallas_backend",
-    "cusparselt": "nmjax.kernels:cusparselt_backend",
+    "cusparselt": "nmjax.kernels.cusparselt:cusparselt_backend",
 }
 
 
