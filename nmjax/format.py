@@ -87,11 +87,15 @@ def _unpack_bits(words: jax.Array, bits: int, count: int) -> jax.Array:
 def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
     """Packs ``w`` under an N:M ``mask`` into values + bit-packed index metadata.
 
-    Example::
-
-      mask = nmjax.masks.nm_mask(jnp.abs(w), 2, 4)        # w: (in, out)
-      packed = nmjax.format.pack(w, mask, 2, 4)           # values: (in // 2, out)
-      assert (nmjax.format.unpack(packed) == jnp.where(mask, w, 0)).all()
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax.masks import nm_mask
+    >>> w = jax.random.normal(jax.random.key(0), (8, 3))     # (in, out)
+    >>> mask = nm_mask(jnp.abs(w), 2, 4)
+    >>> packed = pack(w, mask, 2, 4)
+    >>> packed.values.shape, packed.meta.dtype                # values: (in // 2, out)
+    ((4, 3), dtype('uint32'))
+    >>> bool((unpack(packed) == jnp.where(mask, w, 0)).all())
+    True
 
     Args:
       w: array of any rank and dtype.

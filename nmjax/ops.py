@@ -153,13 +153,18 @@ def nm_dense(
     """``x @ (w ⊙ fwd_mask)`` whose input gradient uses ``bwd_mask`` and whose weight gradient
     is straight-through (SR-STE).
 
-    Example::
-
-      w = jax.random.normal(key, (256, 512))                      # (in, out)
-      mask = nmjax.masks.transposable_mask(jnp.abs(w), 2, 4)      # 2:4 along in and out
-      y = nm_dense(x, w, mask)                                     # x: (..., 256) -> (..., 512)
-      dx, dw = jax.grad(lambda x, w: nm_dense(x, w, mask).sum(), (0, 1))(x, w)
-      y = nm_dense(x, w, nmjax.masks.BiMask(2, 4)(w))              # a Masks(fwd, bwd, perm)
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax.masks import BiMask, transposable_mask
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))       # (in, out)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 16))       # (..., in)
+    >>> mask = transposable_mask(jnp.abs(w), 2, 4)              # 2:4 along in and out
+    >>> nm_dense(x, w, mask).shape                              # (..., out)
+    (4, 8)
+    >>> dx, dw = jax.grad(lambda x, w: nm_dense(x, w, mask).sum(), (0, 1))(x, w)
+    >>> bool(jnp.allclose(dw, x.T @ jnp.ones((4, 8))))          # straight-through
+    True
+    >>> nm_dense(x, w, BiMask(2, 4)(w)).shape                   # a Masks(fwd, bwd, perm)
+    (4, 8)
 
     Args:
       x: ``(..., in)`` floating inputs; leading axes are batch.
@@ -368,11 +373,12 @@ def nm_conv(
     product and runs through :func:`nm_dense` (and its backends); the others run the
     reference (``lax.conv_general_dilated`` on masked kernels, fp32 accumulation).
 
-    Example::
-
-      w = jax.random.normal(key, (3, 3, 16, 32))                  # HWIO
-      mask = nmjax.masks.nm_mask(jnp.abs(w), 2, 4, axis=2)        # 2:4 along I
-      y = nm_conv(x, w, mask)                                      # x: (N, H, W, 16)
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax.masks import nm_mask
+    >>> w = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))   # HWIO
+    >>> mask = nm_mask(jnp.abs(w), 2, 4, axis=2)                   # 2:4 along I
+    >>> nm_conv(jnp.ones((2, 8, 8, 16)), w, mask).shape             # (N, H, W, O)
+    (2, 8, 8, 32)
 
     Args:
       x: ``(N, *spatial, C)`` floating inputs, ``C = I · feature_group_count``.

@@ -69,12 +69,13 @@ def bimask(
     group; forward-kept zeros are preferred to pruned entries, ties to the lower permuted
     index). It is expressed in the original channel order.
 
-    Example::
-
-      w = jax.random.normal(key, (768, 3072))
-      fwd, bwd, perm = bimask(w, 2, 4)                                   # identity perm
-      fwd, bwd, perm = bimask(w, 2, 4, search="swap", key=jax.random.key(0))
-      assert nmjax.masks.is_nm(bwd[:, perm], 2, 4, axis=1)
+    >>> import jax
+    >>> from nmjax.masks import bimask, is_nm
+    >>> w = jax.random.normal(jax.random.key(0), (16, 32))             # (in, out)
+    >>> fwd, bwd, perm = bimask(w, 2, 4)                               # identity perm
+    >>> fwd, bwd, perm = bimask(w, 2, 4, search="swap", key=jax.random.key(1))
+    >>> bool(is_nm(bwd[:, perm], 2, 4, axis=1)), bool((bwd <= fwd).all())
+    (True, True)
 
     Args:
       w: ``(in, out)`` real weights; ``in`` and ``out`` divisible by ``m``.

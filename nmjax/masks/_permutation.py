@@ -304,10 +304,15 @@ def search_permutation(
     channels in the permuted order into groups of ``m`` and keep, per input row and group,
     the best ``n`` forward-kept entries; maximise what survives (``score``).
 
-    Example::
-
-      perm = search_permutation(w, 2, 4, method="swap", key=jax.random.key(0))
-      fwd, bwd, perm = bimask(w, 2, 4, perm=perm)
+    >>> import jax
+    >>> from nmjax.masks import bimask
+    >>> w = jax.random.normal(jax.random.key(0), (16, 32))             # (in, out)
+    >>> perm = search_permutation(w, 2, 4, method="swap", key=jax.random.key(1))
+    >>> fwd, bwd, perm = bimask(w, 2, 4, perm=perm)
+    >>> identity = jax.numpy.arange(32)                   # swap never lowers its score
+    >>> bool(score_permutations(w, 2, 4, perm, score="magnitude")
+    ...      >= score_permutations(w, 2, 4, identity, score="magnitude"))
+    True
 
     Methods:
       * ``"random"`` — the official search: ``num_candidates`` random permutations

@@ -244,16 +244,23 @@ def sparsify(model: nn.Module, rule: MaskRule | Pattern | str, *, pattern: str |
     a :class:`Sparsified` model again adds the new rule (a layer two rules select with
     different settings is an error at the first call).
 
-    Example::
-
-      sparse = sparsify(model, "2:4")                                  # every Dense/Conv
-      sparse = sparsify(model, "2:4", pattern="transposable")
-      sparse = sparsify(model, MaskRule(Transposable(2, 4), exclude="head"), decay=2e-4)
-      y = sparse.apply({"params": dense_params}, x)
-
-      static = sparsify(model, rule, mode="static")
-      masks = linen_masks(dense_params, rule)          # or static.init(...)["nm_masks"]
-      y = static.apply({"params": dense_params, "nm_masks": masks}, x)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(10, name="head")(nn.relu(nn.Dense(32)(x)))
+    >>> x = jnp.ones((4, 16))
+    >>> params = MLP().init(jax.random.key(0), x)["params"]      # or a dense checkpoint
+    >>> sparsify(MLP(), "2:4").apply({"params": params}, x).shape   # every Dense, 2:4
+    (4, 10)
+    >>> rule = MaskRule("2:4 transposable", exclude="head")   # a 10-wide head: not 4-divisible
+    >>> sparsify(MLP(), rule, decay=2e-4).apply({"params": params}, x).shape
+    (4, 10)
+    >>> static = sparsify(MLP(), rule, mode="static")            # masks from "nm_masks"
+    >>> masks = linen_masks(params, rule)
+    >>> static.apply({"params": params, "nm_masks": masks}, x).shape
+    (4, 10)
 
     Args:
       model: a Linen module (unbound), or a :class:`Sparsified` one.
@@ -320,9 +327,9 @@ def linen_perms(params: Any, rule: MaskRule, key: jax.Array, *, previous: Any = 
     are still recomputed from the weights at every call, the backward one in that
     permutation's order. Without it the identity permutation is used.
 
-    Example::
+    Example (every I steps of a training loop)::
 
-      rule = MaskRule(BiMask(2, 4, search="swap"))
+      rule = MaskRule(BiMask(2, 4, search="swap"), exclude="head")
       sparse = sparsify(model, rule, decay=2e-4)
       perms = linen_perms(params, rule, jax.random.key(step), previous=perms)
       logits = sparse.apply({"params": params, "nm_masks": perms}, x)

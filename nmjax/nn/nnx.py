@@ -228,11 +228,20 @@ def sparsify(model: nnx.Module, rule: MaskRule | Pattern | str, *, pattern: str 
     sparse already are left as they are, unless the rule selects them with other settings,
     which is an error (sparsify the dense model instead).
 
-    Example::
-
-      sparse = sparsify(model, "2:4", pattern="transposable")
-      sparse = sparsify(model, MaskRule(Transposable(2, 4), exclude="head"), decay=2e-4)
-      optimizer = nnx.Optimizer(sparse, optax.adam(1e-3), wrt=nnx.Param)
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.body = nnx.Linear(16, 32, rngs=rngs)
+    ...         self.head = nnx.Linear(32, 10, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.head(nnx.relu(self.body(x)))
+    >>> sparse = sparsify(MLP(nnx.Rngs(0)), MaskRule("2:4 transposable", exclude="head"))
+    >>> type(sparse.body).__name__, type(sparse.head).__name__
+    ('SparseLinear', 'Linear')
+    >>> optimizer = nnx.Optimizer(sparse, optax.adam(1e-3), wrt=nnx.Param)
+    >>> sparse(jnp.ones((4, 16))).shape
+    (4, 10)
 
     Args:
       model: an NNX module.
