@@ -123,11 +123,15 @@ def reference_forward(x2d: Array, w: Array, fwd_mask: Array, *, precision=None) 
 def reference_input_grad(
     dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *, precision=None
 ) -> Array:
-    """``dy2d @ (w ⊙ bwd_mask)ᵀ``, in ``perm`` order of ``out`` when given: ``(rows, in)``."""
-    wb = _masked(w, bwd_mask)
-    if perm is not None:
-        dy2d, wb = dy2d[:, perm], wb[:, perm]
-    dx = jnp.matmul(dy2d, wb.T, precision=precision, preferred_element_type=jnp.float32)
+    """``dy2d @ (w ⊙ bwd_mask)ᵀ``: ``(rows, out) -> (rows, in)``, fp32 accumulation.
+
+    ``perm`` (a Bi-Mask permutation of ``out``) orders the contraction for kernels that need
+    contiguous groups; a dense product does not depend on that order, so the reference
+    skips the two gathers it would cost (the result differs only by float summation order).
+    """
+    del perm
+    dx = jax.lax.dot_general(dy2d, _masked(w, bwd_mask), (((1,), (1,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
     return dx.astype(dy2d.dtype)
 
 

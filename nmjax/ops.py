@@ -96,12 +96,6 @@ def sr_ste_term(w: Array, fwd_mask: Array, decay: Array | None) -> Array | None:
     return jnp.where(pruned, decay * w.astype(jnp.float32), 0.0)
 
 
-def _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision):
-    dw = jnp.matmul(x2d.T, dy2d, precision=precision, preferred_element_type=jnp.float32)
-    term = sr_ste_term(w, fwd_mask, decay)
-    return (dw if term is None else dw + term).astype(w.dtype)
-
-
 def _decay_cotangent(decay):
     return None if decay is None else jnp.zeros_like(decay)
 
@@ -117,20 +111,35 @@ def _run(backend: Backend, problem: Problem, precision, *args) -> Array:
     return backend.run(problem, *args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared):
     return _run(*fwd, precision, x2d, w, fwd_mask)
 
 
-def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision):
+def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared):
+    if shared:
+        # Reference products on one mask: the masked kernel is built once, here, and the
+        # input gradient reuses it (one pass over W fewer per step).
+        w_masked = backends._masked(w, fwd_mask)
+        y = jnp.matmul(x2d, w_masked, precision=precision, preferred_element_type=jnp.float32)
+        w_res = w if decay is not None else None  # the decay term needs the dense W
+        return y.astype(x2d.dtype), (x2d, w_masked, w_res, fwd_mask, None, perm, decay)
     y = _run(*fwd, precision, x2d, w, fwd_mask)
-    return y, (x2d, w, fwd_mask, bwd_mask, perm, decay)
+    return y, (x2d, None, w, fwd_mask, bwd_mask, perm, decay)
 
 
-def _dense2d_bwd(fwd, bwd, precision, res, dy2d):
-    x2d, w, fwd_mask, bwd_mask, perm, decay = res
-    dx = _run(*bwd, precision, dy2d, w, bwd_mask, perm)
-    dw = _weight_grad(x2d, dy2d, w, fwd_mask, decay, precision)
+def _dense2d_bwd(fwd, bwd, precision, shared, res, dy2d):
+    x2d, w_masked, w, fwd_mask, bwd_mask, perm, decay = res
+    if shared:
+        dx = jax.lax.dot_general(dy2d, w_masked, (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32).astype(dy2d.dtype)
+        dw_dtype = w_masked.dtype
+    else:
+        dx = _run(*bwd, precision, dy2d, w, bwd_mask, perm)
+        dw_dtype = w.dtype
+    dw = jnp.matmul(x2d.T, dy2d, precision=precision, preferred_element_type=jnp.float32)
+    term = sr_ste_term(w, fwd_mask, decay) if decay is not None else None
+    dw = (dw if term is None else dw + term).astype(dw_dtype)
     return dx.astype(x2d.dtype), dw, None, None, None, _decay_cotangent(decay)
 
 
@@ -223,7 +232,8 @@ def nm_dense(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, w.shape[0])
     fwd, bwd = _plan(backend, x2d.shape[0], w.shape, dtype, fwd_nm, bwd_nm, perm is not None)
-    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision)
+    shared = fwd[0] is REFERENCE and bwd[0] is REFERENCE and bwd_mask is fwd_mask
+    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared)
     return y.reshape(*lead, w.shape[1])
 
 

@@ -3,51 +3,61 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from nmjax import _checks
-from nmjax._layout import from_groups, to_groups
+from nmjax._layout import to_groups
 
 # Up to this group size the rank is an O(M²) comparison count (no sort; vectorises over
 # all groups); above it a stable sort, O(M log M) time and O(M) memory per group.
 _COUNT_RANK_MAX_M = 32
 
 
-def group_rank(groups: jax.Array) -> jax.Array:
-    """Rank of each entry within its group (last axis), 0 = largest.
+def _rank_keys(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(nan, value)``: NaN flags and the values with NaN replaced (for comparisons)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        nan = jnp.isnan(x)
+        return nan, jnp.where(nan, jnp.zeros((), x.dtype), x)
+    return jnp.zeros(x.shape, bool), x
+
+
+def group_rank(groups: jax.Array, axis: int = -1) -> jax.Array:
+    """Rank of each entry within its group of ``M`` along ``axis``, 0 = largest.
 
     Ties go to the lower index; NaN ranks below every number (``-inf`` included). Small
-    groups (M ≤ 32) count, for each entry, the entries that beat it; larger ones sort.
+    groups (M ≤ 32) count, for each entry, the entries that beat it, in place along
+    ``axis`` (no transpose: the minor axis stays minor, which is what vectorises on a CPU);
+    larger ones sort.
 
     Args:
-      groups: ``(..., M)`` real scores.
+      groups: real scores; ``groups.shape[axis] = M``.
+      axis: the group axis.
 
     Returns:
-      ``(..., M)`` int32 ranks, a permutation of ``0..M-1`` in every group.
+      int32 ranks of ``groups.shape``, a permutation of ``0..M-1`` along ``axis``.
     """
-    m = groups.shape[-1]
-    if jnp.issubdtype(groups.dtype, jnp.floating):
-        nan = jnp.isnan(groups)
-        val = jnp.where(nan, jnp.zeros((), groups.dtype), groups)
-    else:
-        nan = jnp.zeros(groups.shape, bool)
-        val = groups
+    axis = axis % groups.ndim
+    m = groups.shape[axis]
+    nan, val = _rank_keys(groups)
     if m > _COUNT_RANK_MAX_M:
         # Sort keys: NaN last, then larger first (``~v`` for integers: no overflow), then
         # the lower index first; the rank is the inverse of the sorted order.
         neg = ~val if jnp.issubdtype(val.dtype, jnp.integer) else -val
-        iota = jax.lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
-        order = jax.lax.sort((nan.astype(jnp.int8), neg, iota), dimension=groups.ndim - 1,
-                             num_keys=3)[2]
-        return jnp.argsort(order, axis=-1).astype(jnp.int32)
-    vi, vj = val[..., :, None], val[..., None, :]
-    ni, nj = nan[..., :, None], nan[..., None, :]
-    lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # [i, j]: j < i
+        iota = jax.lax.broadcasted_iota(jnp.int32, groups.shape, axis)
+        order = jax.lax.sort((nan.astype(jnp.int8), neg, iota), dimension=axis, num_keys=3)[2]
+        return jnp.argsort(order, axis=axis).astype(jnp.int32)
+    # [..., i, j, ...]: entry j of the group beats entry i.
+    vi, vj = jnp.expand_dims(val, axis + 1), jnp.expand_dims(val, axis)
+    ni, nj = jnp.expand_dims(nan, axis + 1), jnp.expand_dims(nan, axis)
+    shape = [1] * (groups.ndim + 1)
+    shape[axis], shape[axis + 1] = m, m
+    lower = (jnp.arange(m)[None, :] < jnp.arange(m)[:, None]).reshape(shape)  # j < i
     beats = (ni & ~nj) | ((ni == nj) & ((vj > vi) | ((vj == vi) & lower)))
-    return beats.sum(-1, dtype=jnp.int32)
+    return beats.sum(axis + 1, dtype=jnp.int32)
 
 
 def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest") -> jax.Array:
@@ -103,8 +113,12 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _nm_mask(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
-    # One compiled program per (shape, dtype, n, m, axis), also when called eagerly.
-    return from_groups(group_rank(to_groups(scores, axis, m)) < n, axis)
+    # One compiled program per (shape, dtype, n, m, axis), also when called eagerly. The
+    # groups stay in place: (pre, K / m, m, post), ranked along the m axis.
+    shape = scores.shape
+    pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    groups = scores.reshape(pre, shape[axis] // m, m, post)
+    return (group_rank(groups, axis=2) < n).reshape(shape)
 
 
 def _group_counts(mask: jax.Array, axis: int, m: int) -> jax.Array:

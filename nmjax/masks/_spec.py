@@ -56,6 +56,10 @@ class Pattern:
         order), or ``None`` when the input-gradient product is not N:M along it."""
         raise NotImplementedError
 
+    #: ``True`` when the pattern's backward mask is its forward mask (plain N:M, transposable):
+    #: the products may then share one masked kernel.
+    same_masks: ClassVar[bool] = False
+
     @property
     def label(self) -> str:
         """``"2:4 transposable"``: for tables and messages."""
@@ -134,6 +138,7 @@ class NM(Pattern):
     m: int = 4
     score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
     kind: ClassVar[str] = "nm"
+    same_masks: ClassVar[bool] = True
 
     def __post_init__(self):
         _checks.check_nm(self.n, self.m)
@@ -184,6 +189,7 @@ class Transposable(Pattern):
     eps_rel: float | None = None
     score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
     kind: ClassVar[str] = "transposable"
+    same_masks: ClassVar[bool] = True
 
     def __post_init__(self):
         _checks.check_nm(self.n, self.m)

@@ -145,9 +145,18 @@ def product_kwargs(sp: Sparsity, precision: Any, decay: Any = None) -> dict[str,
                 precision=precision, fwd_nm=sp.pattern.fwd_nm, bwd_nm=sp.pattern.bwd_nm)
 
 
+def _op_masks(masks: Masks, sp: Sparsity) -> tuple[Any, Any, Any]:
+    """``(fwd, bwd, perm)`` for the ops; ``bwd=None`` where the pattern says it is ``fwd``
+    (static masks hold two equal arrays; one mask lets the products share a masked kernel)."""
+    bwd = None if sp.pattern.same_masks else masks.bwd
+    return masks.fwd, bwd, masks.perm
+
+
 def dense_product(inputs, kernel, bias, masks: Masks, sp: Sparsity, precision, decay=None):
     """``inputs @ (kernel ⊙ fwd) + bias`` through :func:`nmjax.ops.nm_dense`."""
-    y = ops.nm_dense(inputs, kernel, masks, **product_kwargs(sp, precision, decay))
+    fwd, bwd, perm = _op_masks(masks, sp)
+    y = ops.nm_dense(inputs, kernel, fwd, bwd, perm=perm,
+                     **product_kwargs(sp, precision, decay))
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
@@ -184,7 +193,8 @@ def conv_product(inputs, kernel, bias, masks: Masks, sp: Sparsity, *, kernel_siz
             raise ValueError("Causal padding is only implemented for 1D convolutions.")
         inputs = jnp.pad(inputs, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
         pad = "VALID"
-    y = ops.nm_conv(inputs, kernel, masks, strides=strides, padding=pad,
+    fwd, bwd, perm = _op_masks(masks, sp)
+    y = ops.nm_conv(inputs, kernel, fwd, bwd, perm=perm, strides=strides, padding=pad,
                     lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
                     feature_group_count=feature_group_count,
                     **product_kwargs(sp, precision, decay))

@@ -1,0 +1,563 @@
+"""Sparse training as one optax transformation: masks, refreshes, Bi-Mask search, SR-STE.
+
+:func:`sparse` wraps any optax transformation. Its state holds the step count and the
+current :class:`~nmjax.masks.Masks` of every parameter a :class:`~nmjax.tree.MaskRule`
+selects (with Bi-Mask permutations); each update adds SR-STE's decay, runs the inner
+transformation, and refreshes the masks (and permutations) from the updated parameters on
+schedule, under ``lax.cond``, so the whole step stays one compiled program. Sparse layers in
+``mode="static"`` read the masks: :func:`linen_collection` (Linen's ``"nm_masks"``),
+:func:`sync_nnx` (NNX's ``NMMask`` variables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nmjax import _checks
+from nmjax.masks import BiMask, Masks, Pattern, as_pattern
+from nmjax.ops import sr_ste_term
+from nmjax.tree import MaskRule, _selected, check_structure, is_masks_leaf, path_str
+
+Stages = tuple[tuple[int, Pattern | None], ...]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class SparseState(NamedTuple):
+    """State of :func:`sparse`.
+
+    Attributes:
+      count: int32 number of updates applied.
+      masks: the parameters' tree with a :class:`~nmjax.masks.Masks` at each selected leaf
+        and ``None`` elsewhere: the masks the next forward pass uses.
+      inner_state: the wrapped transformation's state.
+      key: uint32 PRNG key data for the Bi-Mask permutation search.
+      refreshes: int32 number of mask refreshes so far (the one at ``init`` not counted).
+      searches: int32 number of permutation searches so far.
+    """
+
+    count: jax.Array
+    masks: Any
+    inner_state: Any
+    key: jax.Array
+    refreshes: jax.Array
+    searches: jax.Array
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def nm_schedule(final: Pattern | str, *, warmup: int = 0, ramp: int = 0,
+                finetune_from: int | None = None) -> Stages:
+    """Stages from dense to ``final`` N:M and optionally back to dense, for :func:`sparse`.
+
+    * steps ``[0, warmup)``: dense (masks keep everything);
+    * ``[warmup, warmup + ramp)``: a gradual ramp through ``(m-1):m, (m-2):m, ...`` down to
+      ``final``'s ``n`` (the same pattern kind), in equal steps;
+    * from ``warmup + ramp``: ``final``;
+    * from ``finetune_from`` (if given): dense fine-tuning.
+
+    >>> [(start, p.label if p else "dense") for start, p in nm_schedule("2:4", warmup=100,
+    ...  ramp=200, finetune_from=1000)]
+    [(0, 'dense'), (100, '3:4 nm'), (300, '2:4 nm'), (1000, 'dense')]
+
+    Returns:
+      ``((start_step, pattern or None), ...)`` with strictly increasing starts from 0.
+    """
+    final = as_pattern(final)
+    warmup = _checks.check_count(warmup, "warmup", 0)
+    ramp = _checks.check_count(ramp, "ramp", 0)
+    stages: list[tuple[int, Pattern | None]] = []
+    if warmup:
+        stages.append((0, None))
+    if ramp:
+        if not hasattr(final, "n") or not dataclasses.is_dataclass(final):
+            raise ValueError(f"a ramp needs an N:M pattern with an n to vary, got {final!r}")
+        ns = list(range(final.m - 1, final.n, -1))
+        if not ns:
+            raise ValueError(f"ramp={ramp} needs n < m - 1 to pass through denser patterns, "
+                             f"got {final.label!r}")
+        for i, n in enumerate(ns):
+            stages.append((warmup + (ramp * i) // len(ns), dataclasses.replace(final, n=n)))
+    stages.append((warmup + ramp, final))
+    if finetune_from is not None:
+        finetune_from = _checks.check_count(finetune_from, "finetune_from", 0)
+        if finetune_from <= warmup + ramp:
+            raise ValueError(f"finetune_from={finetune_from} must come after the sparse phase "
+                             f"starts (step {warmup + ramp})")
+        stages.append((finetune_from, None))
+    return check_stages(stages)
+
+
+def check_stages(stages: Any) -> Stages:
+    """Validates ``((start_step, pattern | shorthand | None), ...)``: starts strictly
+    increasing from 0; returns them with patterns as specs."""
+    if isinstance(stages, str) or not isinstance(stages, Sequence) or not stages:
+        raise TypeError(f"stages must be a non-empty sequence of (start_step, pattern) pairs, "
+                        f"got {stages!r}")
+    out = []
+    for item in stages:
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise TypeError(f"each stage must be a (start_step, pattern or None) pair, "
+                            f"got {item!r}")
+        start = _checks.check_count(item[0], "stage start", 0)
+        out.append((start, None if item[1] is None else as_pattern(item[1])))
+    starts = [s for s, _ in out]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(f"stage starts must begin at 0 and increase strictly, got {starts}")
+    return tuple(out)
+
+
+def stage_at(stages: Stages, step: int) -> int:
+    """Index of the stage that step ``step`` (a Python int) runs in."""
+    return sum(1 for start, _ in stages if step >= start) - 1
+
+
+def pattern_at(stages: Stages, step: int) -> Pattern | None:
+    """The pattern step ``step`` trains with (``None``: dense). Use it to pick the model a
+    training loop runs at each step: the dense one, or the one sparsified with this pattern."""
+    return stages[stage_at(stages, step)][1]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_interval(value: Any, name: str) -> Any:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(value, int | np.integer):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (steps between refreshes), got {value}")
+        return int(value)
+    arr = jnp.asarray(value)
+    if arr.ndim or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if _checks.is_concrete(arr) and int(arr) < 1:
+        raise ValueError(f"{name} must be >= 1 (steps between refreshes), got {int(arr)}")
+    return arr
+
+
+def _decay_at(decay: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    value = decay(count) if callable(decay) else decay
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim:
+        raise TypeError(f"decay must be a scalar or a schedule of scalars, got shape "
+                        f"{value.shape}")
+    return value
+
+
+def _mesh_axis_size(sharding: Any, dim: int) -> int:
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if spec is None or mesh is None or dim >= len(spec) or spec[dim] is None:
+        return 1
+    names = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def check_sharding(params: Any, rule: MaskRule, shardings: Any = None, *,
+                   kinds: Mapping[str, Any] | None = None) -> None:
+    """Raises ValueError where a sharding would split an N:M group or tile across shards.
+
+    Every selected leaf's grouped axis (and, for transposable and Bi-Mask patterns, its
+    output axis) must split into shards whose length is a multiple of ``m``.
+
+    Args:
+      params: the parameters (arrays carrying ``NamedSharding``s, or shape structs).
+      rule: which leaves, which pattern.
+      shardings: a tree of shardings like ``params`` (default: each leaf's own
+        ``.sharding``).
+      kinds: layer types, as in :func:`nmjax.tree.build_masks`.
+    """
+    chosen = _selected(params, rule, kinds)
+    by_path = {}
+    if shardings is not None:
+        flat = jax.tree_util.tree_flatten_with_path(
+            shardings, is_leaf=lambda s: hasattr(s, "spec") or s is None)[0]
+        by_path = {path_str(p): s for p, s in flat}
+    for _, path, leaf, axis in chosen:
+        sharding = by_path.get(path, getattr(leaf, "sharding", None))
+        if sharding is None:
+            continue
+        shape = tuple(leaf.shape)
+        axes = [(axis, "grouped (contraction)")]
+        if rule.pattern.bwd_nm is not None:
+            axes.append((len(shape) - 1, "output"))
+        for dim, what in axes:
+            parts = _mesh_axis_size(sharding, dim)
+            m = (rule.pattern.fwd_nm if dim == axis else rule.pattern.bwd_nm) or (None, 1)
+            m = m[1]
+            if parts > 1 and (shape[dim] % parts or (shape[dim] // parts) % m):
+                raise ValueError(
+                    f"leaf {path!r} of shape {shape} is sharded {parts} ways along its {what} "
+                    f"axis {dim} (shards of {shape[dim] / parts:g}), which splits groups of "
+                    f"m={m}: shard a different axis, or use a mesh whose shards along axis "
+                    f"{dim} are multiples of {m}")
+
+
+# ------------------------------------------------------------------------------- masks
+
+
+def _ones_masks(leaf: Any, with_perm: bool) -> Masks:
+    ones = jnp.ones(leaf.shape, bool)
+    perm = jnp.arange(leaf.shape[-1], dtype=jnp.int32) if with_perm else None
+    return Masks(ones, ones, perm)
+
+
+def _leaf_masks(pattern: Pattern | None, leaf: Any, axis: int, perm: Any,
+                with_perm: bool) -> Masks:
+    if pattern is None:
+        return _ones_masks(leaf, with_perm)
+    w = jax.lax.stop_gradient(leaf)
+    if isinstance(pattern, BiMask):
+        return pattern(w, axis, perm=perm)
+    masks = pattern(w, axis)
+    if with_perm:
+        masks = masks._replace(perm=jnp.arange(leaf.shape[-1], dtype=jnp.int32))
+    return masks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the transformation knows statically about a parameter tree."""
+
+    rule: MaskRule
+    stages: Stages
+    kinds: Mapping[str, Any] | None
+    with_perm: bool
+
+    def chosen(self, params: Any) -> dict[str, int]:
+        return {path: axis for _, path, _, axis in _selected(params, self.rule, self.kinds)}
+
+    def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
+        """Masks of ``params`` for stage ``stage`` (a Python int)."""
+        pattern = self.stages[stage][1]
+        chosen = self.chosen(params)
+
+        def one(key_path, leaf):
+            path = path_str(key_path)
+            if path not in chosen:
+                return None
+            return _leaf_masks(pattern, leaf, chosen[path], perms.get(path), self.with_perm)
+
+        return jax.tree_util.tree_map_with_path(one, params)
+
+    def search(self, params: Any, stage: int, key: jax.Array, masks: Any) -> dict[str, Any]:
+        """New Bi-Mask permutations (warm-started from ``masks``) where ``stage`` is Bi-Mask."""
+        pattern = self.stages[stage][1]
+        current = _perms(masks)
+        if not isinstance(pattern, BiMask):
+            return current
+        chosen = [(path, leaf) for _, path, leaf, _ in _selected(params, self.rule, self.kinds)]
+        keys = jax.random.split(key, max(len(chosen), 1))
+        return {path: pattern.search_permutation(jax.lax.stop_gradient(leaf), k,
+                                                 init=current.get(path))
+                for (path, leaf), k in zip(chosen, keys, strict=False)}
+
+
+def _perms(masks: Any) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
+    return {path_str(p): m.perm for p, m in flat if isinstance(m, Masks) and m.perm is not None}
+
+
+def _stage_index(stages: Stages, step: jax.Array) -> jax.Array:
+    starts = jnp.asarray([s for s, _ in stages], jnp.int32)
+    return jnp.sum(step >= starts, dtype=jnp.int32) - 1
+
+
+# ---------------------------------------------------------------------------- transform
+
+
+def sparse(
+    inner: optax.GradientTransformation,
+    rule: MaskRule | Pattern | str,
+    *,
+    refresh_every: int | jax.Array = 1,
+    perm_every: int | jax.Array | None = None,
+    decay: ScalarOrSchedule = 0.0,
+    stages: Sequence[tuple[int, Pattern | str | None]] | None = None,
+    kinds: Mapping[str, Any] | None = None,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that it trains the parameters ``rule`` selects N:M sparse.
+
+    Each update (at step ``t``, counting from 0):
+
+    1. adds SR-STE's ``λ(t) · (1 − fwd) ⊙ W`` to the gradient of every selected parameter
+       (the layers' own ``decay`` must then stay 0: the decay lives here, once);
+    2. runs ``inner``;
+    3. computes the updated parameters and, when ``t + 1`` is a multiple of
+       ``perm_every``, searches new Bi-Mask permutations (warm-started from the current
+       ones); when ``t + 1`` is a multiple of ``refresh_every``, a stage starts, or a search
+       ran, recomputes the masks from the updated parameters (``lax.cond``: one program).
+
+    ``refresh_every=1`` recomputes the masks from the current weights at every step, as
+    SR-STE's dynamic masks do, at the cost of one mask computation per step (not one per
+    forward and one per backward pass, as dynamic layers pay); larger values are "static"
+    masks refreshed every ``k`` steps. Run the model's sparse layers in ``mode="static"``,
+    reading :func:`masks_of` the state (:func:`linen_collection`, :func:`sync_nnx`).
+
+    Put the wrapper outermost (or last in an ``optax.chain``): it computes the updated
+    parameters from the updates its ``inner`` returns.
+
+    Example (Linen)::
+
+      rule = MaskRule("2:4 transposable", exclude="head")
+      tx = nmjax.optim.sparse(optax.adam(1e-3), rule, refresh_every=100, decay=2e-4)
+      opt_state = tx.init(params)
+      model = nmjax.nn.sparsify(Model(), rule, mode="static")
+
+      @jax.jit
+      def step(params, opt_state, x, y):
+          variables = {"params": params, "nm_masks": nmjax.optim.linen_collection(opt_state)}
+          grads = jax.grad(lambda p: loss(model.apply({**variables, "params": p}, x), y))(params)
+          updates, opt_state = tx.update(grads, opt_state, params)
+          return optax.apply_updates(params, updates), opt_state
+
+    Args:
+      inner: any optax transformation (``optax.adam(1e-3)``, a chain, ...).
+      rule: which parameters are sparse and their pattern (a :class:`~nmjax.tree.MaskRule`,
+        a pattern spec or a shorthand such as ``"2:4"``).
+      refresh_every: steps between mask refreshes (>= 1; may be traced, e.g. under
+        ``optax.inject_hyperparams``).
+      perm_every: steps between Bi-Mask permutation searches (the paper: 100); ``None``
+        (default) means 100 when a stage is Bi-Mask. Must be ``None`` otherwise.
+      decay: SR-STE ``λ`` >= 0: a float, a JAX scalar, or an optax schedule ``step -> λ``.
+      stages: ``((start_step, pattern or None), ...)`` (:func:`nm_schedule`): the pattern
+        each phase trains with, ``None`` for dense phases (masks keep everything, so no
+        decay). Default: ``rule``'s pattern from step 0. All stages share ``rule``'s leaves.
+      kinds: layer types (:func:`nmjax.nn.layer_kinds`) for the leaf selection.
+      seed: seeds the permutation search.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+
+    Raises:
+      TypeError / ValueError (at construction or ``init``): a bad interval, decay or stage,
+      a rule that selects no parameter, a stage pattern a selected leaf cannot take, a
+      sharding that splits a group (:func:`check_sharding`); at ``update``: ``params`` or
+      the state's masks not of the parameters' structure.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation, got "
+                        f"{type(inner).__name__}")
+    if isinstance(rule, str | Pattern):
+        rule = MaskRule(rule)
+    if not isinstance(rule, MaskRule):
+        raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec or a string "
+                        f"like '2:4', got {type(rule).__name__}")
+    refresh_every = _check_interval(refresh_every, "refresh_every")
+    stages = check_stages(((0, rule.pattern),) if stages is None else stages)
+    has_bimask = any(isinstance(p, BiMask) for _, p in stages)
+    if perm_every is None:
+        perm_every = 100 if has_bimask else None
+    elif not has_bimask:
+        raise ValueError("perm_every applies to Bi-Mask patterns; no stage is Bi-Mask")
+    if perm_every is not None:
+        perm_every = _check_interval(perm_every, "perm_every")
+    if not callable(decay):
+        value = jnp.asarray(decay)
+        if value.ndim or not jnp.issubdtype(value.dtype, jnp.number) or value.dtype == bool:
+            raise TypeError(f"decay must be a real scalar or a schedule, got {decay!r:.60}")
+        if _checks.is_concrete(value) and not float(value) >= 0:
+            raise ValueError(f"decay must be >= 0, got {float(value)}")
+    plan = _Plan(rule, stages, kinds, has_bimask)
+
+    def init(params):
+        chosen = _selected(params, rule, kinds)
+        if not chosen:
+            some = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            raise ValueError(f"rule {rule.label!r} selects no parameter of this tree (its "
+                             f"leaves include {some[:4]}); check include/exclude, or pass "
+                             "kinds=")
+        for _, path, leaf, axis in chosen:
+            for start, pattern in stages:
+                reason = None if pattern is None else pattern.check_leaf(tuple(leaf.shape), axis)
+                if reason is not None:
+                    raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
+                                     f"the pattern {pattern.label!r} of the stage from step "
+                                     f"{start}: {reason}")
+        if all(_checks.is_concrete(leaf) for _, _, leaf, _ in chosen):
+            check_sharding(params, rule, kinds=kinds)
+        # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer held
+        # twice in the state (a donated state would donate it twice); jit outputs are distinct.
+        masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
+        key = jax.random.key_data(jax.random.key(seed))
+        zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
+        return SparseState(zeros[0], masks, inner.init(params), key, zeros[1], zeros[2])
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("nmjax.optim.sparse needs params: tx.update(grads, state, params)")
+        if not isinstance(state, SparseState):
+            raise TypeError(f"state must be the SparseState this transformation's init made, "
+                            f"got {type(state).__name__}")
+        check_structure(params, state.masks, "the state's masks")
+        count = state.count
+        lam = _decay_at(decay, count)
+
+        def add_decay(g, w, m):
+            if m is None:
+                return g
+            term = sr_ste_term(w, m.fwd, lam)
+            return g + term.astype(g.dtype)
+
+        updates = jax.tree.map(add_decay, updates, params, state.masks,
+                               is_leaf=lambda x: x is None)
+        if isinstance(inner, optax.GradientTransformationExtraArgs):
+            updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        else:
+            updates, inner_state = inner.update(updates, state.inner_state, params)
+        nxt = count + 1
+        stage_now = _stage_index(stages, count)
+        stage_next = _stage_index(stages, nxt)
+        do_search = jnp.asarray(False)
+        if perm_every is not None:
+            do_search = (nxt % perm_every) == 0
+        do_refresh = ((nxt % refresh_every) == 0) | (stage_next != stage_now) | do_search
+        key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+
+        def refresh_for(stage):
+            def run(new_params, masks, sub, do_search):
+                # The updated parameters are formed here, in the branch that needs them.
+                new_params = optax.apply_updates(*new_params)
+                perms = jax.lax.cond(do_search,
+                                     lambda: plan.search(new_params, stage, sub, masks),
+                                     lambda: _perms(masks))
+                return plan.masks(new_params, stage, perms)
+            return run
+
+        def refresh(new_params, masks, sub, do_search):
+            branches = [refresh_for(i) for i in range(len(stages))]
+            if len(branches) == 1:
+                return branches[0](new_params, masks, sub, do_search)
+            return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
+
+        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m,
+                             (params, updates), state.masks, sub, do_search)
+        searched = do_search & jnp.asarray(has_bimask)
+        new_state = SparseState(
+            nxt, masks, inner_state, jax.random.key_data(key),
+            state.refreshes + do_refresh.astype(jnp.int32),
+            state.searches + searched.astype(jnp.int32))
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# ---------------------------------------------------------------------------- accessors
+
+
+def _find_states(tree: Any) -> list[SparseState]:
+    found = []
+
+    def visit(x):
+        if isinstance(x, SparseState):
+            found.append(x)
+        return x
+
+    jax.tree_util.tree_map(visit, tree, is_leaf=lambda x: isinstance(x, SparseState))
+    return found
+
+
+def find_state(opt_state: Any) -> SparseState:
+    """The :class:`SparseState` inside an optimizer state (a chain, ``inject_hyperparams``,
+    ``multi_transform``, a Flax ``TrainState``'s ``opt_state`` or an ``nnx.Optimizer``).
+
+    Raises:
+      ValueError: none, or more than one, is found.
+    """
+    if hasattr(opt_state, "opt_state") and not isinstance(opt_state, SparseState):
+        opt_state = opt_state.opt_state  # TrainState, nnx.Optimizer
+    found = _find_states(_unwrap_nnx(opt_state))
+    if len(found) != 1:
+        raise ValueError(f"expected one nmjax.optim.SparseState in the optimizer state, found "
+                         f"{len(found)}")
+    return found[0]
+
+
+def _unwrap_nnx(tree: Any) -> Any:
+    """Replaces flax NNX ``Variable`` wrappers by their values (NNX optimizer states)."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a core dependency
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
+        is_leaf=lambda x: isinstance(x, nnx.Variable | SparseState))
+
+
+def masks_of(opt_state: Any) -> Any:
+    """The current masks: the parameters' tree with a :class:`~nmjax.masks.Masks` at each
+    sparse leaf and ``None`` elsewhere."""
+    return find_state(opt_state).masks
+
+
+def linen_collection(opt_state: Any) -> dict[str, Any]:
+    """The current masks as Linen's ``"nm_masks"`` collection for static sparse layers:
+    ``model.apply({"params": params, "nm_masks": linen_collection(opt_state)}, x)``."""
+    from nmjax.nn.linen import to_collection
+
+    return to_collection(masks_of(opt_state))
+
+
+def sync_nnx(model: Any, opt_state: Any) -> None:
+    """Copies the current masks into an NNX model's static sparse layers (in place).
+
+    Call it after each ``optimizer.update`` (inside the jitted step: the writes are state
+    updates). Layers are matched by kernel path (``nnx.state(model, nnx.Param)`` paths).
+
+    Raises:
+      ValueError: a static sparse layer has no mask in the state, or a mask has no layer.
+    """
+    from nmjax.nn.nnx import set_masks, sparse_layers
+
+    flat = jax.tree_util.tree_flatten_with_path(masks_of(opt_state), is_leaf=is_masks_leaf)[0]
+    masks = {path_str(p): m for p, m in flat if isinstance(m, Masks)}
+    layers = {path: layer for path, layer in sparse_layers(model)
+              if layer.sparsity.mode == "static"}
+    missing, extra = sorted(set(layers) - set(masks)), sorted(set(masks) - set(layers))
+    if missing or extra:
+        raise ValueError(f"the optimizer's masks and the model's static sparse layers differ: "
+                         f"layers without masks {missing}, masks without a static layer {extra}")
+    for path, layer in layers.items():
+        set_masks(layer, masks[path])
+
+
+def param_labels(params: Any, rule: MaskRule, *, kinds: Mapping[str, Any] | None = None,
+                 sparse_label: str = "sparse", dense_label: str = "dense") -> Any:
+    """``params``' tree of labels (``"sparse"`` where ``rule`` selects, ``"dense"``
+    elsewhere), for ``optax.multi_transform``."""
+    chosen = {path for _, path, _, _ in _selected(params, rule, kinds)}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: sparse_label if path_str(p) in chosen else dense_label, params)
+
+
+def selected(params: Any, rule: MaskRule, *, kinds: Mapping[str, Any] | None = None) -> Any:
+    """``params``' tree of bools, True where ``rule`` selects, for ``optax.masked``."""
+    chosen = {path for _, path, _, _ in _selected(params, rule, kinds)}
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in chosen, params)
+
+
+__all__ = [
+    "SparseState",
+    "check_sharding",
+    "check_stages",
+    "find_state",
+    "linen_collection",
+    "masks_of",
+    "nm_schedule",
+    "param_labels",
+    "pattern_at",
+    "selected",
+    "sparse",
+    "stage_at",
+    "sync_nnx",
+]
