@@ -267,6 +267,23 @@ def _perms(masks: Any) -> dict[str, Any]:
     return {path_str(p): m.perm for p, m in flat if isinstance(m, Masks) and m.perm is not None}
 
 
+def _is_masks_node(x: Any) -> bool:
+    if x is None or isinstance(x, Masks):
+        return True
+    return isinstance(x, Mapping) and set(x.keys()) in ({"fwd", "bwd"}, {"fwd", "bwd", "perm"})
+
+
+def _normalize_masks(tree: Any) -> Any:
+    """Masks trees back as :class:`~nmjax.masks.Masks` where a container rebuilt them as
+    mappings (flax NNX stores optimizer states as ``State``s of dicts)."""
+    def one(x):
+        if x is None or isinstance(x, Masks):
+            return x
+        return Masks(x["fwd"], x["bwd"], x.get("perm"))
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=_is_masks_node)
+
+
 def _stage_index(stages: Stages, step: jax.Array) -> jax.Array:
     starts = jnp.asarray([s for s, _ in stages], jnp.int32)
     return jnp.sum(step >= starts, dtype=jnp.int32) - 1
@@ -399,6 +416,7 @@ def sparse(
         if not isinstance(state, SparseState):
             raise TypeError(f"state must be the SparseState this transformation's init made, "
                             f"got {type(state).__name__}")
+        state = state._replace(masks=_normalize_masks(state.masks))
         check_structure(params, state.masks, "the state's masks")
         count = state.count
         lam = _decay_at(decay, count)
@@ -480,7 +498,7 @@ def find_state(opt_state: Any) -> SparseState:
     if len(found) != 1:
         raise ValueError(f"expected one nmjax.optim.SparseState in the optimizer state, found "
                          f"{len(found)}")
-    return found[0]
+    return found[0]._replace(masks=_normalize_masks(found[0].masks))
 
 
 def _unwrap_nnx(tree: Any) -> Any:
@@ -491,7 +509,7 @@ def _unwrap_nnx(tree: Any) -> Any:
         return tree
     return jax.tree_util.tree_map(
         lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
-        is_leaf=lambda x: isinstance(x, nnx.Variable | SparseState))
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def masks_of(opt_state: Any) -> Any:
