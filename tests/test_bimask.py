@@ -415,3 +415,27 @@ def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
+
+def test_conv_kernels_take_one_output_permutation_for_every_position():
+    from nmjax import ops
+
+    w = _weights(3, (3, 3, 8, 16))                       # HWIO
+    spec = BiMask(2, 4)
+    fwd, bwd, perm = masks = spec(w, 2, key=jax.random.key(0))
+    assert bool(spec.valid(masks, axis=2))
+    assert bool(is_nm(fwd, 2, 4, axis=2, exact=True))
+    assert bool(is_nm(bwd[..., perm], 2, 4, axis=3))
+    # The same masks as the Dense Bi-Mask of the (H*W*I, O) view, position by position.
+    flat = bimask(w.reshape(-1, 16), 2, 4, perm)
+    np.testing.assert_array_equal(bwd, flat.bwd.reshape(w.shape))
+    # nm_conv's input gradient uses bwd (in perm order): the masked reference's gradient.
+    x = _weights(4, (2, 6, 6, 8))
+    dy = _weights(5, (2, 6, 6, 16))
+    _, vjp = jax.vjp(lambda x: ops.nm_conv(x, w, masks), x)
+    _, ref = jax.vjp(lambda x: jax.lax.conv_general_dilated(
+        x, jnp.where(bwd, w, 0), (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")), x)
+    np.testing.assert_allclose(vjp(dy)[0], ref(dy)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="contraction axis is next to the output axis"):
+        spec(w, 1)

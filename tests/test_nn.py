@@ -301,9 +301,17 @@ def test_nnx_errors_unsupported_layer_and_indivisible_kernel():
         nx.SparseLinear(6, 4, sparsity=Sparsity(mode="static"), rngs=rngs(0))
     with pytest.raises(TypeError, match="sparsity must be an nmjax.nn.Sparsity"):
         nx.SparseLinear(8, 4, sparsity=(2, 4), rngs=rngs(0))
-    with pytest.raises(ValueError, match="Bi-Mask takes Dense kernels"):
-        nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity("2:4 bimask", mode="static"),
+    with pytest.raises(ValueError, match="output axis 3 has length 6, not divisible by m=4"):
+        nx.SparseConv(4, 6, (3, 3), sparsity=Sparsity("2:4 bimask", mode="static"),
                       rngs=rngs(0))
+    # Bi-Mask convs: one output permutation for every spatial position.
+    conv = nx.SparseConv(4, 8, (3, 3), sparsity=Sparsity("2:4 bimask", mode="static"),
+                         rngs=rngs(0))
+    assert bool(BiMask(2, 4).valid(conv.masks(), axis=2))
+    nmjax.nn.search_perms(conv_model := sparsify(NCNN(rngs(1)), MaskRule(
+        "2:4 bimask", exclude="head")), key(3))
+    assert conv_model.conv2.perm is not None
+    assert conv_model(IMG).shape == (2, 10)
 
 
 def test_bimask_layers_use_forward_and_backward_masks():

@@ -236,8 +236,9 @@ class Transposable(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class BiMask(Pattern):
-    """Bi-Mask (Zhang et al., 2023) of a Dense kernel ``(in, out)``: forward N:M along
-    ``in``, backward N:M along a permuted ``out``, and the permutation.
+    """Bi-Mask (Zhang et al., 2023): forward N:M along the contraction axis, backward N:M
+    along a permuted output axis, and the permutation; for Dense kernels ``(in, out)`` and
+    conv kernels ``(..., I, O)`` (one permutation of ``O`` for every spatial position).
 
     ``spec(w)`` uses the identity permutation, ``spec(w, perm=p)`` a stored one and
     ``spec(w, key=k)`` searches one with :attr:`search`; :meth:`search_permutation` runs the
@@ -292,29 +293,39 @@ class BiMask(Pattern):
         return (self.n, self.m)
 
     def check_leaf(self, shape: tuple[int, ...], axis: int) -> str | None:
-        if len(shape) != 2 or axis != 0:
-            return "Bi-Mask takes Dense kernels (in, out) grouped along axis 0"
-        return (_divisible(shape, 0, self.m, "contraction")
-                or _divisible(shape, 1, self.m, "output"))
+        if len(shape) < 2 or axis != len(shape) - 2:
+            return ("Bi-Mask takes kernels whose contraction axis is next to the output axis: "
+                    "Dense (in, out) grouped along axis 0, conv (..., I, O) along I")
+        return (_divisible(shape, axis, self.m, "contraction")
+                or _divisible(shape, axis + 1, self.m, "output"))
+
+    @staticmethod
+    def _as_2d(w: jax.Array) -> jax.Array:
+        # A conv kernel (..., I, O) as (H·W·I, O): I is innermost, so groups of m along I
+        # never cross a spatial position; the output permutation is shared by all of them.
+        return w.reshape(-1, w.shape[-1])
 
     def search_permutation(self, w: Any, key: Any, init: Any = None) -> jax.Array:
-        """A permutation of ``w: (in, out)``'s output channels by :attr:`search`
-        (``init``: a warm start for ``"swap"``). Returns ``(out,)`` int32."""
-        w, _ = self._check_call(w, 0)
+        """A permutation of the output channels of ``w`` (Dense ``(in, out)`` or conv
+        ``(..., I, O)``) by :attr:`search` (``init``: a warm start for ``"swap"``).
+        Returns ``(out,)`` int32."""
+        w, _ = self._check_call(w, getattr(w, "ndim", 2) - 2)
         return search_permutation(
-            w, self.n, self.m, method=self.search, key=key, score=self.score,
+            self._as_2d(w), self.n, self.m, method=self.search, key=key, score=self.score,
             num_candidates=self.num_candidates, rounds=self.rounds, init=init)
 
     def __call__(self, w: Any, axis: int = 0, *, perm: Any = None, key: Any = None) -> Masks:
         """``Masks(fwd, bwd, perm)`` for ``perm`` (identity when ``None``), or for a
-        permutation searched with ``key``."""
+        permutation searched with ``key``. ``w``: Dense ``(in, out)`` with ``axis=0``, or a
+        conv kernel ``(..., I, O)`` with ``axis=ndim - 2``."""
         w, axis = self._check_call(w, axis)
         if key is not None:
             if perm is not None:
                 raise ValueError("pass either perm (a stored permutation) or key (to search "
                                  "one), not both")
             perm = self.search_permutation(w, key)
-        return bimask(w, self.n, self.m, perm)
+        fwd, bwd, perm = bimask(self._as_2d(w), self.n, self.m, perm)
+        return Masks(fwd.reshape(w.shape), bwd.reshape(w.shape), perm)
 
 
 @dataclasses.dataclass(frozen=True)

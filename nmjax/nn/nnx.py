@@ -337,11 +337,11 @@ def search_perms(model: nnx.Module, key: jax.Array) -> None:
     their forward and backward masks from the weights at every call, the backward one in
     the stored permutation's order; static layers also refresh their masks here.
     """
-    layers = [node for _, node in sparse_layers(model) if isinstance(node, SparseLinear)
-              and isinstance(node.sparsity.pattern, BiMask)]
+    layers = [node for _, node in sparse_layers(model)
+              if isinstance(node.sparsity.pattern, BiMask)]
     for layer, k in zip(layers, jax.random.split(key, max(len(layers), 1)), strict=False):
         init = None if layer.perm is None else layer.perm.get_value()
-        perm = _core.search_perm(layer.kernel.get_value(), layer.sparsity, k, init=init)
+        perm = _core.search_perm(_kernel_axis(layer)[0], layer.sparsity, k, init=init)
         layer.perm = NMMask(perm)
         if layer.sparsity.mode == "static":
             refresh_layer(layer)
