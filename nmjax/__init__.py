@@ -11,7 +11,7 @@ from nmjax import backends, format, masks, ops, tree  # noqa: A004
 
 __version__ = "0.1.0"
 
-_LAZY = ("nn", "optim", "convert", "kernels")
+_LAZY = ("nn", "optim", "convert", "kernels", "datasets")
 
 __all__ = ["backends", "format", "masks", "ops", "tree", *_LAZY]
 

@@ -258,6 +258,24 @@ def _plan(backend, rows, w_shape, dtype, fwd_nm, bwd_nm, permuted):
     return (backends.resolve(backend, fwd), fwd), (backends.resolve(backend, bwd), bwd)
 
 
+def which_backends(
+    x_shape: Sequence[int], w_shape: Sequence[int], *, dtype: Any = jnp.float32,
+    fwd_nm: tuple[int, int] | None = None, bwd_nm: tuple[int, int] | None = None,
+    permuted: bool = False, backend: str | Backend = "auto",
+) -> tuple[str, str]:
+    """Names of the backends :func:`nm_dense` runs the forward and input-gradient products
+    of ``x: x_shape @ w: w_shape`` with on the default device (for reports and tests).
+
+    >>> which_backends((256, 768), (768, 3072), fwd_nm=(2, 4), bwd_nm=(2, 4))  # on a CPU
+    ('reference', 'reference')
+    """
+    rows = int(np.prod(tuple(x_shape)[:-1]))
+    fwd, bwd = _plan(backends.check_backend(backend), rows, tuple(w_shape), dtype,
+                     _check_nm_hint(fwd_nm, "fwd_nm"), _check_nm_hint(bwd_nm, "bwd_nm"),
+                     bool(permuted))
+    return fwd[0].name, bwd[0].name
+
+
 # --------------------------------------------------------------------------------- nm_conv
 
 
