@@ -315,14 +315,12 @@ def _conv_vjp_fwd(x, w, fwd_mask, bwd_mask, perm, decay, spec):
 def _conv_vjp_bwd(spec, res, dy):
     x, w, fwd_mask, bwd_mask, perm, decay = res
     dy32 = dy.astype(jnp.float32)
+    # A Bi-Mask ``perm`` orders the contraction over O for kernels; this reference product
+    # does not depend on that order, so it skips the gathers (as reference_input_grad does).
+    del perm
     wb = backends._masked(w, bwd_mask)
-    if perm is not None and spec.feature_group_count == 1:
-        # Same value as the unpermuted product: the contraction over O runs in perm order.
-        _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb[..., perm], spec), x)
-        (dx,) = vjp_x(dy32[..., perm])
-    else:
-        _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb, spec), x)
-        (dx,) = vjp_x(dy32)
+    _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb, spec), x)
+    (dx,) = vjp_x(dy32)
     _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, spec), w)
     (dw,) = vjp_w(dy32)
     dw = dw.astype(jnp.float32)

@@ -421,18 +421,20 @@ def sparse(
         count = state.count
         lam = _decay_at(decay, count)
 
-        def add_decay(g, w, m):
-            if m is None:
-                return g
-            term = sr_ste_term(w, m.fwd, lam)
-            return g + term.astype(g.dtype)
+        def step(grads, inner_state, params, masks, extra_args):
+            """SR-STE decay, then the inner transformation: ``(updates, inner_state)``."""
+            def add_decay(g, w, m):
+                if m is None:
+                    return g
+                return g + sr_ste_term(w, m.fwd, lam).astype(g.dtype)
 
-        updates = jax.tree.map(add_decay, updates, params, state.masks,
-                               is_leaf=lambda x: x is None)
-        if isinstance(inner, optax.GradientTransformationExtraArgs):
-            updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        else:
-            updates, inner_state = inner.update(updates, state.inner_state, params)
+            grads = jax.tree.map(add_decay, grads, params, masks, is_leaf=lambda x: x is None)
+            if isinstance(inner, optax.GradientTransformationExtraArgs):
+                return inner.update(grads, inner_state, params, **extra_args)
+            return inner.update(grads, inner_state, params)
+
+        grads = updates
+        updates, inner_state = step(grads, state.inner_state, params, state.masks, extra_args)
         nxt = count + 1
         stage_now = _stage_index(stages, count)
         stage_next = _stage_index(stages, nxt)
@@ -442,24 +444,30 @@ def sparse(
         do_refresh = ((nxt % refresh_every) == 0) | (stage_next != stage_now) | do_search
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
 
-        def refresh_for(stage):
-            def run(new_params, masks, sub, do_search):
-                # The updated parameters are formed here, in the branch that needs them.
-                new_params = optax.apply_updates(*new_params)
-                perms = jax.lax.cond(do_search,
-                                     lambda: plan.search(new_params, stage, sub, masks),
-                                     lambda: _perms(masks))
-                return plan.masks(new_params, stage, perms)
-            return run
+        def refresh(operands, masks, sub, do_search):
+            # The branch recomputes the (cheap, pure) update from the step's inputs rather
+            # than take the updates as an operand: an operand would have to be written out
+            # on every step, where otherwise XLA fuses the update into the parameter update.
+            grads, inner_state, params, extra_args = operands
+            new_updates, _ = step(grads, inner_state, params, masks, extra_args)
+            new_params = optax.apply_updates(params, new_updates)
 
-        def refresh(new_params, masks, sub, do_search):
-            branches = [refresh_for(i) for i in range(len(stages))]
+            def for_stage(stage):
+                def run(new_params, masks, sub, do_search):
+                    perms = jax.lax.cond(do_search,
+                                         lambda: plan.search(new_params, stage, sub, masks),
+                                         lambda: _perms(masks))
+                    return plan.masks(new_params, stage, perms)
+                return run
+
+            branches = [for_stage(i) for i in range(len(stages))]
             if len(branches) == 1:
                 return branches[0](new_params, masks, sub, do_search)
             return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
 
-        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m,
-                             (params, updates), state.masks, sub, do_search)
+        masks = jax.lax.cond(do_refresh, refresh, lambda o, m, s, d: m,
+                             (grads, state.inner_state, params, extra_args), state.masks, sub,
+                             do_search)
         searched = do_search & jnp.asarray(has_bimask)
         new_state = SparseState(
             nxt, masks, inner_state, jax.random.key_data(key),
