@@ -1,4 +1,4 @@
-# nmjax: `make demo` runs the demo (masks for a model, then dense vs 2:4 training), `make test` runs the test suite. Each sets up .venv first.
+# nmjax: `make demo` runs the demo (dense vs 2:4 / transposable / Bi-Mask training on Fashion-MNIST), `make test` runs the test suite. Each sets up .venv first.
 # The venv prefers Python 3.12 (the GPU machine's version, so CPU tests exercise the same
 # jax/Pallas internals); any Python >= 3.11 works.
 
@@ -42,7 +42,6 @@ data:
 
 demo: venv data
 	$(PY) examples/demo.py
-	$(PY) benchmarks/train.py --steps 300
 
 test: venv data
 	$(PY) -m pytest $(PYTEST_ARGS)

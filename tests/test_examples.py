@@ -32,3 +32,12 @@ def test_train_example_fast_with_checkpoint_and_resume(tmp_path):
                "--resume", "--steps", "40", "--json", str(metrics))
     assert "resumed from" in out and "at step 30" in out
     assert json.loads(metrics.read_text())["steps"] == 40
+
+
+def test_demo_fast_compares_four_models_and_saves_the_plot(tmp_path):
+    png = tmp_path / "demo.png"
+    out = _run("examples/demo.py", "--fast", "--out", str(png))
+    for label in ("dense", "2:4 N:M (SR-STE)", "2:4 transposable", "2:4 Bi-Mask"):
+        assert label in out
+    assert "masks valid" in out  # and the exit code says every sparse model's masks were valid
+    assert png.stat().st_size > 10_000

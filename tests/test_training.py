@@ -33,7 +33,7 @@ REFRESH = 50  # static mode: masks recomputed from the weights every REFRESH ste
 TOLERANCE = 0.05
 ACC_TOLERANCE = 0.04
 # Greedy transposable masks (at most 2 per tile row and column): the exact 2:4 solver costs
-# ~10 s of compile per kernel shape on this CPU; benchmarks/train.py trains with it.
+# ~10 s of compile per kernel shape on this CPU; examples/demo.py trains with it.
 RULE_T = MaskRule(Transposable(2, 4, method="greedy"), exclude="head", skip_indivisible=True)
 RULE_NM = MaskRule("2:4", exclude="head", skip_indivisible=True)
 
