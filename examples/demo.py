@@ -26,8 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nmjax  # noqa: E402
 from train import Config, train  # noqa: E402
+
+import nmjax  # noqa: E402
 
 VARIANTS = (("dense", "dense"), ("2:4 N:M (SR-STE)", "2:4"),
             ("2:4 transposable", "2:4 transposable"), ("2:4 Bi-Mask", "2:4 bimask"))
