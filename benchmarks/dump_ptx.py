@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 
-def build(m=8192, n=8192, k=1024):
+def build(m=8192, n=8192, k=1536):
     """mosaic-sass SPEC: ``(fn, args)`` of variant ``$VARIANT`` (default ``ws``), with the
     transposed output the backend runs."""
     from nmjax.kernels import VARIANTS, Packed24, sparse_matmul_24

@@ -9,7 +9,7 @@
   of a linear layer through the kernel. Importing this package registers nothing.
 """
 
-from nmjax.kernels._backend import measured_table, pallas_backend
+from nmjax.kernels._backend import measured_config, measured_table, pallas_backend
 from nmjax.kernels._common import SparseMatmulConfig
 from nmjax.kernels._matmul import VARIANTS, sparse_matmul_24, sparse_matmul_24_reference
 from nmjax.kernels._pack import (
@@ -38,6 +38,7 @@ __all__ = [
     "WeightPlan24",
     "canonical_to_wgmma_meta",
     "from_format",
+    "measured_config",
     "measured_table",
     "pack_24",
     "pack_weight_24",

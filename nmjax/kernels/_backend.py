@@ -68,6 +68,16 @@ def _entries(device_kind: str, config: SparseMatmulConfig | None, gemm):
     return sorted((-r, c) for d, r, c in found if d == best)
 
 
+def measured_config(gemm: tuple[int, int, int]) -> SparseMatmulConfig:
+    """The kernel ``pallas_backend()`` runs for the GEMM ``(M, N, K)`` on the default device:
+    the fastest variant the measured table has near that shape, else
+    ``SparseMatmulConfig()`` (v1)."""
+    from nmjax.backends import device_facts
+
+    best = _entries(device_facts()[1], None, tuple(gemm))
+    return best[-1][1] if best else SparseMatmulConfig()
+
+
 def _problem_error(problem, config: SparseMatmulConfig | None) -> str | None:
     if problem.platform != "gpu" or problem.compute_capability not in ("9.0", "9.0a"):
         return (f"the sparse-wgmma kernel needs an sm_90 GPU (H100/H200); the default device "
@@ -100,12 +110,7 @@ class _Pallas:
         self.config = config
 
     def _config(self, gemm) -> SparseMatmulConfig:
-        if self.config is not None:
-            return self.config
-        from nmjax.backends import device_facts
-
-        best = _entries(device_facts()[1], None, gemm)
-        return best[-1][1] if best else SparseMatmulConfig()
+        return self.config if self.config is not None else measured_config(gemm)
 
     def _matmul(self, packed, b_t):
         m, k = packed.values.shape[0], 2 * packed.values.shape[1]

@@ -54,6 +54,10 @@ class SparseMatmulConfig:
       max_ctas: persistent grid size cap (0: the default device's SM count).
       cluster_n: CTAs per cluster along N (1 or 2); with 2 the pair shares its A tile and
         metadata through TMA multicast (each loads half and writes both CTAs' smem).
+      pipeline_across_tiles: persistent warp-specialised kernels only: the producer runs on
+        into the next tile's loads while the consumers finish the current tile (Pallas'
+        pipeline states START / STEADY / STOP) instead of draining the pipeline at every
+        tile; needs the k-steps per tile to be a multiple of ``max_concurrent_steps``.
     """
 
     tile_m: int = 128
@@ -74,6 +78,7 @@ class SparseMatmulConfig:
     grid_tile_width: int = 8
     max_ctas: int = 0
     cluster_n: int = 1
+    pipeline_across_tiles: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -112,8 +117,9 @@ class SparseMatmulConfig:
         if self.cluster_n not in (1, 2):
             return f"cluster_n must be 1 or 2, got {self.cluster_n}"
         if not self.warp_specialized:
-            if self.cluster_n != 1 or self.epilogue_slots != 1:
-                return "cluster_n and epilogue_slots > 1 need warp_specialized=True"
+            if self.cluster_n != 1 or self.epilogue_slots != 1 or self.pipeline_across_tiles:
+                return ("cluster_n > 1, epilogue_slots > 1 and pipeline_across_tiles need "
+                        "warp_specialized=True")
             return self._smem_error()
         if self.compute_wgs not in (1, 2):
             return f"compute_wgs must be 1 or 2, got {self.compute_wgs}"
@@ -123,6 +129,8 @@ class SparseMatmulConfig:
             # The pipeline never releases the last step's slot with delay_release=1; a
             # persistent CTA's next tile would overwrite it under a running wgmma.
             return "warp_specialized with persistent=True needs mma_in_flight=0"
+        if self.pipeline_across_tiles and not self.persistent:
+            return "pipeline_across_tiles needs persistent=True"
         return self._smem_error()
 
     def _smem_error(self) -> str | None:
@@ -150,6 +158,10 @@ class SparseMatmulConfig:
         if m % cm or n % cn or k % self.tile_k:
             return (f"(M, N, K)=({m}, {n}, {k}) must be multiples of ({cm}, {cn}, "
                     f"{self.tile_k}) for this config")
+        if self.pipeline_across_tiles and (k // self.tile_k) % self.max_concurrent_steps:
+            return (f"pipeline_across_tiles needs K / {self.tile_k} = {k // self.tile_k} "
+                    f"k-steps to be a multiple of max_concurrent_steps="
+                    f"{self.max_concurrent_steps}")
         return None
 
     def check(self, m: int, n: int, k: int) -> None:

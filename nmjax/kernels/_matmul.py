@@ -29,27 +29,33 @@ from nmjax.kernels._pack import SLICES_PER_TILE, THREAD_WORDS, Packed24, unpack_
 
 _WS = SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, meta_before_fence=True,
                          epilogue_n=32, max_concurrent_steps=3)
+_WS64 = dataclasses.replace(_WS, tile_m=64, max_concurrent_steps=4)
 
 #: The kernel variants kept (name -> config); ``benchmarks/gpu_check.sh`` checks and times
 #: each, and the measured table names them.
 VARIANTS: dict[str, SparseMatmulConfig] = {
-    # one warpgroup per 128x128 tile, a metadata word loaded before each wgmma (as measured)
+    # one warpgroup per 128x128 tile, a metadata load ahead of each m64 block's wgmmas
+    # (with this layout LLVM merges a block's 4 word loads into one 16-byte load)
     "v1": SparseMatmulConfig(),
-    # v1 with the k-tile's metadata in one 16-byte load per m64 block before one fence
+    # v1 with all of the k-tile's metadata loaded before one fence: 8 chained HGMMA.SP
     "v1_mf": SparseMatmulConfig(meta_before_fence=True),
     # CUTLASS's structure: 2 consumer warpgroups x 64x128 (CTA 128x128), 4 stages,
     # persistent; per k-tile one 16-byte metadata load, one arrive, 4 chained HGMMA.SP
-    "ws64": dataclasses.replace(_WS, tile_m=64, max_concurrent_steps=4),
-    # the same with a 1x2 cluster sharing A and metadata by TMA multicast
-    "ws64_mc": dataclasses.replace(_WS, tile_m=64, max_concurrent_steps=4, cluster_n=2),
+    "ws64": _WS64,
+    # + a 1x2 cluster sharing A and metadata by TMA multicast
+    "ws64_mc": dataclasses.replace(_WS64, cluster_n=2),
+    # + the producer streaming into the next tile (K a multiple of 512)
+    "ws64_pt": dataclasses.replace(_WS64, pipeline_across_tiles=True),
+    "ws64_mc_pt": dataclasses.replace(_WS64, cluster_n=2, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 128x128 (CTA 256x128, B shared), 3 stages, persistent;
     # 2 16-byte metadata loads, one arrive, 8 chained HGMMA.SP per k-tile
     "ws": _WS,
-    # the same with a 1x2 cluster sharing A and metadata (per CTA 50 KiB per k-tile
-    # instead of 68 KiB)
+    # + a 1x2 cluster sharing A and metadata (per CTA 50 KiB per k-tile instead of 68)
     "ws_mc": dataclasses.replace(_WS, cluster_n=2),
+    # + the producer streaming into the next tile (K a multiple of 384)
+    "ws_pt": dataclasses.replace(_WS, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 64x256 (CTA 128x256, m64n256 instructions), 2 stages
-    "ws64_n256": dataclasses.replace(_WS, tile_m=64, tile_n=256, max_concurrent_steps=2),
+    "ws64_n256": dataclasses.replace(_WS64, tile_n=256, max_concurrent_steps=2),
 }
 
 

@@ -38,7 +38,7 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
             tile_m=tm, tile_n=tn, in_flight=config.mma_in_flight,
             meta_before_fence=config.meta_before_fence, rows_by_warpgroup=nwg > 1)
 
-    def get_pipeline(body, compute_context):
+    def get_pipeline(body, compute_context, pipeline_state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
@@ -48,6 +48,7 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
             num_compute_wgs=nwg,
             max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context,
+            pipeline_state=pipeline_state,
         )
 
     def kernel(a_gmem, meta_gmem, b_gmem, out_gmem):
@@ -58,7 +59,7 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
         def scope(pipeline_allocs, out_smem):
             wg = lax.axis_index("wg")
 
-            def tile(mi, ni):
+            def tile(mi, ni, pipeline_state=None):
                 row0 = mi * ctm + wg * tm  # this warpgroup's first row of C
 
                 def epilogue(acc):
@@ -83,7 +84,7 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
                             decompress_tile(a, mt), b_smem[...], (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
 
-                get_pipeline(body, compute_context)(
+                get_pipeline(body, compute_context, pipeline_state)(
                     a_gmem.at[pl.ds(mi * ctm, ctm)],
                     meta_gmem.at[pl.ds(mi * (ctm // 64), ctm // 64)],
                     b_gmem.at[pl.ds(ni * tn, tn)],
@@ -98,7 +99,16 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
                 def _loop(info):
                     (lin,) = info.index
                     mi, nci = _common.tile_order(config, lin, m_iters, n_iters // cn)
-                    tile(mi, nci * cn + cta)
+                    state = None
+                    if config.pipeline_across_tiles:
+                        # A CTA's first tile fills the pipeline, its last one drains it.
+                        last = info.num_local_steps - 1
+                        state = jnp.where(
+                            info.local_index == 0, int(plgpu.PipelinePipeline.START),
+                            jnp.where(info.local_index == last,
+                                      int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
+                    tile(mi, nci * cn + cta, state)
             else:
                 tile(lax.axis_index("m"), lax.axis_index("n") * cn + cta)
             plgpu.wait_smem_to_gmem(0)
