@@ -57,7 +57,8 @@ class SparseMatmulConfig:
       pipeline_across_tiles: persistent warp-specialised kernels only: the producer runs on
         into the next tile's loads while the consumers finish the current tile (Pallas'
         pipeline states START / STEADY / STOP) instead of draining the pipeline at every
-        tile; needs the k-steps per tile to be a multiple of ``max_concurrent_steps``.
+        tile; needs the k-steps per tile to be a multiple of ``max_concurrent_steps``, and
+        the grid is capped so that every CTA runs at least 2 tiles.
     """
 
     tile_m: int = 128
@@ -162,6 +163,9 @@ class SparseMatmulConfig:
             return (f"pipeline_across_tiles needs K / {self.tile_k} = {k // self.tile_k} "
                     f"k-steps to be a multiple of max_concurrent_steps="
                     f"{self.max_concurrent_steps}")
+        if self.pipeline_across_tiles and (m // cm) * (n // cn) < 2:
+            # Pallas' pipeline states need a START and a STOP tile in every CTA.
+            return f"pipeline_across_tiles needs at least 2 output tiles, got (M, N)=({m}, {n})"
         return None
 
     def check(self, m: int, n: int, k: int) -> None:

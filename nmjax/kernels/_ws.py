@@ -122,7 +122,11 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
 
     if config.persistent:
         clusters = (config.max_ctas or _common.num_sms()) // cn
-        grid, grid_names = (max(1, min(clusters, m_iters * n_iters // cn)),), ("sm",)
+        units = m_iters * n_iters // cn
+        # Tiles go round-robin over the grid: at most units // 2 CTAs (clusters) give each
+        # at least the 2 tiles (START, STOP) the cross-tile pipeline needs.
+        cap = units // 2 if config.pipeline_across_tiles else units
+        grid, grid_names = (max(1, min(clusters, cap)),), ("sm",)
     else:
         grid, grid_names = (m_iters, n_iters // cn), ("m", "n")
     f = _common.launch(kernel, out_shape=(n, m) if transpose else (m, n), grid=grid,
