@@ -10,6 +10,7 @@ the sparse-wgmma branch itself and the metadata-layout probe.
 import dataclasses
 import importlib
 import json
+import pathlib
 import sys
 
 import jax
@@ -24,7 +25,7 @@ from nmjax import format as nmformat
 
 _common = importlib.import_module("nmjax.kernels._common")
 _backend = importlib.import_module("nmjax.kernels._backend")
-_matmul = importlib.import_module("nmjax.kernels._matmul")
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])  # benchmarks/ is importable from here
 
 
 def _mask(rng, rows, k, underfill=True):
@@ -446,7 +447,7 @@ def test_speedup_and_auto_dispatch_follow_the_measured_table(table):
 
 def test_measured_table_written_by_the_gpu_script_round_trips(tmp_path, monkeypatch):
     """benchmarks/kernels.py table: JSON lines -> measured.json -> the backend's speedup."""
-    sys.path.insert(0, ".")
+    sys.path.insert(0, ROOT)
     bench = importlib.import_module("benchmarks.kernels")
     lines = [dict(step="gemm", item="a", shape=[4096, 8192, 4096], impl="XLA dense", ms=1.0,
                   tflops=275.0),
@@ -502,7 +503,7 @@ def test_sparse_wgmma_matches_fp32_on_gpu(name):
 @needs_sm90
 @pytest.mark.parametrize("name", ["v1", "v1_mf", "ws64", "ws", "ws64_mc"])
 def test_metadata_layout_probe_on_gpu(name):
-    sys.path.insert(0, ".")
+    sys.path.insert(0, ROOT)
     bench = importlib.import_module("benchmarks.kernels")
     assert bench.probe(name) == dict(decodable=True, matches_layout=True)
 
