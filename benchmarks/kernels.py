@@ -1,20 +1,32 @@
-"""GPU checks and timings of the 2:4 sparse kernels (run on an sm_90a GPU).
+"""GPU checks and timings of the 2:4 sparse kernels (sm_90a), as resumable JSON lines.
 
-  PYTHONPATH=. python benchmarks/kernels.py probe   # metadata-layout probe
-  PYTHONPATH=. python benchmarks/kernels.py check   # correctness, many shapes
-  PYTHONPATH=. python benchmarks/kernels.py bench   # table vs dense XLA GEMM
+Each subcommand appends one JSON record per item to ``--jsonl`` as soon as it has it, and with
+``--resume`` skips the items a killed run already started (a hung kernel costs one item, not
+the step): ``benchmarks/gpu_check.sh`` runs them in order under one time budget.
 
-Timing: CUPTI kernel times (``jax.experimental.mosaic.gpu.profiler.measure``),
-after a warm-up, median over ``--iters`` runs, random bf16 inputs (never zeros),
-the dense ``lax.dot_general`` of the same shape and layout timed in the same run.
-TFLOP/s count dense-equivalent flops ``2*M*N*K`` for both.
+  probe   metadata-layout probe of each metadata read path (B = identity, C decoded)
+  check   correctness of each variant (4 shapes, rel. error vs fp32 < 1e-2) and a rank timing
+  bench   GEMM TFLOP/s of the best variants beside dense XLA, torch dense (cuBLAS) and torch's
+          2:4 GEMMs (cuSPARSELt, CUTLASS), in this process; the pack costs
+  layer   nm_dense forward + backward vs dense, and the sparse products with static masks
+  table   the markdown table (benchmarks/results/kernels.md) and the measured table the
+          "auto" dispatch reads (nmjax/kernels/measured.json), from the JSON lines
+  pack-cpu  CPU only: full pack vs values-only pack, a relative figure (not a GPU time)
+
+Timing (every row, every framework): after a warm-up, ``--iters`` back-to-back calls, then one
+device sync; the median of 5 such runs, per call. Random normal bf16 operands (never zeros),
+magnitude 2:4 masks. TFLOP/s count the dense-equivalent ``2*M*N*K``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import datetime
+import faulthandler
 import functools
+import json
+import os
 import statistics
 import sys
 import time
@@ -23,91 +35,154 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax.kernels import pack as P
-from nmjax.masks import nm_mask
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SM = sys.modules  # the package shadows the module name with a function
-import nmjax.kernels.sparse_matmul  # noqa: E402,F401
+from nmjax.kernels import (  # noqa: E402
+    VARIANTS,
+    Packed24,
+    SparseMatmulConfig,
+    pack_24,
+    pack_weight_24,
+    pack_weight_values_24,
+    plan_weight_24,
+    sparse_matmul_24,
+)
+from nmjax.masks import nm_mask  # noqa: E402
 
-S = SM["nmjax.kernels.sparse_matmul"]
+_NT = (((1,), (1,)), ((), ()))  # contract axis 1 of both: (N, K) x (M, K) -> (N, M)
 
-_NT = (((1,), (1,)), ((), ()))  # contract axis 1 of both: A (M,K) x b_t (N,K)
-
-
-def random_24(key, rows, k, dtype=jnp.bfloat16):
-    """Random ``(rows, K)`` matrix and its magnitude 2:4 mask along axis 1."""
-    a = jax.random.normal(key, (rows, k), jnp.float32).astype(dtype)
-    return a, nm_mask(jnp.abs(a.astype(jnp.float32)), 2, 4, axis=1)
-
-
-def random_case(key, m, n, k):
-    """A 2:4 ``(m, k)`` operand (packed), a dense ``(n, k)`` one, and the fp32 reference."""
-    k1, k2 = jax.random.split(key)
-    a, mask = random_24(k1, m, k)
-    b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
-    packed = jax.jit(P.pack_24)(a, mask)
-    ref = jax.lax.dot_general(
-        jnp.where(mask, a, 0).astype(jnp.float32), b_t.astype(jnp.float32), _NT,
-        precision=jax.lax.Precision.HIGHEST)
-    return packed, b_t, ref
-
-
-def rel_err(out, ref):
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(out)):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+CHECK_SHAPES = [(256, 256, 1536), (768, 512, 3072), (4096, 2048, 1536), (2048, 4096, 4608)]
+RANK_SHAPE = (8192, 8192, 7680)  # every variant tiles it (K / 128 = 60 steps: 3 and 4 divide)
+BENCH_SHAPES = [  # (M, N, K) of the backend's GEMM: M = out (fwd) or in (dX), N = tokens
+    (8192, 8192, 8192), (4096, 4096, 4096),
+    (3072, 8192, 768),  # MLP fc1: 8192 tokens, 768 -> 3072
+    (768, 8192, 3072),  # MLP fc2: 8192 tokens, 3072 -> 768
+]
+LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # rows, in, out
+PROBE_VARIANTS = ("v1", "v1_mf", "ws64", "ws", "ws64_mc")  # distinct metadata read paths
+# most promising first (by the SASS and the smem traffic per flop), v1 last: if the step's
+# time runs out, the variants that matter have been checked
+CHECK_ORDER = ("ws_pt", "ws64_pt", "ws64_mc_pt", "ws", "ws_mc", "ws64", "ws64_mc",
+               "ws64_n256", "v1_mf", "v1")
+TIMING = dict(reps=5)
+# --smoke (CPU): the emulation branch in interpret mode on small shapes, to test this script
+KERNEL_KW: dict = {}
+SMOKE_SHAPES = [(256, 256, 1536), (512, 256, 1536)]
 
 
-def gpu_time_ms(f, *args, iters=50):
-    """Median kernel time (ms) of ``f(*args)``: CUPTI if available, else wall clock."""
+# ------------------------------------------------------------------------ records
+class Records:
+    """Append-only JSON lines; ``started`` marks an item before it runs (for --resume)."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path = path
+        self.seen = set()
+        if resume and os.path.exists(path):
+            for line in open(path):
+                with contextlib.suppress(ValueError):
+                    r = json.loads(line)
+                    self.seen.add((r.get("step"), r.get("item")))
+
+    def add(self, **record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(json.dumps(record, default=float), flush=True)
+
+    def start(self, step: str, item: str) -> bool:
+        """False when a previous run already started ``item`` (finished, or killed in it)."""
+        if (step, item) in self.seen:
+            return False
+        self.add(step=step, item=item, status="started")
+        return True
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    """Ends the process (exit code 1, traceback on stderr) if the block outlasts ``seconds``:
+    a hung GPU kernel cannot be interrupted from Python. The caller's --resume skips it."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
     try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, times = profiler.measure(f, iterations=iters)(*args)
-        if times:
-            return statistics.median(times), "cupti"
-    except Exception as e:  # noqa: BLE001
-        print("  (cupti unavailable:", type(e).__name__, e, ")")
-    jf = jax.jit(f)
-    jax.block_until_ready(jf(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(jf(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts), "wall"
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
-# ------------------------------------------------------------------ layout probe
+def time_ms(fn, *args, iters=20, reps=None, sync=jax.block_until_ready):
+    """Median over ``reps`` of (``iters`` back-to-back calls, one sync) / ``iters``, in ms."""
+    reps = reps or TIMING["reps"]
+    sync(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        sync(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return 1e3 * statistics.median(times)
+
+
+@jax.jit
+def _rel_err(out, ref):
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    err = jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
+    return jnp.where(jnp.all(jnp.isfinite(out)), err, jnp.inf)
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ on the device (fp32), ``inf`` if ``out`` has a non-finite entry."""
+    return float(_rel_err(out, ref))
+
+
+def random_case(key, m, n, k, underfill=False):
+    """``a (m, k)`` bf16 with a magnitude 2:4 mask along K (with ``underfill`` about a
+    quarter of the kept entries dropped: groups with 0, 1 or 2 kept), ``b_t (n, k)``."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    a = jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16)
+    mask = nm_mask(jnp.abs(a.astype(jnp.float32)), 2, 4, axis=1)
+    if underfill:
+        mask = mask & (jax.random.uniform(k3, mask.shape) > 0.25)
+    b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+    return a, mask, b_t
+
+
+def dense_xla(a_masked, b_t):
+    """Dense XLA bf16 of the backend's layout: ``b_t (N, K) · a (M, K)ᵀ -> (N, M)``."""
+    return jax.lax.dot_general(b_t, a_masked, _NT, preferred_element_type=jnp.float32
+                               ).astype(jnp.bfloat16)
+
+
+def kernel_fn(cfg: SparseMatmulConfig, transpose_out=True):
+    return jax.jit(lambda v, mt, b: sparse_matmul_24(Packed24(v, mt), b, config=cfg,
+                                                     transpose_out=transpose_out, **KERNEL_KW))
+
+
+def device_kind() -> str:
+    dev = jax.devices()[0]
+    return getattr(dev, "device_kind", dev.platform)
+
+
+# -------------------------------------------------------------------------- probe
 _PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
-def probe(cfg=None, **kernel_kw):
-    """Finds which (thread word, nibble) of ``sp-meta`` feeds which (row, group).
-
-    One 64x128 A block, B = identity (so C = dense A). Slot ``(t, n)`` of k32
-    slice ``s`` carries digit ``s`` (base 6) of ``8*t + n`` as its index pair;
-    stored values are 1 (first) and 2 (second), so C shows both positions.
-    """
-    cfg = cfg or S.SparseMatmulConfig(tile_m=64, tile_n=128, max_concurrent_steps=2)
-    m, k, n = 64, 128, 128
+def probe_words() -> np.ndarray:
+    """Metadata ``(1, 1, 64, 4)`` giving every (thread word, nibble) slot of every k32 slice a
+    distinct index pair: slot ``8t + j`` of slice ``s`` carries base-6 digit ``s`` of ``8t + j``."""
     slot = np.arange(512)
-    nib = np.zeros((4, 512), np.uint32)
+    words = np.zeros((1, 1, 64, 4), np.uint32)
     for s in range(4):
-        digit = (slot // 6**s) % 6
-        lo, hi = np.array(_PAIRS)[digit].T
-        nib[s] = lo | (hi << 2)
-    words = np.zeros((1, 4, 64), np.uint32)
-    for s in range(4):
-        w = nib[s].reshape(64, 8)
-        words[0, s] = np.bitwise_or.reduce(w << (4 * np.arange(8, dtype=np.uint32)), axis=1)
-    values = np.tile(np.array([1.0, 2.0]), (m, k // 4))
-    packed = P.Packed24(jnp.asarray(values, jnp.bfloat16), jnp.asarray(words))
-    b_t = jnp.eye(n, k, dtype=jnp.bfloat16)
-    c = np.asarray(S.sparse_matmul_24(packed, b_t, config=cfg, **kernel_kw), np.float32)
-    found = np.full((64, 8), -1)  # (row, group in slice) -> slot index
+        lo, hi = np.array(_PAIRS)[(slot // 6**s) % 6].T
+        nib = (lo | (hi << 2)).astype(np.uint32).reshape(64, 8)
+        words[0, 0, :, s] = np.bitwise_or.reduce(nib << (4 * np.arange(8, dtype=np.uint32)), 1)
+    return words
+
+
+def probe_decode(c: np.ndarray) -> tuple[bool, np.ndarray]:
+    """``C (64, 128)`` of one 64-row block (A with values 1, 2 per group, B = identity) ->
+    (decodable, found[row, group] = slot)."""
+    found = np.full((64, 8), -1)
     ok = True
     for r in range(64):
         for j in range(8):
@@ -120,329 +195,507 @@ def probe(cfg=None, **kernel_kw):
                     continue
                 code += _PAIRS.index((p1[0], p2[0])) * 6**s
             found[r, j] = code
+    return ok, found
+
+
+def probe_expected() -> np.ndarray:
+    """DESIGN §4 / KERNEL_NOTES: row ``16w + 8h + g``, group ``4q + j`` of a slice <- word
+    ``16w + 2g + q``, nibble ``4h + j``."""
     hyp = np.zeros((64, 8), int)
     for r in range(64):
         for j in range(8):
             t = 16 * (r // 16) + 2 * (r % 8) + j // 4
-            nn = j % 4 + 4 * ((r % 16) // 8)
-            hyp[r, j] = 8 * t + nn
-    match = bool(ok and np.array_equal(found, hyp))
-    print(f"probe: decodable={ok} bijective={len(set(found.ravel())) == 512} "
-          f"matches_DESIGN_layout={match}")
-    if not match:
-        np.set_printoptions(linewidth=200)
-        print("found (row, group) -> (word, nibble) for rows 0..17:")
-        for r in range(18):
-            print(r, [divmod(int(x), 8) if x >= 0 else None for x in found[r]])
-        print("C[0:2, 0:32]=", c[0:2, 0:32])
-    return match
+            hyp[r, j] = 8 * t + j % 4 + 4 * ((r % 16) // 8)
+    return hyp
 
 
-# ---------------------------------------------------------------------- variants
-def variants():
-    """Named kernel configurations measured by ``tune`` (``v1`` = the fallback)."""
-    ws = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
-                              max_concurrent_steps=3)
-    return {
-        "v1": S.FALLBACK_CONFIG,
-        # v1 with the k-step's metadata loaded before one wgmma.fence (no injected
-        # warpgroup.arrive between the wgmmas; checked in SASS, not yet timed)
-        "v1_mf": dataclasses.replace(S.FALLBACK_CONFIG, meta_before_fence=True),
-        "ws_mf": dataclasses.replace(ws, meta_before_fence=True),
-        # 2 consumer warpgroups x (128x128), CTA 256x128, persistent, snake N-minor
-        "ws": ws,
-        "ws_mminor": dataclasses.replace(ws, grid_minor_dim=0),
-        # branchless grouped tile order instead of planar_snake (no lax.cond in the loop)
-        "ws_g": dataclasses.replace(ws, grid_order="grouped"),
-        # one CTA per tile, all wgmma groups awaited every k-step
-        "ws_np0": dataclasses.replace(ws, persistent=False),
-        # epilogue double-buffered (2 x 16 columns per warpgroup): stores overlap
-        "ws_e2": dataclasses.replace(ws, epilogue_n=16, epilogue_slots=2),
-        # one CTA per tile: no persistent loop, so one wgmma group may stay in flight
-        "ws_np": dataclasses.replace(ws, persistent=False, mma_in_flight=1),
-        # 2 consumer warpgroups x (64x256), CTA 128x256 (m64n256 instructions), 2 stages
-        "ws_n256": dataclasses.replace(ws, tile_m=64, tile_n=256, max_concurrent_steps=2),
-    }
+def probe(name: str) -> dict:
+    """Runs the layout probe through variant ``name``'s metadata read path: one k-tile, every
+    64-row block of the CTA tile (each warpgroup's) carrying the probe words."""
+    cfg = VARIANTS[name]
+    m, n = cfg.cta_m, cfg.tile_n * cfg.cluster_n
+    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles else 1)
+    if cfg.pipeline_across_tiles:
+        n *= 2  # two tiles (the cross-tile pipeline's START and STOP); B's extra rows are 0
+    meta = np.tile(probe_words(), (m // 64, k // 128, 1, 1))
+    values = np.tile(np.array([1.0, 2.0]), (m, k // 4))
+    packed = Packed24(jnp.asarray(values, jnp.bfloat16), jnp.asarray(meta))
+    b_t = jnp.eye(n, k, dtype=jnp.bfloat16)
+    c = np.asarray(kernel_fn(cfg, False)(*packed, b_t), np.float32)
+    hyp = probe_expected()
+    ok, match = True, True
+    for b in range(m // 64):
+        dec, found = probe_decode(c[64 * b: 64 * b + 64, :128])
+        ok &= dec
+        match &= bool(dec and np.array_equal(found, hyp))
+    return dict(decodable=bool(ok), matches_layout=bool(match))
 
 
-def get_config(name):
-    if name in (None, "", "default"):
-        return S.SparseMatmulConfig()
-    return variants()[name]
-
-
-TUNE_CHECK = [(256, 256, 256), (512, 768, 1024), (2048, 1024, 768), (1024, 2048, 4096)]
-TUNE_TIME = [(8192, 8192, 8192), (4096, 8192, 4096)]
-
-
-def tune(name, iters=30, out_jsonl=None):
-    """Correctness (plain + transposed, several shapes) and timing of one variant."""
-    import json
-
-    cfg = get_config(name)
-    t0 = time.time()
-    ok = True
-    worst = 0.0
-    key = jax.random.key(3)
-    for (m, n, k) in TUNE_CHECK:
-        if m % cfg.cta_m or n % cfg.tile_n:
+def run_probe(args, rec: Records):
+    for name in args.variants or PROBE_VARIANTS:
+        if not rec.start("probe", name):
             continue
+        with watchdog(args.item_timeout):
+            t0 = time.time()
+            try:
+                res = probe(name)
+            except Exception as e:  # noqa: BLE001  (record the failure, go on)
+                res = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            rec.add(step="probe", item=name, seconds=round(time.time() - t0, 1), **res)
+
+
+# -------------------------------------------------------------------------- check
+def run_check(args, rec: Records):
+    """Per variant: rel. error on CHECK_SHAPES (underfilled masks, the transposed output the
+    backend runs), then kernel vs dense XLA time at RANK_SHAPE."""
+    key = jax.random.key(3)
+    cases = []
+    for (m, n, k) in CHECK_SHAPES:
         key, sub = jax.random.split(key)
-        packed, b_t, ref = random_case(sub, m, n, k)
-        for tr in (False, True):
-            f = jax.jit(functools.partial(S.sparse_matmul_24, config=cfg, transpose_out=tr))
-            t1 = time.time()
-            f = f.lower(packed, b_t).compile()  # compile separately: tells a hang apart
-            t2 = time.time()
-            out = jax.block_until_ready(f(packed, b_t))
-            err = rel_err(out.T if tr else out, ref)
-            print(f"TUNE {name} {m}x{n}x{k} T={int(tr)} compile {t2 - t1:.1f}s "
-                  f"run {time.time() - t2:.1f}s rel_err {err:.1e}", flush=True)
-            worst = max(worst, err)
-            ok &= err < 1e-2
-    print(f"TUNE {name} check worst rel_err {worst:.2e} {'PASS' if ok else 'FAIL'} "
-          f"({time.time() - t0:.0f}s)", flush=True)
-    res = dict(name=name, ok=bool(ok), worst_err=worst, times={})
-    for (m, n, k) in TUNE_TIME:
-        key, k1, k2 = jax.random.split(key, 3)
-        a, mask = random_24(k1, m, k)
-        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
-        a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
-        packed = jax.jit(P.pack_24)(a, mask)
-        flops = 2.0 * m * n * k
-        dense_ms, _ = gpu_time_ms(
-            lambda x, y: jax.lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32
-                                             ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
-        line = f"TUNE {name} {m}x{n}x{k} dense {flops / dense_ms / 1e9:.0f}"
-        for tr in (False, True):
-            f = functools.partial(S.sparse_matmul_24, config=cfg, transpose_out=tr)
-            sp_ms, _ = gpu_time_ms(lambda v, mt, y, f=f: f(P.Packed24(v, mt), y),
-                                   packed.values, packed.meta, b_t, iters=iters)
-            res["times"][f"{m}x{n}x{k}{'T' if tr else ''}"] = [dense_ms, sp_ms]
-            line += (f" | T={int(tr)} {flops / sp_ms / 1e9:.0f} TF/s "
-                     f"ratio {dense_ms / sp_ms:.2f}x")
-        print(line, f"({time.time() - t0:.0f}s)", flush=True)
-        if out_jsonl:
-            with open(out_jsonl, "a") as fh:
-                fh.write(json.dumps(res) + "\n")
-    return res
+        a, mask, b_t = random_case(sub, m, n, k, underfill=True)
+        packed = jax.jit(pack_24)(a, mask)
+        ref = jax.lax.dot_general(b_t.astype(jnp.float32),
+                                  jnp.where(mask, a, 0).astype(jnp.float32), _NT,
+                                  precision=jax.lax.Precision.HIGHEST)
+        cases.append(((m, n, k), packed, b_t, ref))
+    rank = None
+    order = [*CHECK_ORDER, *(v for v in VARIANTS if v not in CHECK_ORDER)]
+    for name in args.variants or order:
+        if not rec.start("check", name):
+            continue
+        cfg = VARIANTS[name]
+        with watchdog(args.item_timeout):
+            t0 = time.time()
+            errs, error = {}, None
+            try:
+                for (m, n, k), packed, b_t, ref in cases:
+                    if cfg.shape_error(m, n, k):
+                        continue
+                    out = kernel_fn(cfg)(packed.values, packed.meta, b_t)
+                    errs[f"{m}x{n}x{k}"] = rel_err(out, ref)
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {str(e)[:400]}"
+            worst = max(errs.values(), default=float("inf"))
+            ok = error is None and len(errs) == len(cases) and worst < 1e-2
+            res = dict(step="check", item=name, ok=ok, worst_err=worst, errs=errs,
+                       error=error, check_seconds=round(time.time() - t0, 1))
+            if ok:
+                if rank is None:
+                    rank = _rank_case()
+                a_masked, packed, b_t, dense_ms = rank
+                ms = time_ms(kernel_fn(cfg), packed.values, packed.meta, b_t, iters=args.iters)
+                res.update(rank_shape=list(RANK_SHAPE), rank_ms=ms, rank_dense_ms=dense_ms,
+                           rank_ratio=dense_ms / ms,
+                           rank_tflops=2 * np.prod(RANK_SHAPE, dtype=float) / ms / 1e9)
+            rec.add(**res)
 
 
-def pick(jsonl):
-    """Best correct variant by 8192^3 transposed-out time (the backend's layout)."""
-    import json
+def _rank_case():
+    m, n, k = RANK_SHAPE
+    a, mask, b_t = random_case(jax.random.key(11), m, n, k)
+    a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
+    packed = jax.jit(pack_24)(a, mask)
+    return a_masked, packed, b_t, time_ms(jax.jit(dense_xla), a_masked, b_t)
 
-    best, best_ms = "v1", float("inf")
+
+def best_variants(check_jsonl: str, top: int) -> list[str]:
+    """The ``top`` correct variants by rank-shape speed (the last record of each wins)."""
     last = {}
-    for line in open(jsonl):
+    for line in open(check_jsonl):
         r = json.loads(line)
-        last[r["name"]] = r
-    for name, r in last.items():
-        t = r["times"].get("8192x8192x8192T") or r["times"].get("8192x8192x8192")
-        if r["ok"] and t and t[1] < best_ms:
-            best, best_ms = name, t[1]
-    return best
+        if r.get("step") == "check" and "ok" in r:
+            last[r["item"]] = r
+    good = [r for r in last.values() if r["ok"] and r.get("rank_ratio")]
+    good.sort(key=lambda r: -r["rank_ratio"])
+    return [r["item"] for r in good[:top]] or ["v1"]
 
 
-# ------------------------------------------------------------------ correctness
-CHECK_SHAPES = [  # (M, N, K) of C = A(M,K) @ B(K,N)
-    (128, 128, 128), (256, 128, 256), (128, 384, 512), (512, 256, 768),
-    (768, 1024, 384), (1024, 512, 2048), (2048, 2048, 2048), (3072, 8192, 768),
-]
+# -------------------------------------------------------------------------- bench
+def _torch_peers(m, n, k, iters):
+    """torch dense (cuBLAS) and torch's 2:4 GEMMs of ``(M, K) 2:4 x (K, N)``: results keyed by
+    implementation, each ``(ms, rel_err, note)``; an unavailable one gives ``(None, None,
+    reason)``. B is tried K-major and N-major; the faster counts."""
+    import torch
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(m + n + k)
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
+    idx = a.abs().reshape(m, k // 4, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(m, k // 4, 4, device=dev, dtype=torch.bool)
+    mask.scatter_(-1, idx, True)
+    a = torch.where(mask.reshape(m, k), a, torch.zeros((), dtype=a.dtype, device=dev))
+    b_kn = torch.randn(k, n, device=dev, dtype=torch.bfloat16, generator=gen)
+    layouts = {"B row-major": b_kn, "B K-major": b_kn.t().contiguous().t()}
+    ref = a.float() @ b_kn.float()
+    sync = lambda _: torch.cuda.synchronize()  # noqa: E731
+    out = {}
+
+    def best(name, fn):
+        res = []
+        for label, b in layouts.items():
+            try:
+                ms = time_ms(fn, b, iters=iters, sync=sync)
+                c = fn(b).float()
+                err = float(torch.linalg.norm(c - ref) / torch.linalg.norm(ref))
+                res.append((ms, err if bool(torch.isfinite(c).all()) else float("inf"), label))
+            except Exception as e:  # noqa: BLE001
+                res.append((None, None, f"{label}: {type(e).__name__}: {str(e)[:160]}"))
+        timed = [r for r in res if r[0] is not None]
+        out[name] = min(timed) if timed else res[0]
+
+    best("torch dense", lambda b: torch.mm(a, b))
+    try:
+        packed = torch._cslt_compress(a)
+        best("torch cuSPARSELt", lambda b: torch._cslt_sparse_mm(packed, b))
+        if hasattr(torch, "_cslt_sparse_mm_search"):
+            alg = torch._cslt_sparse_mm_search(packed, layouts["B row-major"])
+            alg = alg[0] if isinstance(alg, tuple) else alg
+            best(f"torch cuSPARSELt (alg {alg}, searched)",
+                 lambda b: torch._cslt_sparse_mm(packed, b, alg_id=alg))
+    except Exception as e:  # noqa: BLE001
+        out["torch cuSPARSELt"] = (None, None, f"{type(e).__name__}: {str(e)[:200]}")
+    try:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = True
+        sp = to_sparse_semi_structured(a)
+        best("torch CUTLASS", lambda b: torch._sparse_semi_structured_mm(sp.packed, sp.meta, b))
+    except Exception as e:  # noqa: BLE001
+        out["torch CUTLASS"] = (None, None, f"{type(e).__name__}: {str(e)[:200]}")
+    return out
 
 
-def check(shapes=CHECK_SHAPES, cfgs=None, seed=0):
-    cfgs = cfgs or [S.SparseMatmulConfig()]
-    worst = 0.0
-    key = jax.random.key(seed)
-    for (m, n, k) in shapes:
-        key, sub = jax.random.split(key)
-        packed, b_t, ref = random_case(sub, m, n, k)
-        for cfg in cfgs:
-            if m % cfg.cta_m or n % cfg.tile_n:
-                continue
-            for tr in (False, True):
-                out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=tr)
-                err = rel_err(out.T if tr else out, ref)
-                worst = max(worst, err)
-                print(f"check M={m} N={n} K={k} tiles=({cfg.tile_m},{cfg.tile_n}) "
-                      f"T={int(tr)} rel_err={err:.2e} {'OK' if err < 1e-2 else 'FAIL'}")
-    print(f"check: worst rel_err {worst:.2e} ({'PASS' if worst < 1e-2 else 'FAIL'})")
-    return worst < 1e-2
-
-
-# ------------------------------------------------------------------------- bench
-BENCH_SHAPES = [
-    (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192),
-    (3072, 8192, 768), (768, 8192, 3072),  # BERT/ViT-B MLP, 8192 tokens
-    (4096, 8192, 4096), (16384, 8192, 4096), (4096, 8192, 16384),
-]
-
-
-def bench(shapes=BENCH_SHAPES, cfg=None, iters=50, out_rows=None):
-    cfg = cfg or S.SparseMatmulConfig()
-    rows = []
+def run_bench(args, rec: Records):
+    names = args.variants or best_variants(args.check_jsonl, args.top)
+    rec.add(step="bench", item="variants", variants=names)
     key = jax.random.key(1)
-    for (m, n, k) in shapes:
-        key, k1, k2 = jax.random.split(key, 3)
-        a, mask = random_24(k1, m, k)
-        b_t = jax.random.normal(k2, (n, k), jnp.float32).astype(jnp.bfloat16)
+    for (m, n, k) in BENCH_SHAPES:
+        shape = f"{m}x{n}x{k}"
+        key, sub = jax.random.split(key)
+        a, mask, b_t = random_case(sub, m, n, k)
         a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
-        pack = jax.jit(P.pack_24)
-        packed = pack(a, mask)
+        packed = jax.jit(pack_24)(a, mask)
+        ref = None
         flops = 2.0 * m * n * k
-        dense_ms, how = gpu_time_ms(
-            lambda x, y: jax.lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32
-                                             ).astype(jnp.bfloat16), a_masked, b_t, iters=iters)
-        sp = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg)
-        sparse_ms, _ = gpu_time_ms(sp, packed.values, packed.meta, b_t, iters=iters)
-        v1 = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y,
-                                                 config=S.FALLBACK_CONFIG)
-        v1_ms = (sparse_ms if cfg == S.FALLBACK_CONFIG
-                 else gpu_time_ms(v1, packed.values, packed.meta, b_t, iters=iters)[0])
-        spt = lambda v, mt, y: S.sparse_matmul_24(P.Packed24(v, mt), y, config=cfg,
-                                                  transpose_out=True)
-        sparse_t_ms, _ = gpu_time_ms(spt, packed.values, packed.meta, b_t, iters=iters)
-        print(f"  transposed-out kernel: {flops / sparse_t_ms / 1e9:.0f} TF/s", flush=True)
-        pack_ms, _ = gpu_time_ms(pack, a, mask, iters=max(10, iters // 5))
-        out = sp(packed.values, packed.meta, b_t)
-        err = rel_err(out, jax.lax.dot_general(
-            a_masked.astype(jnp.float32), b_t.astype(jnp.float32), _NT,
-            precision=jax.lax.Precision.HIGHEST))
-        row = (m, n, k, flops / dense_ms / 1e9, flops / sparse_ms / 1e9,
-               dense_ms / sparse_ms, pack_ms, err, how, flops / v1_ms / 1e9,
-               flops / sparse_t_ms / 1e9, dense_ms / sparse_t_ms)
-        rows.append(row)
-        print(f"bench M={m} N={n} K={k} dense {row[3]:.0f} TF/s sparse {row[4]:.0f} TF/s "
-              f"ratio {row[5]:.2f}x (transposed out {row[11]:.2f}x, v1 {row[9]:.0f} TF/s) "
-              f"pack {pack_ms:.3f} ms err {err:.1e} ({how})", flush=True)
-    return rows
+        if rec.start("gemm", f"{shape} xla"):
+            with watchdog(args.item_timeout):
+                ms = time_ms(jax.jit(dense_xla), a_masked, b_t, iters=args.iters)
+                rec.add(step="gemm", item=f"{shape} xla", shape=[m, n, k], impl="XLA dense",
+                        ms=ms, tflops=flops / ms / 1e9)
+        for name in names:
+            cfg = VARIANTS[name]
+            if cfg.shape_error(m, n, k) or not rec.start("gemm", f"{shape} {name}"):
+                continue
+            with watchdog(args.item_timeout):
+                f = kernel_fn(cfg)
+                ms = time_ms(f, packed.values, packed.meta, b_t, iters=args.iters)
+                if ref is None:
+                    ref = jax.lax.dot_general(b_t.astype(jnp.float32),
+                                              a_masked.astype(jnp.float32), _NT,
+                                              precision=jax.lax.Precision.HIGHEST)
+                err = rel_err(f(packed.values, packed.meta, b_t), ref)
+                rec.add(step="gemm", item=f"{shape} {name}", shape=[m, n, k],
+                        impl=f"pallas {name}", variant=name, ms=ms, tflops=flops / ms / 1e9,
+                        rel_err=err)
+        if args.torch and rec.start("gemm", f"{shape} torch"):
+            with watchdog(args.item_timeout):
+                try:
+                    peers = _torch_peers(m, n, k, args.iters)
+                except Exception as e:  # noqa: BLE001
+                    peers = {"torch": (None, None, f"{type(e).__name__}: {str(e)[:200]}")}
+                for impl, (ms, err, note) in peers.items():
+                    rec.add(step="gemm", item=f"{shape} {impl}", shape=[m, n, k], impl=impl,
+                            ms=ms, tflops=flops / ms / 1e9 if ms else None, rel_err=err,
+                            note=note)
 
 
-LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # (rows, in, out)
+# -------------------------------------------------------------------------- layer
+def run_layer(args, rec: Records):
+    """nm_dense fwd + bwd (y, dx, dw) in bf16: dense, the masked reference, the pallas backend
+    (packs W twice per call from the masks), and the same products with static masks (values
+    gathered per call from a plan); plus each pack alone."""
+    from nmjax.kernels import measured_table
 
-
-def bench_layer(shapes=LAYER_SHAPES, iters=30, cfg=None):
-    """``nm_dense`` forward + both backward products: pallas vs reference vs plain dense."""
-    import nmjax.kernels  # noqa: F401  (registers "pallas")
-    from nmjax import ops
-    from nmjax.kernels import backend
-
-    if cfg is not None:
-        backend.DEFAULT_CONFIG = cfg
-
-    rows_out = []
+    measured_table.cache_clear()  # the bench step may have just written it
     key = jax.random.key(2)
-    for (rows, n_in, n_out) in shapes:
-        key, k1, k2, k3 = jax.random.split(key, 4)
-        w = jax.random.normal(k1, (n_in, n_out), jnp.float32).astype(jnp.bfloat16)
-        x = jax.random.normal(k2, (rows, n_in), jnp.float32).astype(jnp.bfloat16)
-        g = jax.random.normal(k3, (rows, n_out), jnp.float32).astype(jnp.bfloat16)
-        # a transposable-enough stand-in: 2:4 along in (fwd) and along out (bwd)
-        _, fwd_t = random_24(k1, n_out, n_in)
-        _, bwd = random_24(k2, n_in, n_out)
-        fwd = fwd_t.T
-
-        def step(x, w, fwd, bwd, g, backend):
-            y, vjp = jax.vjp(lambda x, w: ops.nm_dense(x, w, fwd, bwd, backend=backend), x, w)
-            return (y, *vjp(g))
-
-        def dense_step(x, w, g):
-            y, vjp = jax.vjp(jnp.dot, x, w)  # bf16 in/out; XLA accumulates in fp32
-            return (y, *vjp(g))
-
-        sp = jax.jit(functools.partial(step, backend="pallas"))
-        ref = jax.jit(functools.partial(step, backend="reference"))
-        t_sp, _ = gpu_time_ms(sp, x, w, fwd, bwd, g, iters=iters)
-        t_ref, _ = gpu_time_ms(ref, x, w, fwd, bwd, g, iters=iters)
-        t_dense, _ = gpu_time_ms(dense_step, x, w, g, iters=iters)
-        got, want = sp(x, w, fwd, bwd, g), ref(x, w, fwd, bwd, g)
-        errs = [rel_err(a, b) for a, b in zip(got, want, strict=True)]
-        row = (rows, n_in, n_out, t_dense, t_ref, t_sp, t_dense / t_sp, t_ref / t_sp, max(errs))
-        rows_out.append(row)
-        print(f"layer rows={rows} in={n_in} out={n_out} dense {t_dense:.3f} ms masked-ref "
-              f"{t_ref:.3f} ms pallas {t_sp:.3f} ms speedup vs dense {row[6]:.2f}x "
-              f"vs ref {row[7]:.2f}x err {row[8]:.1e}", flush=True)
-    return rows_out
+    for (rows, n_in, n_out) in LAYER_SHAPES:
+        key, sub = jax.random.split(key)
+        _layer_shape(args, rec, sub, rows, n_in, n_out)
 
 
-def format_layer_table(rows):
-    lines = [
-        "| rows | in | out | dense fwd+bwd ms | masked reference ms | pallas ms "
-        "| dense/pallas | reference/pallas | max rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for (r, i, o, td, tr, tp, s1, s2, e) in rows:
-        lines.append(f"| {r} | {i} | {o} | {td:.3f} | {tr:.3f} | {tp:.3f} | {s1:.2f}x "
-                     f"| {s2:.2f}x | {e:.1e} |")
-    return "\n".join(lines)
+def _layer_step(x, w, g, fwd, bwd, backend):
+    from nmjax import ops
+
+    y, vjp = jax.vjp(lambda x, w: ops.nm_dense(x, w, fwd, bwd, backend=backend), x, w)
+    return (y, *vjp(g))
 
 
-def format_table(rows, cfg):
-    lines = [
-        "| M | N | K | dense XLA bf16 TFLOP/s | sparse kernel TFLOP/s | sparse/dense "
-        "| transposed-out TFLOP/s | transposed/dense | v1 kernel TFLOP/s | pack ms | rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for (m, n, k, dt, st, ratio, pk, err, _, v1t, stt, rt) in rows:
-        lines.append(
-            f"| {m} | {n} | {k} | {dt:.0f} | {st:.0f} | {ratio:.2f}x | {stt:.0f} | {rt:.2f}x "
-            f"| {v1t:.0f} | {pk:.3f} | {err:.1e} |")
-    lines.append(f"\nconfig: {cfg}")
-    return "\n".join(lines)
+def _dense_step(x, w, g):
+    y, vjp = jax.vjp(jnp.dot, x, w)  # bf16 in and out, fp32 accumulation in XLA
+    return (y, *vjp(g))
+
+
+def _static_step(x, w, g, plan):
+    """What a backend given a mask plan would run: values-only pack, the two sparse GEMMs
+    (the per-shape measured kernels) and the dense weight gradient."""
+    from nmjax.kernels import measured_config
+
+    rows, (n_in, n_out) = x.shape[0], w.shape
+    pw = pack_weight_values_24(w, plan)
+    y = sparse_matmul_24(pw.fwd, x, config=measured_config((n_out, rows, n_in)),
+                         transpose_out=True, **KERNEL_KW)
+    dx = sparse_matmul_24(pw.bwd, g, config=measured_config((n_in, rows, n_out)),
+                          transpose_out=True, **KERNEL_KW)
+    dw = jnp.matmul(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return y, dx, dw
+
+
+def _sparse_gemms(x, g, packed):
+    """The two sparse products alone, on packed operands (the denominator of the pack cost)."""
+    from nmjax.kernels import measured_config
+
+    rows, (n_out, n_in) = x.shape[0], (packed.fwd.values.shape[0], x.shape[1])
+    y = sparse_matmul_24(packed.fwd, x, config=measured_config((n_out, rows, n_in)),
+                         transpose_out=True, **KERNEL_KW)
+    dx = sparse_matmul_24(packed.bwd, g, config=measured_config((n_in, rows, n_out)),
+                          transpose_out=True, **KERNEL_KW)
+    return y, dx
+
+
+def _layer_shape(args, rec, key, rows, n_in, n_out):
+    from nmjax.kernels import pallas_backend
+
+    shape = f"{rows}x{n_in}x{n_out}"
+    k1, k2, k3 = jax.random.split(key, 3)
+    w = jax.random.normal(k1, (n_in, n_out), jnp.float32).astype(jnp.bfloat16)
+    x = jax.random.normal(k2, (rows, n_in), jnp.float32).astype(jnp.bfloat16)
+    g = jax.random.normal(k3, (rows, n_out), jnp.float32).astype(jnp.bfloat16)
+    wf = jnp.abs(w.astype(jnp.float32))
+    fwd, bwd = nm_mask(wf, 2, 4, axis=0), nm_mask(wf, 2, 4, axis=1)
+    plan = jax.jit(plan_weight_24)(fwd, bwd)
+    backend = pallas_backend()  # per GEMM shape, the measured best variant (else v1)
+    impls = {
+        "dense": (jax.jit(_dense_step), (x, w, g)),
+        "masked reference": (jax.jit(functools.partial(_layer_step, backend="reference")),
+                             (x, w, g, fwd, bwd)),
+        "pallas (nm_dense)": (jax.jit(functools.partial(_layer_step, backend=backend)),
+                              (x, w, g, fwd, bwd)),
+        "pallas, static masks": (jax.jit(_static_step), (x, w, g, plan)),
+        "sparse GEMMs (fwd + dX)": (jax.jit(_sparse_gemms), (x, g, pack_weight_24(w, fwd, bwd))),
+        "pack_weight_24 (full)": (jax.jit(pack_weight_24), (w, fwd, bwd)),
+        "pack_weight_values_24": (jax.jit(pack_weight_values_24), (w, plan)),
+    }
+    want = None
+    for impl, (fn, fargs) in impls.items():
+        if not rec.start("layer", f"{shape} {impl}"):
+            continue
+        with watchdog(args.item_timeout):
+            try:
+                ms = time_ms(fn, *fargs, iters=max(5, args.iters // 2))
+                err = None
+                if not impl.startswith(("pack", "sparse GEMMs")):
+                    got = fn(*fargs)
+                    if impl == "masked reference":
+                        want = got
+                    elif want is not None and impl != "dense":
+                        err = max(rel_err(a, b) for a, b in zip(got, want, strict=True))
+                rec.add(step="layer", item=f"{shape} {impl}", shape=[rows, n_in, n_out],
+                        impl=impl, ms=ms, rel_err=err)
+            except Exception as e:  # noqa: BLE001
+                rec.add(step="layer", item=f"{shape} {impl}", shape=[rows, n_in, n_out],
+                        impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+# -------------------------------------------------------------------------- table
+def _load(paths):
+    out = []
+    for p in paths:
+        if os.path.exists(p):
+            for line in open(p):
+                with contextlib.suppress(ValueError):
+                    r = json.loads(line)
+                    if r.get("status") != "started":
+                        out.append(r)
+    return out
+
+
+def _started_unfinished(paths):
+    started, done = set(), set()
+    for p in paths:
+        if os.path.exists(p):
+            for line in open(p):
+                with contextlib.suppress(ValueError):
+                    r = json.loads(line)
+                    (started if r.get("status") == "started" else done).add(
+                        (r.get("step"), r.get("item")))
+    return sorted(started - done)
+
+
+def run_table(args, _rec=None):
+    """Writes the markdown table and the measured table from the JSON lines."""
+    recs = _load(args.inputs)
+    kind = args.device or device_kind()
+    date = args.date or datetime.date.today().isoformat()
+    gemm = [r for r in recs if r.get("step") == "gemm"]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in gemm))
+    impls = list(dict.fromkeys(r["impl"] for r in gemm if r["impl"] != "XLA dense"))
+    by = {(tuple(r["shape"]), r["impl"]): r for r in gemm}
+    lines = [f"# Sparse 2:4 kernel measurements ({kind})", "",
+             f"Date: {date}. Device: {kind}; jax {jax.__version__}. Command (GPU machine, "
+             f"repository root): `{args.command}`.", "",
+             "Method: each row's implementations in one process; per call the median of 5 runs "
+             "of back-to-back calls after a warm-up; random normal bf16 operands, magnitude 2:4 "
+             "masks. Cells: time of dense XLA bf16 over the implementation's (>1: faster), and "
+             "dense-equivalent TFLOP/s. Pallas rows run the transposed output the backend "
+             "uses (`C = B·Aᵀ`, `(N, M)`); XLA dense is the same product; torch rows compute "
+             "`(M, K) 2:4 · (K, N)` (faster of B row-major / K-major).", ""]
+    head = "| M×N×K | XLA dense TFLOP/s | " + " | ".join(impls) + " |"
+    lines += ["## Sparse GEMM, ratio to dense XLA", "", head,
+              "|---|---:|" + "---:|" * len(impls)]
+    for s in shapes:
+        base = by.get((s, "XLA dense"))
+        cells = [f"{base['tflops']:.0f}" if base else "–"]
+        for impl in impls:
+            r = by.get((s, impl))
+            if not r or not r.get("ms") or not base:
+                cells.append("–" if not r else (r.get("note") or "n/a")[:40])
+                continue
+            bad = r.get("rel_err") is not None and not r["rel_err"] < 1e-2
+            cells.append(f"{base['ms'] / r['ms']:.2f}x ({r['tflops']:.0f})"
+                         + (" WRONG" if bad else ""))
+        lines.append(f"| {'×'.join(map(str, s))} | " + " | ".join(cells) + " |")
+    layer = [r for r in recs if r.get("step") == "layer"]
+    if layer:
+        lshapes = list(dict.fromkeys(tuple(r["shape"]) for r in layer))
+        limpls = list(dict.fromkeys(r["impl"] for r in layer))
+        lby = {(tuple(r["shape"]), r["impl"]): r for r in layer}
+        lines += ["", "## `nm_dense` forward + backward (y, dx, dw), bf16; ms (dense / it)", "",
+                  "| rows×in×out | " + " | ".join(limpls) + " |",
+                  "|---|" + "---:|" * len(limpls)]
+        for s in lshapes:
+            base = lby.get((s, "dense"))
+            cells = []
+            for impl in limpls:
+                r = lby.get((s, impl))
+                if not r or not r.get("ms"):
+                    cells.append(r.get("error", "–")[:40] if r else "–")
+                    continue
+                gemms = lby.get((s, "sparse GEMMs (fwd + dX)"))
+                if impl.startswith("pack") or impl.startswith("sparse GEMMs"):
+                    ratio = (f" ({100 * r['ms'] / gemms['ms']:.0f}% of the GEMMs)"
+                             if impl.startswith("pack") and gemms and gemms.get("ms") else "")
+                else:
+                    ratio = f" ({base['ms'] / r['ms']:.2f}x)" if base and impl != "dense" else ""
+                err = f", err {r['rel_err']:.1e}" if r.get("rel_err") is not None else ""
+                cells.append(f"{r['ms']:.3f}{ratio}{err}")
+            lines.append(f"| {'×'.join(map(str, s))} | " + " | ".join(cells) + " |")
+        lines += ["", "Cells: ms per call, (dense time / it). 'pallas (nm_dense)' packs W from "
+                  "the masks on every call (the Backend interface passes masks); 'pallas, static "
+                  "masks' gathers only the values from a plan. Pack rows: the pack alone, as a "
+                  "share of the two sparse GEMMs it feeds ('sparse GEMMs (fwd + dX)')."]
+    checks = [r for r in recs if r.get("step") == "check"]
+    probes = [r for r in recs if r.get("step") == "probe"]
+    if checks or probes:
+        lines += ["", "## Probe and correctness", "",
+                  "| variant | layout probe | rel. err (worst of the check shapes) | rank shape: "
+                  "ratio to XLA (TFLOP/s) | error |",
+                  "|---|---|---:|---:|---|"]
+        pr = {r["item"]: r for r in probes}
+        for r in checks:
+            p = pr.get(r["item"], {})
+            ptxt = ("ok" if p.get("matches_layout") else "MISMATCH" if p else "–")
+            rank = (f"{'×'.join(map(str, r['rank_shape']))}: {r['rank_ratio']:.2f}x "
+                    f"({r['rank_tflops']:.0f})" if r.get("rank_ratio") else "–")
+            lines.append(f"| {r['item']} | {ptxt} | {r.get('worst_err', float('nan')):.1e} "
+                         f"| {rank} | {(r.get('error') or '')[:80]} |")
+    hung = _started_unfinished(args.inputs)
+    if hung:
+        lines += ["", "Started but never finished (killed by the step's time limit or a hang): "
+                  + ", ".join(f"{s} {i}" for s, i in hung) + "."]
+    text = "\n".join(lines) + "\n"
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text)
+    if args.measured:
+        write_measured(args.measured, kind, date, args.command, gemm, checks)
+
+
+def write_measured(path, kind, date, command, gemm, checks):
+    """The "auto" dispatch table: per variant and shape, dense XLA time / kernel time of
+    correct runs. Other devices' tables in the file are kept."""
+    from nmjax.kernels._backend import table_entry
+
+    base = {tuple(r["shape"]): r["ms"] for r in gemm if r["impl"] == "XLA dense"}
+    entries = []
+    for r in gemm:
+        s = tuple(r["shape"])
+        if r.get("variant") and r.get("ms") and s in base and (r.get("rel_err") or 1) < 1e-2:
+            entries.append(table_entry(r["variant"], VARIANTS[r["variant"]], s,
+                                       base[s] / r["ms"], r["rel_err"]))
+    for r in checks:
+        if r.get("ok") and r.get("rank_ratio"):
+            entries.append(table_entry(r["item"], VARIANTS[r["item"]], r["rank_shape"],
+                                       r["rank_ratio"], r["worst_err"]))
+    table = {"note": "Written by benchmarks/gpu_check.sh (python benchmarks/kernels.py table); "
+                     "never edited by hand.", "devices": {}}
+    if os.path.exists(path):
+        with contextlib.suppress(ValueError):
+            table["devices"] = json.load(open(path)).get("devices", {})
+    table["devices"][kind] = dict(date=date, command=command, jax=jax.__version__,
+                                  entries=entries)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------ pack-cpu
+def run_pack_cpu(args, _rec=None):
+    """CPU wall times (not GPU figures) of the full pack vs the values-only pack of a layer."""
+    for (n_in, n_out) in [(768, 3072), (4096, 4096)]:
+        w = jax.random.normal(jax.random.key(0), (n_in, n_out), jnp.float32).astype(
+            jnp.bfloat16)
+        wf = jnp.abs(w.astype(jnp.float32))
+        fwd, bwd = nm_mask(wf, 2, 4, axis=0), nm_mask(wf, 2, 4, axis=1)
+        plan = jax.jit(plan_weight_24)(fwd, bwd)
+        full = time_ms(jax.jit(pack_weight_24), w, fwd, bwd, iters=3, reps=3)
+        vals = time_ms(jax.jit(pack_weight_values_24), w, plan, iters=3, reps=3)
+        print(f"CPU (not a GPU figure) {n_in}x{n_out}: pack_weight_24 {full:.1f} ms, "
+              f"pack_weight_values_24 {vals:.1f} ms ({full / vals:.1f}x less)")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+",
-                    choices=["probe", "check", "bench", "layer", "info", "tune", "pick"])
-    ap.add_argument("--variant", default="",
-                    help=f"named config (overrides the tile flags): {sorted(variants())}")
-    ap.add_argument("--jsonl", default="", help="tune: append results here; pick: read")
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--tile-m", type=int, default=128)
-    ap.add_argument("--tile-n", type=int, default=128)
-    ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--in-flight", type=int, default=1)
-    ap.add_argument("--md", default="", help="also write the tables (markdown) here")
-    ap.add_argument("--shapes", default="")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["probe", "check", "bench", "layer", "table", "pack-cpu"])
+    ap.add_argument("--jsonl", default="kernels.jsonl")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=None)
+    ap.add_argument("--check-jsonl", default="", help="bench: pick the best variants from it")
+    ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--item-timeout", type=float, default=60)
+    ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--inputs", nargs="*", default=[], help="table: the JSON lines files")
+    ap.add_argument("--md", default="")
+    ap.add_argument("--measured", default="")
+    ap.add_argument("--device", default="")
+    ap.add_argument("--date", default="")
+    ap.add_argument("--command", default="bash benchmarks/gpu_check.sh")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU test of this script: emulated kernels, small shapes")
     args = ap.parse_args(argv)
-    cfg = S.SparseMatmulConfig(tile_m=args.tile_m, tile_n=args.tile_n,
-                               max_concurrent_steps=args.stages,
-                               mma_in_flight=args.in_flight)
-    if args.variant:
-        cfg = get_config(args.variant)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
-    if "pick" in args.what:
-        print(pick(args.jsonl))
-        return
-    if "tune" in args.what:
-        tune(args.variant or "default", iters=args.iters, out_jsonl=args.jsonl or None)
-    if "info" in args.what:
-        print("devices:", jax.devices(), "jax", jax.__version__)
-    if "probe" in args.what:
-        probe()
-    if "check" in args.what:
-        check(cfgs=[cfg] if cfg == S.FALLBACK_CONFIG else [cfg, S.FALLBACK_CONFIG])
-    tables = []
-    if "bench" in args.what:
-        rows = bench(shapes or BENCH_SHAPES, cfg=cfg, iters=args.iters)
-        tables.append("### Sparse GEMM `C = A·B`, A 2:4 (M×K), B given as (N×K)\n\n"
-                      + format_table(rows, cfg))
-        print("SPEEDUP_TABLE =", {r[:3]: round(r[5], 2) for r in rows})
-    if "layer" in args.what:
-        tables.append("### `nm_dense` forward + backward (y, dx, dw), bf16\n\n"
-                      + format_layer_table(bench_layer(iters=max(10, args.iters // 2),
-                                                       cfg=cfg)))
-    for t in tables:
-        print(t)
-    if args.md and tables:
-        dev = jax.devices()[0]
-        with open(args.md, "w") as f:
-            f.write(f"device: {getattr(dev, 'device_kind', dev)}; jax {jax.__version__}; "
-                    f"command: python benchmarks/kernels.py {' '.join(args.what)}"
-                    f"{' --variant ' + args.variant if args.variant else ''}\n\n")
-            f.write("\n\n".join(tables) + "\n")
+    if args.smoke:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        global CHECK_SHAPES, RANK_SHAPE, BENCH_SHAPES, LAYER_SHAPES
+        KERNEL_KW.update(branch="emulate", interpret=plgpu.InterpretGPUParams())
+        CHECK_SHAPES, RANK_SHAPE = SMOKE_SHAPES, SMOKE_SHAPES[0]
+        BENCH_SHAPES, LAYER_SHAPES = SMOKE_SHAPES[:1], [(256, 256, 256)]
+        args.iters = 1
+        TIMING["reps"] = 1
+    run = dict(probe=run_probe, check=run_check, bench=run_bench, layer=run_layer,
+               table=run_table, **{"pack-cpu": run_pack_cpu})[args.what]
+    rec = None if args.what in ("table", "pack-cpu") else Records(args.jsonl, args.resume)
+    run(args, rec)
 
 
 if __name__ == "__main__":

@@ -1,253 +1,340 @@
-"""Tests of nmjax.kernels: packing, metadata layout, the sparse GEMM kernel.
+"""Tests of nmjax.kernels: packing, the metadata layout, the sparse GEMM kernels, the backend.
 
-CPU: the packing and layout functions, the kernel's emulation branch under Pallas
-Mosaic GPU interpret mode (tiling, pipeline, indexing, packing), and the PTX branch's
-lowering to Mosaic IR. GPU (``-m gpu``, sm_90 only): the sparse-wgmma branch itself.
+CPU: packing and layout functions; every kept kernel variant's emulation branch under Pallas
+Mosaic GPU interpret mode (tiling, pipeline, persistent loop, clusters, indexing, packing);
+the PTX branch's lowering to Mosaic IR and the order of its metadata loads, fence and sparse
+wgmmas; the backend's checks and its measured-table dispatch. GPU (``-m gpu``, sm_90 only):
+the sparse-wgmma branch itself and the metadata-layout probe.
 """
 
+import dataclasses
+import importlib
+import json
+import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-import nmjax.kernels.sparse_matmul  # noqa: F401
+import nmjax.kernels as K
+from nmjax import backends
 from nmjax import format as nmformat
-from nmjax.kernels import pack as P
 
-S = sys.modules["nmjax.kernels.sparse_matmul"]
+_common = importlib.import_module("nmjax.kernels._common")
+_backend = importlib.import_module("nmjax.kernels._backend")
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])  # benchmarks/ is importable from here
 
 
-def _random_mask(rng, rows, k, underfill=True):
-    """A 2:4 mask along axis 1; with ``underfill`` some groups keep 0 or 1."""
+def _mask(rng, rows, k, underfill=True):
+    """A 2:4 mask along axis 1; with ``underfill`` groups keep 0, 1 or 2."""
     mask = np.zeros((rows, k // 4, 4), bool)
-    for r in range(rows):
-        for g in range(k // 4):
-            kept = rng.integers(0, 3) if underfill else 2
-            mask[r, g, rng.choice(4, kept, replace=False)] = True
+    kept = rng.integers(0, 3, (rows, k // 4)) if underfill else np.full((rows, k // 4), 2)
+    order = np.argsort(rng.random((rows, k // 4, 4)), axis=-1)
+    np.put_along_axis(mask, order[..., :2], (np.arange(2) < kept[..., None]), axis=-1)
     return jnp.asarray(mask.reshape(rows, k))
 
 
 def _data(seed, rows, k, underfill=True):
     rng = np.random.default_rng(seed)
     a = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    return a, _random_mask(rng, rows, k, underfill)
+    return a, _mask(rng, rows, k, underfill)
 
 
 def _on_sm90():
-    try:
-        d = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return d.platform == "gpu" and getattr(d, "compute_capability", "") in ("9.0", "9.0a")
+    facts = backends.device_facts()
+    return facts[0] == "gpu" and facts[2] in ("9.0", "9.0a")
 
 
 gpu = pytest.mark.gpu
 needs_sm90 = pytest.mark.skipif(not _on_sm90(), reason="needs an sm_90 GPU")
 
-
-# ----------------------------------------------------------------------- packing
-def test_pair_table_is_valid():
-    for code in range(16):
-        lo, hi = P._PAIRS[code]
-        assert 0 <= lo < hi <= 3
-        kept = [p for p in range(4) if code >> p & 1]
-        if len(kept) <= 2:
-            assert set(kept) <= {lo, hi}
+SHAPES = [(64, 128), (128, 256), (192, 384)]  # (rows, K) for packing tests
 
 
-@pytest.mark.parametrize("rows,k", [(64, 32), (128, 64), (192, 128)])
-def test_pack_roundtrip(rows, k):
-    a, mask = _data(rows + k, rows, k)
-    packed = P.pack_24(a, mask)
+# ------------------------------------------------------------------ metadata layout
+def _expected_wgmma_meta(canon: np.ndarray) -> np.ndarray:
+    """The layout written out element by element from its definition (module docstring)."""
+    rows, words = canon.shape
+    out = np.zeros((rows // 64, words // 4, 64, 4), np.uint32)
+    for b in range(rows // 64):
+        for kt in range(words // 4):
+            for w in range(4):
+                for g in range(8):
+                    for q in range(2):
+                        for s in range(4):
+                            r0 = 64 * b + 16 * w + g
+                            lo = (int(canon[r0, 4 * kt + s]) >> (16 * q)) & 0xFFFF
+                            hi = (int(canon[r0 + 8, 4 * kt + s]) >> (16 * q)) & 0xFFFF
+                            out[b, kt, 16 * w + 2 * g + q, s] = lo | (hi << 16)
+    return out
+
+
+@pytest.mark.parametrize("rows,k", [(64, 128), (128, 256)])
+def test_wgmma_meta_layout_matches_definition(rows, k):
+    canon = np.random.default_rng(rows + k).integers(0, 2**32, (rows, k // 32), np.uint32)
+    got = np.asarray(K.canonical_to_wgmma_meta(jnp.asarray(canon)))
+    np.testing.assert_array_equal(got, _expected_wgmma_meta(canon))
+    np.testing.assert_array_equal(K.wgmma_to_canonical_meta(jnp.asarray(got)), canon)
+
+
+def test_wgmma_meta_matches_verified_thread_map():
+    """Word 16w+2g+q, slice s, bits [4j, 4j+4) = nibble of row 16w+g, group 8s+4q+j; bits
+    [16+4j, ...) the same group of row +8 (the map verified on an H100)."""
+    a, mask = _data(5, 64, 128)
+    packed = K.pack_24(a, mask)
+    pos = np.asarray(nmformat.slot_indices(nmformat.pack(a, mask, 2, 4, axis=1)))
+    meta = np.asarray(packed.meta)[0, 0]
+    for w in range(4):
+        for g in range(8):
+            for q in range(2):
+                for s in range(4):
+                    for h in range(2):
+                        for j in range(4):
+                            row, group = 16 * w + 8 * h + g, 8 * s + 4 * q + j
+                            nib = pos[row, 2 * group] | (pos[row, 2 * group + 1] << 2)
+                            word = int(meta[16 * w + 2 * g + q, s])
+                            assert (word >> (16 * h + 4 * j)) & 0xF == nib
+
+
+def test_meta_layout_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        K.canonical_to_wgmma_meta(jnp.zeros((32, 4), jnp.uint32))
+    with pytest.raises(ValueError, match=r"\(rows/64, K/128, 64, 4\)"):
+        K.wgmma_to_canonical_meta(jnp.zeros((1, 1, 64, 2), jnp.uint32))
+
+
+# ------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("rows,k", SHAPES)
+@pytest.mark.parametrize("underfill", [False, True])
+def test_pack_24_roundtrip_and_canonical_values(rows, k, underfill):
+    a, mask = _data(rows + k + underfill, rows, k, underfill)
+    packed = K.pack_24(a, mask)
     assert packed.values.shape == (rows, k // 2)
-    assert packed.meta.shape == (rows // 64, k // 32, 64) and packed.meta.dtype == jnp.uint32
-    np.testing.assert_array_equal(P.unpack_24(packed), jnp.where(mask, a, 0))
-
-
-def test_nibbles_are_valid_pairs():
-    a, mask = _data(1, 64, 128)
-    _, pos = P.pack_rows_24(a, mask)
-    nib = np.asarray(P.nibbles(pos))
-    assert not np.isin(nib, [0, 5, 10, 15]).any()
-    assert ((nib & 3) < (nib >> 2)).all()
-
-
-def test_meta_bit_layout_spot_check():
-    """Word 16w+2g+q bits [4j,4j+4) = row 16w+g, group 8s+4q+j; +16 bits: row +8."""
-    rng = np.random.default_rng(0)
-    rows, k = 128, 64
-    pos = np.sort(np.stack([rng.choice(4, 2, replace=False)
-                            for _ in range(rows * k // 4)]), axis=1).reshape(rows, k // 2)
-    meta = np.asarray(P.meta_to_thread_order(jnp.asarray(pos)))
-    for (b, s, w, g, q, h, j) in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 3, 7, 1, 1, 3),
-                                  (0, 1, 2, 5, 0, 1, 2), (1, 0, 1, 3, 1, 0, 1)]:
-        row = 64 * b + 16 * w + 8 * h + g
-        group = 8 * s + 4 * q + j
-        nib = pos[row, 2 * group] | (pos[row, 2 * group + 1] << 2)
-        word = meta[b, s, 16 * w + 2 * g + q]
-        assert (word >> (16 * h + 4 * j)) & 0xF == nib
-
-
-def test_meta_roundtrip():
-    a, mask = _data(2, 128, 96)
-    _, pos = P.pack_rows_24(a, mask)
-    np.testing.assert_array_equal(P.thread_order_to_positions(P.meta_to_thread_order(pos)), pos)
-
-
-def test_matches_canonical_format():
-    a, mask = _data(3, 128, 64)
+    assert packed.meta.shape == (rows // 64, k // 128, 64, 4)
+    assert packed.meta.dtype == jnp.uint32
+    np.testing.assert_array_equal(K.unpack_24(packed), jnp.where(mask, a, 0))
     canon = nmformat.pack(a, mask, 2, 4, axis=1)
-    values, pos = P.pack_rows_24(a, mask)
-    np.testing.assert_array_equal(values, canon.values)
-    np.testing.assert_array_equal(pos, nmformat.slot_indices(canon))
-    # canonical word 0 holds groups 0..7 of each row, nibble per group, low first
-    words = np.bitwise_or.reduce(np.asarray(P.nibbles(pos)[:, :8]) << (
-        4 * np.arange(8, dtype=np.uint32)), axis=1)
-    np.testing.assert_array_equal(words, np.asarray(canon.meta)[:, 0])
-    converted = P.from_format(canon)
-    np.testing.assert_array_equal(converted.meta, P.pack_24(a, mask).meta)
+    np.testing.assert_array_equal(packed.values, canon.values)
+    np.testing.assert_array_equal(K.from_format(canon).meta, packed.meta)
+    nib = (np.asarray(K.wgmma_to_canonical_meta(packed.meta))[..., None]
+           >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    assert not np.isin(nib, [0, 5, 10, 15]).any()  # never equal indices (undefined in HW)
 
 
-def test_pack_weight_24_both_directions():
+@pytest.mark.parametrize("rows,k", SHAPES)
+def test_plan_then_values_equals_pack(rows, k):
+    a, mask = _data(rows * k, rows, k, underfill=True)
+    plan = jax.jit(K.plan_24)(mask)
+    packed = K.pack_24(a, mask)
+    np.testing.assert_array_equal(plan.meta, packed.meta)
+    assert plan.slots.shape == (rows, k // 4) and plan.slots.dtype == jnp.uint8
+    np.testing.assert_array_equal(jax.jit(K.values_24)(a, plan.slots), packed.values)
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_pack_weight_24_both_directions(perm):
     rng = np.random.default_rng(4)
-    w = jnp.asarray(rng.standard_normal((128, 192)), jnp.float32)
-    fwd = _random_mask(rng, 192, 128, underfill=False).T  # 2:4 along in (axis 0)
-    bwd = _random_mask(rng, 128, 192, underfill=False)  # 2:4 along out (axis 1)
-    packed = jax.jit(P.pack_weight_24)(w, fwd, bwd)
-    assert packed.fwd.values.shape == (192, 64) and packed.bwd.values.shape == (128, 96)
-    np.testing.assert_array_equal(P.unpack_24(packed.fwd), jnp.where(fwd, w, 0).T)
-    np.testing.assert_array_equal(P.unpack_24(packed.bwd), jnp.where(bwd, w, 0))
-    assert P.pack_weight_24(w, fwd).bwd is None
+    n_in, n_out = 256, 128
+    w = jnp.asarray(rng.standard_normal((n_in, n_out)), jnp.bfloat16)
+    fwd = _mask(rng, n_out, n_in).T  # 2:4 along in (axis 0)
+    p = jnp.asarray(rng.permutation(n_out)) if perm else None
+    bwd_p = _mask(rng, n_in, n_out)  # 2:4 along out in perm order
+    bwd = bwd_p if p is None else bwd_p[:, jnp.argsort(p)]  # the same mask, original order
+    packed = jax.jit(K.pack_weight_24)(w, fwd, bwd, p)
+    assert packed.fwd.values.shape == (n_out, n_in // 2)
+    assert packed.bwd.values.shape == (n_in, n_out // 2)
+    np.testing.assert_array_equal(K.unpack_24(packed.fwd), jnp.where(fwd, w, 0).T)
+    wb = jnp.where(bwd, w, 0)
+    np.testing.assert_array_equal(K.unpack_24(packed.bwd), wb if p is None else wb[:, p])
+    fast = jax.jit(K.pack_weight_values_24)(w, K.plan_weight_24(fwd, bwd, p))
+    for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(packed), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
-def test_pack_rejects_bad_shapes():
-    with pytest.raises(ValueError):
-        P.pack_24(jnp.zeros((64, 30)), jnp.zeros((64, 30), bool))
-    with pytest.raises(ValueError):
-        P.pack_24(jnp.zeros((48, 32)), jnp.zeros((48, 32), bool))
+def test_transposable_mask_packs_both_directions_from_one_mask():
+    from nmjax.masks import transposable_mask
+
+    w = jax.random.normal(jax.random.key(0), (128, 256))
+    mask = transposable_mask(jnp.abs(w), 2, 4)
+    packed = K.pack_weight_24(w, mask)
+    np.testing.assert_array_equal(K.unpack_24(packed.fwd), jnp.where(mask, w, 0).T)
+    np.testing.assert_array_equal(K.unpack_24(packed.bwd), jnp.where(mask, w, 0))
 
 
-# ------------------------------------------------------------ kernel (emulated)
-def _interpret():
-    from jax.experimental.pallas import mosaic_gpu as plgpu
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        K.pack_24(jnp.zeros((64, 64)), jnp.zeros((64, 64), bool))
+    with pytest.raises(ValueError, match="rows a multiple of 64"):
+        K.pack_24(jnp.zeros((48, 128)), jnp.zeros((48, 128), bool))
+    with pytest.raises(ValueError, match="mask shape"):
+        K.pack_24(jnp.zeros((64, 128)), jnp.zeros((64, 256), bool))
+    with pytest.raises(TypeError, match="mask"):
+        K.pack_24(jnp.zeros((64, 128)), jnp.zeros((64, 128)))
+    with pytest.raises(ValueError, match="not 2:4"):
+        K.pack_24(jnp.ones((64, 128)), jnp.ones((64, 128), bool))
+    with pytest.raises(ValueError, match="slots shape"):
+        K.values_24(jnp.zeros((64, 128)), jnp.zeros((64, 16), jnp.uint8))
+    with pytest.raises(ValueError, match="bwd_mask has shape"):
+        K.pack_weight_24(jnp.zeros((128, 128)), jnp.zeros((128, 128), bool),
+                         jnp.zeros((128, 256), bool))
+    with pytest.raises(ValueError, match="not a permutation"):
+        K.pack_weight_24(jnp.zeros((128, 128)), jnp.zeros((128, 128), bool),
+                         perm=jnp.zeros(128, jnp.int32))
+    with pytest.raises(ValueError, match="the plan is for a kernel of shape"):
+        K.pack_weight_values_24(jnp.zeros((256, 128)),
+                                K.plan_weight_24(jnp.zeros((128, 128), bool)))
 
-    return plgpu.InterpretGPUParams()
+
+# --------------------------------------------------------------- kernels (emulated)
+def _emulated(packed, b_t, cfg, transpose_out):
+    return K.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
+                              interpret=plgpu.InterpretGPUParams(), transpose_out=transpose_out)
 
 
-@pytest.mark.parametrize(
-    "m,n,k,tm,tn,stages,transpose_out",
-    [
-        (128, 64, 256, 64, 64, 2, False),  # 2x1 grid, 2 k-steps
-        (64, 128, 512, 64, 64, 2, True),  # 1x2 grid, 4 k-steps > stages
-        (128, 128, 384, 128, 64, 3, False),  # tile_m=128: two m64 blocks per tile
-    ],
-)
-def test_emulated_kernel_interpret(m, n, k, tm, tn, stages, transpose_out):
+def _assert_close(out, packed, b_t, transpose_out):
+    ref = K.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
+    assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", list(K.VARIANTS))
+def test_every_variant_emulated_in_interpret_mode(name):
+    """Each kept kernel as configured (tiles, stages, warpgroups, cluster, pipeline across
+    tiles), on two CTA tiles along M so that a persistent CTA loops over two tiles."""
+    cfg = K.VARIANTS[name]
+    # ws_mc over 2 tiles per cluster hangs in interpret mode in about 1 run of 8 (cause not
+    # established, see KERNEL_NOTES); its multi-tile cluster loop is covered with 64-row
+    # warpgroups (ws64_mc, ws64_mc_pt and the tiling tests), ws_mc itself on one tile.
+    tiles = 1 if name == "ws_mc" else 2
+    m, n = tiles * cfg.cta_m, cfg.tile_n * cfg.cluster_n
+    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles else 2)
+    if cfg.warp_specialized and cfg.persistent:
+        cfg = dataclasses.replace(cfg, max_ctas=cfg.cluster_n)
     a, mask = _data(m + n + k, m, k)
     b_t = jnp.asarray(np.random.default_rng(9).standard_normal((n, k)), jnp.bfloat16)
-    packed = P.pack_24(a, mask)
-    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages)
-    out = S.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
-                             interpret=_interpret(), transpose_out=transpose_out)
-    ref = S.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               rtol=1e-2, atol=1e-2)
+    packed = K.pack_24(a, mask)
+    _assert_close(_emulated(packed, b_t, cfg, True), packed, b_t, True)
 
 
-@pytest.mark.parametrize(
-    "m,n,k,tm,tn,stages,transpose_out,persistent,max_ctas,slots",
-    [
-        (128, 64, 256, 64, 64, 2, False, False, 0, 1),  # one CTA per tile, 2 k-steps
-        # persistent: 2x2 CTA tiles over 3 CTAs (one loops twice), snake order, 3 k-steps
-        (256, 128, 384, 64, 64, 2, True, True, 3, 1),
-        (256, 128, 128, 64, 64, 2, False, True, 2, 2),  # double-buffered epilogue
-        (384, 192, 128, 64, 64, 2, True, True, 4, 1),  # grouped order, partial last band
-    ],
-)
-def test_warp_specialized_kernel_interpret(m, n, k, tm, tn, stages, transpose_out,
-                                           persistent, max_ctas, slots):
-    """v2 structure (producer + 2 consumer warpgroups, persistent snake grid, per-warpgroup
-    rows of A / metadata / C) with the emulated MMA under interpret mode."""
+@pytest.mark.parametrize("m,n,k,tm,tn,stages,transpose_out", [
+    (128, 64, 256, 64, 64, 2, False),  # 2x1 grid, 2 k-steps
+    (64, 128, 512, 64, 64, 2, True),  # 1x2 grid, 4 k-steps > stages
+    (128, 128, 384, 128, 64, 3, False),  # two m64 blocks per tile
+])
+def test_v1_tiling_emulated(m, n, k, tm, tn, stages, transpose_out):
+    a, mask = _data(m + n + k, m, k)
+    b_t = jnp.asarray(np.random.default_rng(9).standard_normal((n, k)), jnp.bfloat16)
+    packed = K.pack_24(a, mask)
+    cfg = K.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages,
+                               meta_before_fence=tm == 128)
+    _assert_close(_emulated(packed, b_t, cfg, transpose_out), packed, b_t, transpose_out)
+
+
+@pytest.mark.parametrize("m,n,k,transpose_out,kw", [
+    (128, 64, 256, False, dict(persistent=False, mma_in_flight=1)),  # one CTA per tile
+    # persistent: 2x2 CTA tiles over 3 CTAs (one loops twice), snake order, 3 k-steps
+    (256, 128, 384, True, dict(max_ctas=3, grid_tile_width=1)),
+    (256, 128, 128, False, dict(max_ctas=2, epilogue_n=16, epilogue_slots=2)),
+    (384, 192, 128, True, dict(max_ctas=4, grid_order="grouped", grid_tile_width=2)),
+    # the producer streams across 3 tiles of one CTA (START, STEADY, STOP)
+    (384, 64, 512, True, dict(max_ctas=1, pipeline_across_tiles=True)),
+    # 4 tiles: the grid is capped at 2 CTAs so that each has a START and a STOP tile
+    (256, 128, 256, False, dict(pipeline_across_tiles=True)),
+    # 1x2 clusters multicasting A: 2 clusters over 3x2 tiles, and one CTA pair alone
+    (384, 256, 256, False, dict(max_ctas=4, cluster_n=2)),
+    (128, 128, 256, True, dict(persistent=False, cluster_n=2)),
+    (128, 64, 256, True, dict(compute_wgs=1, max_ctas=1)),  # one consumer warpgroup
+])
+def test_warp_specialized_tiling_emulated(m, n, k, transpose_out, kw):
     a, mask = _data(m + n + k + 1, m, k)
     b_t = jnp.asarray(np.random.default_rng(7).standard_normal((n, k)), jnp.bfloat16)
-    packed = P.pack_24(a, mask)
-    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, max_concurrent_steps=stages,
-                               warp_specialized=True, mma_in_flight=0,
-                               epilogue_n=32 // slots, epilogue_slots=slots,
-                               persistent=persistent, max_ctas=max_ctas,
-                               grid_tile_width=1 if m < 384 else 2,
-                               grid_order="snake" if m < 384 else "grouped")
-    out = S.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
-                             interpret=_interpret(), transpose_out=transpose_out)
-    ref = S.sparse_matmul_24_reference(packed, b_t, transpose_out=transpose_out)
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               rtol=1e-2, atol=1e-2)
+    packed = K.pack_24(a, mask)
+    base = dict(tile_m=64, tile_n=64, max_concurrent_steps=2, warp_specialized=True,
+                mma_in_flight=0, epilogue_n=32)
+    cfg = K.SparseMatmulConfig(**{**base, **kw})
+    _assert_close(_emulated(packed, b_t, cfg, transpose_out), packed, b_t, transpose_out)
 
 
 def test_grouped_order_is_a_permutation():
     for m_iters, n_iters, width in [(5, 3, 2), (4, 4, 4), (7, 2, 3), (1, 6, 8)]:
         lin = jnp.arange(m_iters * n_iters, dtype=jnp.int32)
-        mi, ni = S._grouped_order(lin, m_iters, n_iters, width)
+        mi, ni = _common.grouped_order(lin, m_iters, n_iters, width)
         pairs = set(zip(np.asarray(mi).tolist(), np.asarray(ni).tolist(), strict=True))
         assert pairs == {(i, j) for i in range(m_iters) for j in range(n_iters)}
 
 
-def test_warp_specialized_config_checks():
-    with pytest.raises(ValueError, match="mma_in_flight=0"):
-        S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=1).check(256, 128, 128)
-    cfg = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0)
-    assert cfg.cta_m == 256
-    with pytest.raises(ValueError):
-        cfg.check(128, 128, 128)  # rows not a multiple of the 256-row CTA tile
+# ------------------------------------------------------------------ config checks
+def test_config_rejects_bad_fields():
+    with pytest.raises(TypeError, match="tile_m must be an int"):
+        K.SparseMatmulConfig(tile_m=128.0)
+    with pytest.raises(TypeError, match="meta_before_fence must be a bool"):
+        K.SparseMatmulConfig(meta_before_fence=1)
+    for kw, rule in [(dict(tile_m=96), "multiple of 64"), (dict(tile_n=512), r"\[8, 256\]"),
+                     (dict(tile_k=64), "tile_k must be 128"), (dict(cluster_n=2), "need"),
+                     (dict(warp_specialized=True), "mma_in_flight=0"),
+                     (dict(grid_order="zigzag"), "grid_order"),
+                     (dict(warp_specialized=True, mma_in_flight=0, max_concurrent_steps=5),
+                      "shared memory")]:
+        with pytest.raises(ValueError, match=rule):
+            K.SparseMatmulConfig(**kw)
 
 
-def test_kernel_rejects_bad_tiles():
+def test_config_shape_errors():
+    ws = K.VARIANTS["ws"]
+    assert ws.cta_m == 256 and ws.shape_error(256, 128, 128) is None
+    assert "multiples of (256, 128, 128)" in ws.shape_error(128, 128, 128)
+    mc = K.VARIANTS["ws64_mc"]
+    assert "(128, 256, 128)" in mc.shape_error(128, 128, 128)
+    pt = K.VARIANTS["ws64_pt"]
+    assert pt.shape_error(256, 128, 512) is None
+    assert "multiple of max_concurrent_steps=4" in pt.shape_error(128, 128, 768)
+    assert "at least 2 output tiles" in pt.shape_error(128, 128, 512)
+    assert pt.shape_error(128, 256, 512) is None
+
+
+def test_kernel_rejects_bad_input():
     a, mask = _data(0, 128, 256)
-    with pytest.raises(ValueError):
-        S.sparse_matmul_24(P.pack_24(a, mask), jnp.zeros((100, 256), jnp.bfloat16))
-    with pytest.raises(ValueError):
-        S.sparse_matmul_24(P.pack_24(a, mask), jnp.zeros((128, 128), jnp.bfloat16))
+    packed = K.pack_24(a, mask)
+    b_t = jnp.zeros((128, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiples of"):
+        K.sparse_matmul_24(packed, jnp.zeros((100, 256), jnp.bfloat16))
+    with pytest.raises(ValueError, match="K mismatch"):
+        K.sparse_matmul_24(packed, jnp.zeros((128, 128), jnp.bfloat16))
+    with pytest.raises(ValueError, match="must be bf16"):
+        K.sparse_matmul_24(packed, b_t.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"a.meta must be uint32 of shape"):
+        K.sparse_matmul_24(K.Packed24(packed.values, packed.meta[:, :, :32]), b_t)
+    with pytest.raises(TypeError, match="Packed24"):
+        K.sparse_matmul_24((packed.values, packed.meta), b_t)
+    with pytest.raises(TypeError, match="SparseMatmulConfig"):
+        K.sparse_matmul_24(packed, b_t, config={"tile_m": 64})
 
 
-@pytest.mark.parametrize("meta_first", [False, True])
-def test_ptx_branch_lowers_to_mosaic_with_sparse_wgmma(meta_first):
-    m, n, k = 128, 128, 256
-    cfg = S.SparseMatmulConfig(meta_before_fence=meta_first)
-    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg))
-    lowered = f.trace(
+# ------------------------------------------------------------- PTX branch, lowered
+def _lower(cfg, m, n, k, transpose_out=True):
+    f = jax.jit(lambda v, mt, b: K.sparse_matmul_24(K.Packed24(v, mt), b, config=cfg,
+                                                    transpose_out=transpose_out))
+    return f.trace(
         jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
-        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
+        jax.ShapeDtypeStruct((m // 64, k // 128, 64, 4), jnp.uint32),
         jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
     ).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16" in text
 
 
-@pytest.mark.parametrize("tm,tn,persistent,meta_first", [
-    (128, 128, True, False), (64, 256, True, False), (128, 128, False, False),
-    (128, 128, True, True)])
-def test_warp_specialized_ptx_lowers(tm, tn, persistent, meta_first):
-    m, n, k = 512, 512, 512
-    cfg = S.SparseMatmulConfig(tile_m=tm, tile_n=tn, warp_specialized=True,
-                               persistent=persistent, mma_in_flight=int(not persistent),
-                               epilogue_n=32, max_concurrent_steps=3 if tn == 128 else 2,
-                               meta_before_fence=meta_first)
-    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg,
-                                                    transpose_out=True))
-    text = f.trace(
-        jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
-        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
-        jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
-    ).lower(lowering_platforms=("cuda",)).as_text()
-    assert f"wgmma.mma_async.sp.sync.aligned.m64n{tn}k32.f32.bf16.bf16" in text
+@pytest.mark.parametrize("name", ["v1", "ws64_mc_pt", "ws64_n256"])
+def test_ptx_branch_lowers_with_sparse_wgmma(name):
+    cfg = K.VARIANTS[name]
+    text = _lower(cfg, 2 * cfg.cta_m, 2 * cfg.tile_n * cfg.cluster_n, 1536).as_text()
+    assert f"wgmma.mma_async.sp.sync.aligned.m64n{cfg.tile_n}k32.f32.bf16.bf16" in text
 
 
 def _mosaic_ops_sequence(monkeypatch, cfg):
-    """Order of metadata loads (L), wgmma fences (F), sparse wgmmas (M) in the Mosaic module."""
+    """Order in the Mosaic module of metadata loads (L: one word, V: 16-byte vector), wgmma
+    fences (F) and sparse wgmmas (M)."""
     import jax.experimental.mosaic.gpu.core as mgpu_core
 
     modules = []
@@ -259,17 +346,13 @@ def _mosaic_ops_sequence(monkeypatch, cfg):
         return orig(module, *args, **kwargs)
 
     monkeypatch.setattr(mgpu_core, "_run_serde_pass", grab)
-    m, n, k = 128, 128, 256
-    f = jax.jit(lambda v, mt, b: S.sparse_matmul_24(P.Packed24(v, mt), b, config=cfg))
-    f.trace(
-        jax.ShapeDtypeStruct((m, k // 2), jnp.bfloat16),
-        jax.ShapeDtypeStruct((m // 64, k // 32, 64), jnp.uint32),
-        jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
-    ).lower(lowering_platforms=("cuda",))
+    _lower(cfg, cfg.cta_m, cfg.tile_n * cfg.cluster_n, 1536)
     seq = ""
     for line in modules[-1].split("\n"):
         if "memref.load" in line and "ui32" not in line and "i32" in line:
             seq += "L"
+        elif "llvm.load" in line and "vector<4xi32>" in line:
+            seq += "V"
         elif "wgmma.fence" in line:
             seq += "F"
         elif "mma_async.sp" in line:
@@ -277,87 +360,152 @@ def _mosaic_ops_sequence(monkeypatch, cfg):
     return seq
 
 
-def test_meta_before_fence_chains_the_wgmmas(monkeypatch):
-    """meta_before_fence: the k-step's 8 metadata loads, one fence, then 8 wgmmas with no
-    register write between them (else ptxas injects a warpgroup.arrive before each)."""
-    seq = _mosaic_ops_sequence(monkeypatch, S.SparseMatmulConfig(meta_before_fence=True))
-    assert "L" * 8 + "F" + "M" * 8 in seq
-    seq = _mosaic_ops_sequence(monkeypatch, S.SparseMatmulConfig())
-    assert "LM" * 8 in seq  # v1 as measured: a load before every wgmma
+@pytest.mark.parametrize("name,step", [
+    ("v1", "LM" * 8),  # a word before each wgmma: ptxas fences each m64 block (C7519)
+    ("v1_mf", "VVF" + "M" * 8),  # one 16-byte load per m64 block, one fence, 8 chained
+    ("ws64", "VF" + "M" * 4),  # CUTLASS's main loop: one load, one fence, 4 chained
+    ("ws", "VVF" + "M" * 8),
+])
+def test_metadata_loads_fence_and_wgmma_order(monkeypatch, name, step):
+    seq = _mosaic_ops_sequence(monkeypatch, K.VARIANTS[name])
+    assert step in seq
+    assert seq.count("M") == len([c for c in step if c == "M"])  # one k-tile body
 
 
-# --------------------------------------------------------------------------- GPU
-V1_GPU = S.SparseMatmulConfig()
-WS_GPU = S.SparseMatmulConfig(warp_specialized=True, mma_in_flight=0, epilogue_n=32,
-                              max_ctas=3)  # few CTAs: each loops over several tiles
+# ---------------------------------------------------------------------- backend
+def _problem(**kw):
+    base = dict(direction="forward", rows=8192, n_in=4096, n_out=4096, dtype=jnp.bfloat16,
+                platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0",
+                nm=(2, 4), permuted=False)
+    return backends.Problem(**{**base, **kw})
 
 
-@gpu
-@needs_sm90
-@pytest.mark.parametrize("cfg,m,n,k", [
-    (V1_GPU, 128, 128, 128), (V1_GPU, 256, 384, 512), (V1_GPU, 1024, 512, 768),
-    (WS_GPU, 256, 128, 128), (WS_GPU, 512, 384, 768), (WS_GPU, 1024, 1024, 512),
-], ids=["v1-128", "v1-256", "v1-1024", "ws-256", "ws-512", "ws-1024"])
-@pytest.mark.parametrize("transpose_out", [False, True])
-def test_sparse_wgmma_matches_reference_on_gpu(cfg, m, n, k, transpose_out):
-    a, mask = _data(m + n + k, m, k, underfill=True)
-    b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
-    packed = P.pack_24(a, mask)
-    out = S.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out)
-    ref = jnp.dot(P.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
-                  precision=jax.lax.Precision.HIGHEST)
-    ref = ref.T if transpose_out else ref
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(out).all()
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+def test_pallas_backend_is_cached_per_config():
+    assert K.pallas_backend() is K.pallas_backend(None)
+    assert K.pallas_backend(K.VARIANTS["ws"]) is K.pallas_backend(K.VARIANTS["ws"])
+    assert K.pallas_backend(K.VARIANTS["ws"]) is not K.pallas_backend(K.VARIANTS["ws64"])
+    assert backends.named("pallas") is K.pallas_backend()
+    with pytest.raises(TypeError, match="SparseMatmulConfig or None"):
+        K.pallas_backend("ws")
+    hash(K.pallas_backend())  # a static argument of the products
 
 
-@gpu
-@needs_sm90
-def test_metadata_layout_probe_on_gpu():
-    sys.path.insert(0, ".")
-    from benchmarks.kernels import probe
+def test_pallas_supports_gives_reasons():
+    backend = K.pallas_backend(K.VARIANTS["ws"])
+    assert backend.supports(_problem()) is None
+    assert "sm_90" in backend.supports(_problem(platform="cpu", compute_capability=None))
+    assert "sm_90" in backend.supports(_problem(compute_capability="8.0"))
+    assert "bf16" in backend.supports(_problem(dtype=jnp.float32))
+    assert "2:4" in backend.supports(_problem(nm=(1, 4)))
+    assert "multiples of (256, 128, 128)" in backend.supports(_problem(n_out=128))
+    assert K.pallas_backend().supports(_problem(nm=None)) is None  # explicit use: unchecked
 
-    assert probe()
 
-
-# ----------------------------------------------------------------------- backend
-def test_pallas_backend_registered_only_on_sm90():
+def test_pallas_off_gpu_raises_with_reason():
+    if _on_sm90():
+        pytest.skip("on an sm_90 GPU the backend runs")
     from nmjax import ops
-    from nmjax.kernels import backend
 
-    if backend.sm90_unavailable() is None:
-        assert "pallas" in ops.backends()
-        return
-    assert "pallas" not in ops.backends()
-    assert "sm_90" in backend.sm90_unavailable()
-    w = jnp.ones((128, 128), jnp.bfloat16)
-    with pytest.raises(ValueError, match="'pallas' is not available"):
-        ops.nm_dense(jnp.ones((128, 128), jnp.bfloat16), w, jnp.ones((128, 128), bool),
+    x = jnp.ones((128, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="sm_90"):
+        ops.nm_dense(x, jnp.ones((128, 128), jnp.bfloat16), jnp.ones((128, 128), bool),
                      backend="pallas")
 
 
-def test_auto_policy_uses_measured_table(monkeypatch):
-    from nmjax import ops
-    from nmjax.kernels import backend
+@pytest.fixture
+def table(monkeypatch):
+    """Installs a measured table for 'NVIDIA H200' (ws at 4096x8192x4096 1.3x, ws64 1.1x;
+    v1 0.8x at 8192^3)."""
+    def entry(name, gemm, ratio):
+        return _backend.table_entry(name, K.VARIANTS[name], gemm, ratio, 2e-3)
 
-    def problem(**kw):
-        base = dict(direction="forward", lhs_shape=(8192, 4096), w_shape=(4096, 4096),
-                    dtype=jnp.bfloat16, platform="gpu", device_kind="NVIDIA H100 80GB HBM3",
-                    nm=(2, 4), permuted=False)
-        base.update(kw)
-        return ops.Problem(**base)
+    data = {"NVIDIA H200": {"entries": [entry("ws", (4096, 8192, 4096), 1.3),
+                                        entry("ws64", (4096, 8192, 4096), 1.1),
+                                        entry("v1", (8192, 8192, 8192), 0.8)]}}
+    monkeypatch.setattr(_backend, "measured_table", lambda: data)
+    monkeypatch.setattr(backends, "device_facts", lambda: ("gpu", "NVIDIA H200", "9.0"))
+    return data
 
-    monkeypatch.setattr(backend, "SPEEDUP_TABLE", {(4096, 8192, 4096): 1.2})
-    assert backend.claims(problem())
-    assert backend.claims(problem(direction="input_grad", lhs_shape=(8192, 4096)))
-    assert not backend.claims(problem(nm=None))
-    assert not backend.claims(problem(dtype=jnp.float32))
-    assert not backend.claims(problem(platform="cpu"))
-    assert not backend.claims(problem(lhs_shape=(8000, 4096)))
-    assert not backend.claims(problem(lhs_shape=(256, 4096)))  # far from any measured shape
-    monkeypatch.setattr(backend, "SPEEDUP_TABLE", {(4096, 8192, 4096): 0.8})
-    assert not backend.claims(problem())
+
+def test_speedup_and_auto_dispatch_follow_the_measured_table(table):
+    default = K.pallas_backend()
+    assert default.speedup(_problem()) == pytest.approx(1.3)  # best measured variant
+    assert default.speedup(_problem(direction="input_grad")) == pytest.approx(1.3)
+    assert K.pallas_backend(K.VARIANTS["ws64"]).speedup(_problem()) == pytest.approx(1.1)
+    assert K.pallas_backend(K.VARIANTS["v1_mf"]).speedup(_problem()) == 0.0  # not measured
+    assert default.speedup(_problem(n_in=8192)) == pytest.approx(1.3)  # within 2x in K
+    assert default.speedup(_problem(rows=1024)) == 0.0  # far from any measured shape
+    assert default.speedup(_problem(device_kind="NVIDIA H100 80GB HBM3")) == 0.0
+    assert default.speedup(_problem(nm=None)) == 0.0  # "auto" needs a declared 2:4
+    assert default.speedup(_problem(n_in=8192, n_out=8192)) == pytest.approx(0.8)
+    assert backends.resolve("auto", _problem()) is default
+    assert backends.resolve("auto", _problem(n_in=8192, n_out=8192)) is backends.REFERENCE
+    assert backends.resolve("auto", _problem(nm=None)) is backends.REFERENCE
+    assert K.measured_config((4096, 8192, 4096)) == K.VARIANTS["ws"]
+    assert K.measured_config((1024, 1024, 1024)) == K.SparseMatmulConfig()
+
+
+def test_measured_table_written_by_the_gpu_script_round_trips(tmp_path, monkeypatch):
+    """benchmarks/kernels.py table: JSON lines -> measured.json -> the backend's speedup."""
+    sys.path.insert(0, ROOT)
+    bench = importlib.import_module("benchmarks.kernels")
+    lines = [dict(step="gemm", item="a", shape=[4096, 8192, 4096], impl="XLA dense", ms=1.0,
+                  tflops=275.0),
+             dict(step="gemm", item="b", shape=[4096, 8192, 4096], impl="pallas ws",
+                  variant="ws", ms=0.8, tflops=344.0, rel_err=2e-3),
+             dict(step="gemm", item="c", shape=[4096, 8192, 4096], impl="pallas ws64",
+                  variant="ws64", ms=0.7, tflops=393.0, rel_err=0.5)]  # wrong: left out
+    jsonl = tmp_path / "bench.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    measured = tmp_path / "measured.json"
+    md = tmp_path / "kernels.md"
+    bench.main(["table", "--inputs", str(jsonl), "--md", str(md), "--measured", str(measured),
+                "--device", "NVIDIA H200", "--date", "2026-12-01"])
+    data = json.loads(measured.read_text())["devices"]
+    assert [e["variant"] for e in data["NVIDIA H200"]["entries"]] == ["ws"]
+    assert "1.25x (344)" in md.read_text() and "WRONG" in md.read_text()
+    monkeypatch.setattr(_backend, "measured_table", lambda: data)
+    assert K.pallas_backend().speedup(_problem()) == pytest.approx(1.25)
+
+
+def test_shipped_measured_table_is_well_formed():
+    for kind, table in K.measured_table().items():
+        assert isinstance(kind, str) and table["entries"] is not None
+        for e in table["entries"]:
+            assert e["variant"] in K.VARIANTS and len(e["gemm"]) == 3 and e["ratio"] > 0
+            K.SparseMatmulConfig(**e["config"])
+
+
+# --------------------------------------------------------------------------- GPU
+CHECK = [(256, 256, 1536), (768, 512, 3072), (1024, 1024, 1536)]
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("name", list(K.VARIANTS))
+def test_sparse_wgmma_matches_fp32_on_gpu(name):
+    cfg = K.VARIANTS[name]
+    for i, (m, n, k) in enumerate(CHECK):
+        a, mask = _data(m + n + k, m, k, underfill=True)
+        b_t = jax.random.normal(jax.random.key(k), (n, k), jnp.float32).astype(jnp.bfloat16)
+        packed = K.pack_24(a, mask)
+        ref = jnp.dot(K.unpack_24(packed).astype(jnp.float32), b_t.astype(jnp.float32).T,
+                      precision=jax.lax.Precision.HIGHEST)
+        for transpose_out in (True, False) if i == 0 else (True,):
+            out = K.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out)
+            out = np.asarray(out.T if transpose_out else out, np.float64)
+            want = np.asarray(ref, np.float64)
+            assert np.isfinite(out).all()
+            assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-2
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("name", ["v1", "v1_mf", "ws64", "ws", "ws64_mc"])
+def test_metadata_layout_probe_on_gpu(name):
+    sys.path.insert(0, ROOT)
+    bench = importlib.import_module("benchmarks.kernels")
+    assert bench.probe(name) == dict(decodable=True, matches_layout=True)
 
 
 @gpu
@@ -367,12 +515,12 @@ def test_nm_dense_pallas_matches_reference_on_gpu():
 
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((256, 384)), jnp.bfloat16)
-    mask = _random_mask(rng, 384, 256, underfill=False).T  # 2:4 along in
-    bwd = _random_mask(rng, 256, 384, underfill=False)  # 2:4 along out
+    fwd = _mask(rng, 384, 256, underfill=False).T  # 2:4 along in
+    bwd = _mask(rng, 256, 384, underfill=False)  # 2:4 along out
     x = jnp.asarray(rng.standard_normal((128, 256)), jnp.bfloat16)
 
     def loss(x, w, backend):
-        y = ops.nm_dense(x, w, mask, bwd, backend=backend)
+        y = ops.nm_dense(x, w, fwd, bwd, backend=backend)
         return jnp.sum(y.astype(jnp.float32) * jnp.cos(y.astype(jnp.float32)))
 
     got = jax.grad(loss, (0, 1))(x, w, "pallas")
@@ -380,7 +528,4 @@ def test_nm_dense_pallas_matches_reference_on_gpu():
     for g, r in zip(got, want, strict=True):
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
         assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2
-    y = ops.nm_dense(x, w, mask, bwd, backend="pallas")
-    y_ref = ops.nm_dense(x, w, mask, bwd, backend="reference")
-    y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
-    assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 1e-2
+
