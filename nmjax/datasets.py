@@ -128,17 +128,21 @@ def digits(*, val: int = 200, test: int = 300, seed: int = 0) -> VisionData:
                       tuple(str(i) for i in range(10)))
 
 
-def vision(*, quiet: bool = False) -> VisionData:
-    """Fashion-MNIST when installed, else scikit-learn's digits, saying which (unless
-    ``quiet``)."""
+def _with_fallback(primary, fallback, quiet: bool):
     try:
-        data = fashion_mnist()
+        return primary()
     except DataMissing as e:
-        data = digits()
+        data = fallback()
         if not quiet:
             print(f"[nmjax.datasets] {e}\n[nmjax.datasets] falling back to {data.name}",
                   flush=True)
-    return data
+        return data
+
+
+def vision(*, quiet: bool = False) -> VisionData:
+    """Fashion-MNIST when installed, else scikit-learn's digits, saying which (unless
+    ``quiet``)."""
+    return _with_fallback(fashion_mnist, digits, quiet)
 
 
 class TextData(NamedTuple):
@@ -193,11 +197,4 @@ def stdlib_text(*, seed: int = 0) -> TextData:
 
 def text(*, quiet: bool = False) -> TextData:
     """The Python docs when installed, else the standard library's sources, saying which."""
-    try:
-        return python_docs_text()
-    except DataMissing as e:
-        data = stdlib_text()
-        if not quiet:
-            print(f"[nmjax.datasets] {e}\n[nmjax.datasets] falling back to {data.name}",
-                  flush=True)
-        return data
+    return _with_fallback(python_docs_text, stdlib_text, quiet)

@@ -104,6 +104,23 @@ class Pattern:
         return ok & ~jnp.any(masks.bwd & ~masks.fwd)
 
 
+class _NMPattern(Pattern):
+    """A pattern with an ``n`` and an ``m``: N:M forward, and N:M backward (along the output
+    axis, in ``perm`` order) unless :attr:`backward_sparse` is off."""
+
+    n: int
+    m: int
+    backward_sparse: ClassVar[bool] = True
+
+    @property
+    def fwd_nm(self) -> tuple[int, int]:
+        return (self.n, self.m)
+
+    @property
+    def bwd_nm(self) -> tuple[int, int] | None:
+        return (self.n, self.m) if self.backward_sparse else None
+
+
 def _check_score_fn(score_fn: Any) -> None:
     if not callable(score_fn):
         raise TypeError(f"score_fn must be a function w -> scores, got {score_fn!r}")
@@ -116,7 +133,7 @@ def _divisible(shape: tuple[int, ...], axis: int, m: int, what: str) -> str | No
 
 
 @dataclasses.dataclass(frozen=True)
-class NM(Pattern):
+class NM(_NMPattern):
     """N:M along the contraction axis: the ``n`` best scores of every ``m`` consecutive.
 
     The input gradient uses the same mask (N:M along ``in``, not along ``out``), so only
@@ -139,18 +156,11 @@ class NM(Pattern):
     score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
     kind: ClassVar[str] = "nm"
     same_masks: ClassVar[bool] = True
+    backward_sparse: ClassVar[bool] = False  # dX uses the same mask: N:M along in
 
     def __post_init__(self):
         _checks.check_nm(self.n, self.m)
         _check_score_fn(self.score_fn)
-
-    @property
-    def fwd_nm(self) -> tuple[int, int]:
-        return (self.n, self.m)
-
-    @property
-    def bwd_nm(self) -> None:
-        return None
 
     def check_leaf(self, shape: tuple[int, ...], axis: int) -> str | None:
         return _divisible(shape, axis, self.m, "contraction")
@@ -163,7 +173,7 @@ class NM(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
-class Transposable(Pattern):
+class Transposable(_NMPattern):
     """Transposable N:M: ``n`` kept per row and column of every ``m × m`` tile over the
     contraction axis and the output (last) axis, so both products are N:M sparse.
 
@@ -206,14 +216,6 @@ class Transposable(Pattern):
                                              and 0 <= self.eps_rel < 1):
             raise ValueError(f"eps_rel must be a float in [0, 1) or None, got {self.eps_rel!r}")
 
-    @property
-    def fwd_nm(self) -> tuple[int, int]:
-        return (self.n, self.m)
-
-    @property
-    def bwd_nm(self) -> tuple[int, int]:
-        return (self.n, self.m)
-
     def check_leaf(self, shape: tuple[int, ...], axis: int) -> str | None:
         last = len(shape) - 1
         if len(shape) < 2:
@@ -235,7 +237,7 @@ class Transposable(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
-class BiMask(Pattern):
+class BiMask(_NMPattern):
     """Bi-Mask (Zhang et al., 2023): forward N:M along the contraction axis, backward N:M
     along a permuted output axis, and the permutation; for Dense kernels ``(in, out)`` and
     conv kernels ``(..., I, O)`` (one permutation of ``O`` for every spatial position).
@@ -283,14 +285,6 @@ class BiMask(Pattern):
             if self.search != "random":
                 raise ValueError("num_candidates is an option of search='random'")
             _checks.check_count(self.num_candidates, "num_candidates", 1)
-
-    @property
-    def fwd_nm(self) -> tuple[int, int]:
-        return (self.n, self.m)
-
-    @property
-    def bwd_nm(self) -> tuple[int, int]:
-        return (self.n, self.m)
 
     def check_leaf(self, shape: tuple[int, ...], axis: int) -> str | None:
         if len(shape) < 2 or axis != len(shape) - 2:
