@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nmjax import _checks
 from nmjax._layout import from_groups, to_groups
@@ -57,9 +58,29 @@ def index_bits(m: int) -> int:
     return next(b for b in (1, 2, 4) if 2**b >= m)
 
 
+# Up to this group size the slot indices come from a table indexed by the group's bit code
+# (2**m rows): an elementwise lookup instead of two sorts per group.
+_TABLE_MAX_M = 8
+
+
+@functools.cache
+def _slot_table(n: int, m: int) -> np.ndarray:
+    """``(2**m, n)`` int32: the slots of every group code (bit ``i`` = entry ``i`` kept)."""
+    table = np.zeros((2**m, n), np.int32)
+    for code in range(2**m):
+        kept = [i for i in range(m) if code >> i & 1]
+        unused = [i for i in range(m) if not code >> i & 1]
+        table[code] = sorted((kept + unused)[:n])
+    return table
+
+
 def _slot_indices(mask_groups: jax.Array, n: int) -> jax.Array:
-    """(..., m) bool -> (..., n) ascending in-group indices: kept ones, then unused fillers."""
+    """(..., m) bool -> (..., n) ascending in-group indices: the kept ones (the lowest n if
+    more are kept), then the smallest unused indices as fillers."""
     m = mask_groups.shape[-1]
+    if m <= _TABLE_MAX_M:
+        code = jnp.sum(mask_groups.astype(jnp.int32) << jnp.arange(m, dtype=jnp.int32), -1)
+        return jnp.asarray(_slot_table(n, m))[code]
     key = jnp.where(mask_groups, 0, m) + jnp.arange(m)  # kept first, then by index
     chosen = jnp.sort(key, axis=-1)[..., :n] % m
     return jnp.sort(chosen, axis=-1)

@@ -100,3 +100,17 @@ def test_jit_and_pytree():
 def test_bad_input(args, exc, match):
     with pytest.raises(exc, match=match):
         nmf.pack(*args)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_slot_table_equals_the_sorting_rule_for_every_group(m):
+    """Groups of m <= 8 look their slots up by bit code; the rule is the sorting one."""
+    import itertools
+
+    from nmjax import format as fmt
+
+    groups = jnp.asarray(list(itertools.product([False, True], repeat=m)))
+    for n in range(1, m + 1):
+        key = jnp.where(groups, 0, m) + jnp.arange(m)  # kept first, then by index
+        want = jnp.sort(jnp.sort(key, axis=-1)[..., :n] % m, axis=-1)
+        np.testing.assert_array_equal(fmt._slot_indices(groups, n), want)
