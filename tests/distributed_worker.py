@@ -105,6 +105,12 @@ def run_sharded(mesh, out: str) -> None:
     import nmjax
 
     masks = nmjax.optim.masks_of(opt_state)
+    # The state carries the parameters' shardings: each mask is laid out like its kernel.
+    for layer in ("up", "down"):
+        kernel, mask = params[layer]["kernel"], masks[layer]["kernel"].fwd
+        assert mask.sharding.is_equivalent_to(kernel.sharding, kernel.ndim), (
+            layer, mask.sharding, kernel.sharding)
+        print(f"{layer}: kernel and masks sharded {kernel.sharding.spec}")
     from jax.experimental import multihost_utils
 
     def gather(a):
