@@ -111,12 +111,14 @@ class LinenModel:
     """``(apply_fn or Module, params)``; runs ``apply_fn({"params": params, **collections},
     *args, **call_kwargs)``."""
 
+    kind = "linen"
+
     def __init__(self, fn: Any, params: Any, collections: Mapping[str, Any],
                  call_kwargs: Mapping[str, Any]):
         if isinstance(fn, nn.Module):
-            self.module, self.apply = fn, fn.apply
+            self.module = fn
         elif callable(fn):
-            self.module, self.apply = None, fn
+            self.module = None
         else:
             raise TypeError(f"model must be an NNX module or a pair (apply_fn or Linen module, "
                             f"params), got a pair whose first item is {type(fn).__name__}")
@@ -127,33 +129,41 @@ class LinenModel:
             raise ValueError("collections must not hold 'params': pass them as the pair's "
                              "second item")
         self.params = params
-        self.collections = dict(collections)
-        self.call_kwargs = dict(call_kwargs)
+        self.extra = dict(collections)
+        # What the forward pass is, apart from arrays: the key of its compiled capture.
+        self.static = (fn, tuple(sorted(call_kwargs.items())))
 
     def run(self, params: Any, args: tuple[Any, ...], record: Record,
             layers: dict[str, Layer] | None = None) -> Any:
-        """Runs the model; ``record(path, layer_or_None, inputs)`` sees every Dense/Conv call;
-        ``layers`` (when given) collects every kernel-holding layer met."""
+        return run_linen(self.static, params, self.extra, args, record, layers)
 
-        def intercept(next_fun, a, k, context):
-            mdl = context.module
-            if context.method_name != "__call__":
-                return next_fun(*a, **k)
-            if type(mdl) in (nn.Dense, nn.Conv):
-                inputs = a[0] if a else k["inputs"]
-                layer = _linen_layer(mdl, inputs) if layers is not None else None
-                if layer is not None:
-                    layers.setdefault(layer.path, layer)
-                record(_linen_path(mdl), layer, inputs)
-                return next_fun(*a, **k)
-            out = next_fun(*a, **k)
-            if layers is not None and mdl.has_variable("params", "kernel"):
-                path = _linen_path(mdl)
-                layers.setdefault(path, Layer(path, None, None, f"a {type(mdl).__name__} layer"))
-            return out
 
-        with nn.intercept_methods(intercept):
-            return self.apply({"params": params, **self.collections}, *args, **self.call_kwargs)
+def run_linen(static: Any, params: Any, collections: Any, args: tuple[Any, ...],
+              record: Record, layers: dict[str, Layer] | None = None) -> Any:
+    """Runs a Linen model; ``record(path, layer_or_None, inputs)`` sees every Dense/Conv
+    call; ``layers`` (when given) collects every kernel-holding layer met."""
+    fn, call_kwargs = static
+    apply = fn.apply if isinstance(fn, nn.Module) else fn
+
+    def intercept(next_fun, a, k, context):
+        mdl = context.module
+        if context.method_name != "__call__":
+            return next_fun(*a, **k)
+        if type(mdl) in (nn.Dense, nn.Conv):
+            inputs = a[0] if a else k["inputs"]
+            layer = _linen_layer(mdl, inputs) if layers is not None else None
+            if layer is not None:
+                layers.setdefault(layer.path, layer)
+            record(_linen_path(mdl), layer, inputs)
+            return next_fun(*a, **k)
+        out = next_fun(*a, **k)
+        if layers is not None and mdl.has_variable("params", "kernel"):
+            path = _linen_path(mdl)
+            layers.setdefault(path, Layer(path, None, None, f"a {type(mdl).__name__} layer"))
+        return out
+
+    with nn.intercept_methods(intercept):
+        return apply({"params": params, **collections}, *args, **dict(call_kwargs))
 
 
 # --------------------------------------------------------------------------------- NNX
@@ -214,39 +224,49 @@ def nnx_layers(model: nnx.Module) -> dict[str, tuple[Layer, nnx.Module]]:
 class NNXModel:
     """An NNX module, run as ``model(*args, **call_kwargs)`` on a copy rebuilt from its state."""
 
+    kind = "nnx"
+
     def __init__(self, model: nnx.Module, call_kwargs: Mapping[str, Any]):
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.call_kwargs = dict(call_kwargs)
-        self.found = {path: layer for path, (layer, _) in nnx_layers(model).items()}
+        graphdef, self.params, self.extra = nnx.split(model, nnx.Param, ...)
+        self.static = (graphdef, tuple(sorted(call_kwargs.items())))
 
     def run(self, params: Any, args: tuple[Any, ...], record: Record,
             layers: dict[str, Layer] | None = None) -> Any:
-        model = nnx.merge(self.graphdef, params, self.rest, copy=True)
-        found = nnx_layers(model)
-        if layers is not None:
-            for path, (layer, _) in found.items():
-                layers.setdefault(path, layer)
-        by_id = {}
-        for path, (layer, node) in found.items():
-            if layer.kind is not None:
-                by_id[id(node)] = _Capture(node, path, lambda p, _, x, layer=layer:
-                                           record(p, layer, x))
-        containers = [node for _, node in nnx.iter_graph(model)
-                      if isinstance(node, nnx.Module | list | dict | nnx.List | nnx.Dict)]
-        for parent in containers:
-            if isinstance(parent, _Capture):
-                continue
-            for key, child in _children(parent):
-                wrapper = by_id.get(id(child))
-                if wrapper is None or parent is wrapper:
-                    continue
-                if isinstance(parent, nnx.Module) and isinstance(key, str):
-                    setattr(parent, key, wrapper)
-                else:
-                    parent[key] = wrapper
-        if id(model) in by_id:
-            model = by_id[id(model)]
-        return model(*args, **self.call_kwargs)
+        return run_nnx(self.static, params, self.extra, args, record, layers)
 
     def merge(self, params: Any) -> nnx.Module:
-        return nnx.merge(self.graphdef, params, self.rest, copy=True)
+        return nnx.merge(self.static[0], params, self.extra, copy=True)
+
+
+def run_nnx(static: Any, params: Any, rest: Any, args: tuple[Any, ...], record: Record,
+            layers: dict[str, Layer] | None = None) -> Any:
+    """Runs an NNX model rebuilt from ``static = (graphdef, call_kwargs)`` and its states,
+    its Linear/Conv layers wrapped to report their inputs to ``record``."""
+    graphdef, call_kwargs = static
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    found = nnx_layers(model)
+    if layers is not None:
+        for path, (layer, _) in found.items():
+            layers.setdefault(path, layer)
+    by_id = {}
+    for path, (layer, node) in found.items():
+        if layer.kind is not None:
+            by_id[id(node)] = _Capture(node, path, lambda p, _, x, layer=layer:
+                                       record(p, layer, x))
+    containers = [node for _, node in nnx.iter_graph(model)
+                  if isinstance(node, nnx.Module | list | dict | nnx.List | nnx.Dict)]
+    for parent in containers:
+        for key, child in _children(parent):
+            wrapper = by_id.get(id(child))
+            if wrapper is None:
+                continue
+            if isinstance(parent, nnx.Module) and isinstance(key, str):
+                setattr(parent, key, wrapper)
+            else:
+                parent[key] = wrapper
+    if id(model) in by_id:
+        model = by_id[id(model)]
+    return model(*args, **dict(call_kwargs))
+
+
+RUN = {"linen": run_linen, "nnx": run_nnx}

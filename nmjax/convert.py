@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -32,7 +33,7 @@ from flax import nnx
 
 from nmjax import _checks
 from nmjax import _convert_solve as solve
-from nmjax._convert_capture import Layer, LinenModel, NNXModel
+from nmjax._convert_capture import RUN, Layer, LinenModel, NNXModel
 from nmjax.masks import Custom, Masks, Pattern, as_pattern
 from nmjax.tree import MaskRule, apply_masks, path_str
 
@@ -304,6 +305,35 @@ def _check_chosen(chosen, layers, order, samples, rules) -> list[_Chosen]:
     return sorted(out, key=lambda c: order.index(c.path))
 
 
+def _capture(kind: str, static: Any, paths: frozenset[str]) -> Callable:
+    """A jitted ``(params, extra, args) -> {path: (inputs of each call, ...)}``."""
+    run = RUN[kind]
+
+    def capture(params, extra, args):
+        got: dict[str, list[jax.Array]] = {}
+
+        def record(path, _, inputs):
+            if path in paths:
+                got.setdefault(path, []).append(inputs)
+
+        run(static, params, extra, args, record)
+        return {p: tuple(v) for p, v in got.items()}
+
+    return jax.jit(capture)
+
+
+# Repeated conversions of one model (patterns, solvers) reuse its compiled forward pass.
+_cached_capture = functools.lru_cache(maxsize=32)(_capture)
+
+
+def _capture_program(kind: str, static: Any, paths: frozenset[str]) -> Callable:
+    try:
+        hash(static)
+    except TypeError:  # unhashable call_kwargs or apply_fn: compile for this call only
+        return _capture(kind, static, paths)
+    return _cached_capture(kind, static, paths)
+
+
 def _replace(tree: Any, new: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda kp, x: new.get(path_str(kp), x), tree)
 
@@ -314,14 +344,6 @@ def _bias_path(path: str) -> str:
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _absorb_start(kernel: jax.Array, fwd: jax.Array, axis: int, m: int) -> jax.Array:
-    w = jnp.moveaxis(kernel.astype(jnp.float32), axis, 0)
-    mk = jnp.moveaxis(fwd, axis, 0)
-    shape = w.shape
-    out = solve.absorb_mean(w.reshape(shape[0], -1), mk.reshape(shape[0], -1), m)
-    return jnp.moveaxis(out.reshape(shape), 0, axis)
 
 
 @contextlib.contextmanager
@@ -495,19 +517,9 @@ def adaprune(
                 raise ValueError(f"absorb_mean needs an N:M pattern; rule {c.rule.label!r} "
                                  "declares no fwd_nm")
 
-    paths = frozenset(c.path for c in chosen)
-
-    def capture_fn(params, batch_args):
-        got: dict[str, list[jax.Array]] = {}
-
-        def record(path, _, inputs):
-            if path in paths:
-                got.setdefault(path, []).append(inputs)
-
-        adapter.run(params, batch_args, record)
-        return {p: tuple(v) for p, v in got.items()}
-
-    capture = jax.jit(capture_fn)
+    program = _capture_program(adapter.kind, adapter.static,
+                               frozenset(c.path for c in chosen))
+    capture = lambda params, batch_args: program(params, adapter.extra, batch_args)  # noqa: E731
     dense = adapter.params
     dense_leaves = _leaves_by_path(dense)
     current = dense
@@ -525,20 +537,17 @@ def adaprune(
             kernel = jnp.asarray(c.leaf)
             masks = c.rule.masks(kernel, c.axis)
             masks_by_path[c.path] = masks
-            fwd2 = masks.fwd.reshape(d, out)
+            fwd2 = solve.as_numpy(masks.fwd).reshape(d, out)
             bias_leaf = dense_leaves.get(_bias_path(c.path))
             has_bias = bias_leaf is not None and tuple(bias_leaf.shape) == (out,)
-            b = (jnp.asarray(bias_leaf, jnp.float32) if has_bias
-                 else jnp.zeros((out,), jnp.float32))
-            w = jnp.concatenate([kernel.astype(jnp.float32).reshape(d, out), b[None]], 0)
-            magnitude = jnp.where(jnp.concatenate([fwd2, jnp.ones((1, out), bool)], 0), w, 0.0)
-            start = magnitude
-            if absorb_mean:
-                shifted = _absorb_start(kernel, masks.fwd, c.axis, c.rule.pattern.fwd_nm[1])
-                start = jnp.concatenate([shifted.reshape(d, out), b[None]], 0)
+            b = bias_leaf if has_bias else np.zeros((out,), np.float32)
+            m = c.rule.pattern.fwd_nm[1] if absorb_mean else 0
+            w, magnitude, start = solve.prepare(kernel, masks.fwd, b, axis=c.axis, m=m)
             fit_bias = bias and has_bias
             inputs = fit_inputs[c.path]
-            kmax = int(jnp.max(jnp.sum(fwd2, 0))) + int(fit_bias)
+            # Host-side counts: no device program to compile per layer shape.
+            kept_per_column = fwd2.sum(0)
+            kmax = int(kept_per_column.max()) + int(fit_bias)
             per_sample = solve.rows_per_sample(geom, inputs)
             picked = solver
             if solver == "auto":
@@ -553,8 +562,7 @@ def adaprune(
                 solve.PROGRESS.set(lambda done, task=task: bars.update(task, completed=done))
             try:
                 if picked == "lstsq":
-                    g = solve.gram(geom, inputs)
-                    new = solve.lstsq(g, w, fwd2, start, jnp.float32(damping),
+                    new = solve.lstsq(geom, inputs, w, fwd2, start, jnp.float32(damping),
                                       fit_bias=fit_bias, kmax=kmax, block=block,
                                       progress=task is not None)
                 else:
@@ -565,26 +573,28 @@ def adaprune(
                 new = jax.block_until_ready(new)
             finally:
                 solve.PROGRESS.set(None)
-            if not bool(jnp.all(jnp.isfinite(new))):
+            new_host = solve.as_numpy(new)
+            if not np.isfinite(new_host).all():
                 raise ValueError(
                     f"layer {c.path!r}: the {picked} solve gave non-finite weights"
                     + ("; its least-squares system is singular: pass damping > 0"
                        if picked == "lstsq" and damping == 0 else "; lower lr"))
-            candidates = jnp.stack([magnitude, new])
+            candidates = (magnitude, new)
             ref, errs = solve.output_errors(geom, inputs, w, candidates)
             fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
             held_err = fit_err
             if held_inputs is not None:
                 ref_h, errs_h = solve.output_errors(geom, held_inputs[c.path], w, candidates)
                 held_err = np.sqrt(solve.as_numpy(errs_h) / max(float(ref_h), 1e-30))
-            updates = {c.path: new[:d].reshape(kernel.shape).astype(kernel.dtype)}
+            updates = {c.path: jnp.asarray(new_host[:d].reshape(kernel.shape), kernel.dtype)}
             if fit_bias:
-                updates[_bias_path(c.path)] = new[d].astype(bias_leaf.dtype)
+                updates[_bias_path(c.path)] = jnp.asarray(new_host[d], bias_leaf.dtype)
             current = _replace(current, updates)
             size = math.prod(kernel.shape)
             reports.append(LayerReport(
                 c.path, tuple(kernel.shape), c.rule.label, picked,
-                float(jnp.count_nonzero(kernel)) / size, float(jnp.sum(masks.fwd)) / size,
+                np.count_nonzero(solve.as_numpy(kernel)) / size,
+                float(kept_per_column.sum()) / size,
                 float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
                 time.perf_counter() - t0))
             if bars is not None:

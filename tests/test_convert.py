@@ -31,7 +31,7 @@ from nmjax.tree import MaskRule, check_structure
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.standard_normal((64, 16)), jnp.float32)
-X_HELD = jnp.asarray(RNG.standard_normal((32, 16)), jnp.float32)
+X_HELD = jnp.asarray(RNG.standard_normal((64, 16)), jnp.float32)  # X's shape: one compile
 IMAGES = jnp.asarray(RNG.standard_normal((24, 6, 6, 4)), jnp.float32)
 FAST = dict(iters=60, batch=16, progress=False)
 
@@ -95,8 +95,9 @@ def kernels(conv):
 # ------------------------------------------------------------------ masks and error
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "2:4 transposable", "4:8", "bimask 2:4"])
-@pytest.mark.parametrize("solver", ["lstsq", "adam"])
+@pytest.mark.parametrize(("pattern", "solver"), [
+    ("2:4", "lstsq"), ("2:4", "adam"), ("2:4 transposable", "lstsq"), ("4:8", "adam"),
+    ("4:8 transposable", "adam"), ("bimask 2:4", "lstsq")])
 def test_converted_params_satisfy_their_masks(pattern, solver):
     rule = MaskRule(pattern, exclude="head")
     conv = adaprune((MLP(), PARAMS), X, rule, solver=solver, bias=True, **FAST)
@@ -143,7 +144,7 @@ def _digits_layers():
         updates, state = tx.update(jax.grad(loss)(params), state)
         return optax.apply_updates(params, updates), state
 
-    for _ in range(80):
+    for _ in range(60):
         params, state = step(params, state)
     return Net(), params, x[:512], x[512:768]
 
@@ -158,7 +159,7 @@ def test_adaprune_never_raises_the_calibration_error_above_magnitude(source, pat
     rule = MaskRule(pattern, exclude="head")
     for solver, bias in (("lstsq", False), ("lstsq", True), ("adam", True)):
         conv = adaprune((model, params), calib, rule, held_out=held, solver=solver, bias=bias,
-                        iters=300, progress=False)
+                        iters=150, batch=16, progress=False)
         for r in conv.layers:
             assert r.fit_error_adaprune <= r.fit_error_magnitude + 1e-6, (solver, bias, r)
             assert 0 < r.fit_error_magnitude < 1
@@ -301,7 +302,7 @@ def test_conv_rows_times_the_kernel_are_the_layers_output(settings):
     kernel = params["kernel"]
     geom = conv_geometry(kernel.shape, layer.strides, layer.padding, layer.input_dilation,
                          layer.kernel_dilation)
-    rows = _convert_solve.rows(geom, x)
+    rows = jax.jit(_convert_solve.rows, static_argnums=0)(geom, x)
     want = layer.apply({"params": params}, x).reshape(len(x), -1, kernel.shape[-1])
     np.testing.assert_allclose(rows @ kernel.reshape(-1, kernel.shape[-1]), want, atol=1e-5)
 
@@ -330,7 +331,7 @@ def test_bad_input_fails_with_a_clear_message():
     model = (MLP(), PARAMS)
     with pytest.raises(ValueError, match=r"calibration_batch of shape \(64, 15\) failed"):
         adaprune(model, X[:, :15], RULE, progress=False)
-    with pytest.raises(ValueError, match=r"held_out of shape \(32, 12\) must match "
+    with pytest.raises(ValueError, match=r"held_out of shape \(64, 12\) must match "
                                          r"calibration_batch of shape \(64, 16\)"):
         adaprune(model, X, RULE, held_out=X_HELD[:, :12], progress=False)
     with pytest.raises(ValueError, match=r"'2:4 nm' selects no layer.*Dense_0/kernel"):
@@ -464,9 +465,8 @@ def test_report_table_and_dict(capsys):
         conv.report({"dense": 0.9})
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "2:4 transposable"])
-def test_finetuning_goes_straight_on_from_the_conversion(pattern):
-    rule = MaskRule(pattern, exclude="head")
+def test_finetuning_goes_straight_on_from_the_conversion():
+    rule = MaskRule("2:4", exclude="head")
     conv = adaprune((MLP(), PARAMS), X, rule, solver="lstsq", progress=False)
     # The optimizer's own masks of the converted weights are the conversion's.
     tx = sparse(optax.adam(1e-3), rule, refresh_every=1000)
