@@ -118,7 +118,10 @@ class LinenModel:
         if isinstance(fn, nn.Module):
             self.module = fn
         elif callable(fn):
-            self.module = None
+            # module.apply (a TrainState's apply_fn) still names its module
+            owner = getattr(fn, "__self__", None)
+            named_apply = getattr(fn, "__name__", None) == "apply"
+            self.module = owner if isinstance(owner, nn.Module) and named_apply else None
         else:
             raise TypeError(f"model must be an NNX module or a pair (apply_fn or Linen module, "
                             f"params), got a pair whose first item is {type(fn).__name__}")

@@ -138,7 +138,7 @@ class Conversion:
       model: NNX: a copy of the model with the converted parameters whose selected layers
         are static-mode sparse layers holding the masks. Linen: the module sparsified in
         static mode (read :attr:`collection` as ``variables["nm_masks"]``), or ``None``
-        when an ``apply_fn`` was given.
+        when the ``apply_fn`` given is neither a module nor a module's ``apply``.
       held_out: whether the layer errors are on a held-out batch.
     """
 
@@ -593,7 +593,7 @@ def adaprune(
             size = math.prod(kernel.shape)
             reports.append(LayerReport(
                 c.path, tuple(kernel.shape), c.rule.label, picked,
-                np.count_nonzero(solve.as_numpy(kernel)) / size,
+                float(np.count_nonzero(solve.as_numpy(kernel))) / size,
                 float(kept_per_column.sum()) / size,
                 float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
                 time.perf_counter() - t0))

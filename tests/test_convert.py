@@ -311,10 +311,20 @@ def test_inputs_are_not_modified():
     params = numpy_tree(PARAMS)
     frozen = copy.deepcopy(params)
     x = np.array(X)
-    adaprune((MLP(), params), x, RULE, solver="adam", bias=True, **FAST)
+    conv = adaprune((MLP().apply, params), x, RULE, solver="adam", bias=True, **FAST)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(x, np.asarray(X))
+    # module.apply (a TrainState's apply_fn) still gives the static sparse module; a bare
+    # function cannot.
+    assert conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, X).shape \
+        == (64, 10)
+    bare = adaprune((lambda v, x: MLP().apply(v, x), params), x, RULE, solver="lstsq",
+                    progress=False)
+    assert bare.model is None
+    np.testing.assert_array_equal(bare.params["Dense_1"]["kernel"],
+                                  adaprune((MLP(), params), x, RULE, solver="lstsq",
+                                           progress=False).params["Dense_1"]["kernel"])
 
     model = nnx_twin(PARAMS)
     before = numpy_tree(nnx.state(model))
