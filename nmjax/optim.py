@@ -162,7 +162,49 @@ def _mesh_axis_size(sharding: Any, dim: int) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def check_sharding(params: Any, rule: MaskRule, shardings: Any = None, *,
+Rules = tuple[MaskRule, ...]
+
+
+def as_rules(rule: Any) -> Rules:
+    """One rule, a pattern or shorthand, or a sequence of those, as a tuple of rules."""
+    if isinstance(rule, MaskRule | Pattern | str):
+        rule = (rule,)
+    if not isinstance(rule, Sequence) or not rule:
+        raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec, a string like "
+                        f"'2:4', or a non-empty sequence of those, got {type(rule).__name__}")
+    out = []
+    for r in rule:
+        if isinstance(r, str | Pattern):
+            r = MaskRule(r)
+        if not isinstance(r, MaskRule):
+            raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec or a string "
+                            f"like '2:4', got {type(r).__name__}")
+        out.append(r)
+    return tuple(out)
+
+
+def select(params: Any, rules: Any, kinds: Mapping[str, Any] | None = None
+           ) -> list[tuple[Any, str, Any, int, MaskRule]]:
+    """``[(key_path, path, leaf, axis, rule)]`` of the leaves the rules select (tree order).
+
+    Raises:
+      ValueError: two rules with different patterns select the same leaf.
+    """
+    rules = as_rules(rules)
+    found: dict[str, tuple] = {}
+    for rule in rules:
+        for key_path, path, leaf, axis in _selected(params, rule, kinds):
+            if path in found and found[path][4].pattern != rule.pattern:
+                raise ValueError(f"leaf {path!r} is selected by two rules with different "
+                                 f"patterns ({found[path][4].label!r}, {rule.label!r}); "
+                                 "exclude it from all but one")
+            found.setdefault(path, (key_path, path, leaf, axis, rule))
+    order = {path_str(p): i for i, (p, _) in
+             enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
+    return sorted(found.values(), key=lambda item: order[item[1]])
+
+
+def check_sharding(params: Any, rule: Any, shardings: Any = None, *,
                    kinds: Mapping[str, Any] | None = None) -> None:
     """Raises ValueError where a sharding would split an N:M group or tile across shards.
 
@@ -171,28 +213,28 @@ def check_sharding(params: Any, rule: MaskRule, shardings: Any = None, *,
 
     Args:
       params: the parameters (arrays carrying ``NamedSharding``s, or shape structs).
-      rule: which leaves, which pattern.
+      rule: which leaves, which pattern (a rule or a sequence of rules).
       shardings: a tree of shardings like ``params`` (default: each leaf's own
         ``.sharding``).
       kinds: layer types, as in :func:`nmjax.tree.build_masks`.
     """
-    chosen = _selected(params, rule, kinds)
     by_path = {}
     if shardings is not None:
         flat = jax.tree_util.tree_flatten_with_path(
             shardings, is_leaf=lambda s: hasattr(s, "spec") or s is None)[0]
         by_path = {path_str(p): s for p, s in flat}
-    for _, path, leaf, axis in chosen:
+    for _, path, leaf, axis, leaf_rule in select(params, rule, kinds):
+        pattern = leaf_rule.pattern
         sharding = by_path.get(path, getattr(leaf, "sharding", None))
         if sharding is None:
             continue
         shape = tuple(leaf.shape)
         axes = [(axis, "grouped (contraction)")]
-        if rule.pattern.bwd_nm is not None:
+        if pattern.bwd_nm is not None:
             axes.append((len(shape) - 1, "output"))
         for dim, what in axes:
             parts = _mesh_axis_size(sharding, dim)
-            m = (rule.pattern.fwd_nm if dim == axis else rule.pattern.bwd_nm) or (None, 1)
+            m = (pattern.fwd_nm if dim == axis else pattern.bwd_nm) or (None, 1)
             m = m[1]
             if parts > 1 and (shape[dim] % parts or (shape[dim] // parts) % m):
                 raise ValueError(
@@ -226,40 +268,48 @@ def _leaf_masks(pattern: Pattern | None, leaf: Any, axis: int, perm: Any,
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What the transformation knows statically about a parameter tree."""
+    """What the transformation knows statically about a parameter tree. ``stages`` of
+    ``None`` patterns mean dense; with no stages given each leaf takes its rule's pattern."""
 
-    rule: MaskRule
-    stages: Stages
+    rules: Rules
+    stages: Stages | None
     kinds: Mapping[str, Any] | None
     with_perm: bool
 
-    def chosen(self, params: Any) -> dict[str, int]:
-        return {path: axis for _, path, _, axis in _selected(params, self.rule, self.kinds)}
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(s for s, _ in self.stages) if self.stages else (0,)
+
+    def pattern(self, stage: int, rule: MaskRule) -> Pattern | None:
+        return self.stages[stage][1] if self.stages else rule.pattern
 
     def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
         """Masks of ``params`` for stage ``stage`` (a Python int)."""
-        pattern = self.stages[stage][1]
-        chosen = self.chosen(params)
+        chosen = {path: (axis, rule)
+                  for _, path, _, axis, rule in select(params, self.rules, self.kinds)}
 
         def one(key_path, leaf):
             path = path_str(key_path)
             if path not in chosen:
                 return None
-            return _leaf_masks(pattern, leaf, chosen[path], perms.get(path), self.with_perm)
+            axis, rule = chosen[path]
+            return _leaf_masks(self.pattern(stage, rule), leaf, axis, perms.get(path),
+                               self.with_perm)
 
         return jax.tree_util.tree_map_with_path(one, params)
 
     def search(self, params: Any, stage: int, key: jax.Array, masks: Any) -> dict[str, Any]:
-        """New Bi-Mask permutations (warm-started from ``masks``) where ``stage`` is Bi-Mask."""
-        pattern = self.stages[stage][1]
-        current = _perms(masks)
-        if not isinstance(pattern, BiMask):
-            return current
-        chosen = [(path, leaf) for _, path, leaf, _ in _selected(params, self.rule, self.kinds)]
+        """New Bi-Mask permutations (warm-started from ``masks``) of the leaves whose pattern
+        at ``stage`` is Bi-Mask."""
+        perms = _perms(masks)
+        chosen = [(path, leaf, self.pattern(stage, rule))
+                  for _, path, leaf, _, rule in select(params, self.rules, self.kinds)]
+        chosen = [(path, leaf, p) for path, leaf, p in chosen if isinstance(p, BiMask)]
         keys = jax.random.split(key, max(len(chosen), 1))
-        return {path: pattern.search_permutation(jax.lax.stop_gradient(leaf), k,
-                                                 init=current.get(path))
-                for (path, leaf), k in zip(chosen, keys, strict=False)}
+        for (path, leaf, pattern), k in zip(chosen, keys, strict=False):
+            perms[path] = pattern.search_permutation(jax.lax.stop_gradient(leaf), k,
+                                                     init=perms.get(path))
+        return perms
 
 
 def _perms(masks: Any) -> dict[str, Any]:
@@ -284,9 +334,36 @@ def _normalize_masks(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree, is_leaf=_is_masks_node)
 
 
-def _stage_index(stages: Stages, step: jax.Array) -> jax.Array:
-    starts = jnp.asarray([s for s, _ in stages], jnp.int32)
-    return jnp.sum(step >= starts, dtype=jnp.int32) - 1
+def _stage_index(starts: tuple[int, ...], step: jax.Array) -> jax.Array:
+    return jnp.sum(step >= jnp.asarray(starts, jnp.int32), dtype=jnp.int32) - 1
+
+
+def _check_init_masks(params: Any, masks: Any, chosen: list, plan: _Plan) -> Any:
+    """``init_masks`` checked: the parameters' structure, a Masks at exactly the selected
+    leaves, the leaves' shapes, and (where concrete) what the stage-0 patterns promise."""
+    check_structure(params, masks, "init_masks")
+    flat = {path_str(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]}
+    wanted = {path for _, path, _, _, _ in chosen}
+    have = {path for path, m in flat.items() if m is not None}
+    if wanted != have:
+        raise ValueError(f"init_masks must hold masks at exactly the selected leaves: missing "
+                         f"{sorted(wanted - have)}, extra {sorted(have - wanted)}")
+    for _, path, leaf, axis, rule in chosen:
+        m = flat[path]
+        for name in ("fwd", "bwd"):
+            got = getattr(m, name)
+            if tuple(got.shape) != tuple(leaf.shape) or got.dtype != jnp.bool_:
+                raise ValueError(f"init_masks {name} mask for {path!r} is {got.dtype} "
+                                 f"{tuple(got.shape)}; the leaf is {tuple(leaf.shape)} (bool)")
+        if (m.perm is not None) != plan.with_perm:
+            raise ValueError(f"init_masks for {path!r}: a Bi-Mask plan needs a perm at every "
+                             "leaf, any other plan none")
+        pattern = plan.pattern(0, rule)
+        if pattern is not None and _checks.is_concrete(m.fwd) and not bool(
+                pattern.valid(m, axis=axis)):
+            raise ValueError(f"init_masks for {path!r} are not valid {pattern.label!r} masks")
+    return masks
 
 
 # ---------------------------------------------------------------------------- transform
@@ -294,7 +371,7 @@ def _stage_index(stages: Stages, step: jax.Array) -> jax.Array:
 
 def sparse(
     inner: optax.GradientTransformation,
-    rule: MaskRule | Pattern | str,
+    rule: MaskRule | Pattern | str | Sequence[MaskRule | Pattern | str],
     *,
     refresh_every: int | jax.Array = 1,
     perm_every: int | jax.Array | None = None,
@@ -302,6 +379,7 @@ def sparse(
     stages: Sequence[tuple[int, Pattern | str | None]] | None = None,
     kinds: Mapping[str, Any] | None = None,
     seed: int | jax.Array = 0,
+    init_masks: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that it trains the parameters ``rule`` selects N:M sparse.
 
@@ -341,7 +419,9 @@ def sparse(
     Args:
       inner: any optax transformation (``optax.adam(1e-3)``, a chain, ...).
       rule: which parameters are sparse and their pattern (a :class:`~nmjax.tree.MaskRule`,
-        a pattern spec or a shorthand such as ``"2:4"``).
+        a pattern spec or a shorthand such as ``"2:4"``), or a sequence of them (e.g. one per
+        N from :func:`nmjax.convert.rules_for_density`; a leaf two rules with different
+        patterns select is an error).
       refresh_every: steps between mask refreshes (>= 1; may be traced, e.g. under
         ``optax.inject_hyperparams``).
       perm_every: steps between Bi-Mask permutation searches (the paper: 100); ``None``
@@ -349,9 +429,13 @@ def sparse(
       decay: SR-STE ``λ`` >= 0: a float, a JAX scalar, or an optax schedule ``step -> λ``.
       stages: ``((start_step, pattern or None), ...)`` (:func:`nm_schedule`): the pattern
         each phase trains with, ``None`` for dense phases (masks keep everything, so no
-        decay). Default: ``rule``'s pattern from step 0. All stages share ``rule``'s leaves.
+        decay). Default: each rule's pattern from step 0. All stages share the rule's leaves
+        (stages take one rule).
       kinds: layer types (:func:`nmjax.nn.layer_kinds`) for the leaf selection.
       seed: seeds the permutation search.
+      init_masks: the masks to start from (a tree like :func:`masks_of`, e.g. a conversion's
+        ``masks``); default: computed from the parameters at ``init``. Checked against the
+        parameters' structure and shapes and against what the patterns promise.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -365,14 +449,14 @@ def sparse(
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got "
                         f"{type(inner).__name__}")
-    if isinstance(rule, str | Pattern):
-        rule = MaskRule(rule)
-    if not isinstance(rule, MaskRule):
-        raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec or a string "
-                        f"like '2:4', got {type(rule).__name__}")
+    rules = as_rules(rule)
     refresh_every = _check_interval(refresh_every, "refresh_every")
-    stages = check_stages(((0, rule.pattern),) if stages is None else stages)
-    has_bimask = any(isinstance(p, BiMask) for _, p in stages)
+    if stages is not None:
+        if len(rules) > 1:
+            raise ValueError(f"stages apply to one rule; got {len(rules)} rules")
+        stages = check_stages(stages)
+    patterns = [p for _, p in stages] if stages else [r.pattern for r in rules]
+    has_bimask = any(isinstance(p, BiMask) for p in patterns)
     if perm_every is None:
         perm_every = 100 if has_bimask else None
     elif not has_bimask:
@@ -385,27 +469,32 @@ def sparse(
             raise TypeError(f"decay must be a real scalar or a schedule, got {decay!r:.60}")
         if _checks.is_concrete(value) and not float(value) >= 0:
             raise ValueError(f"decay must be >= 0, got {float(value)}")
-    plan = _Plan(rule, stages, kinds, has_bimask)
+    plan = _Plan(rules, stages, kinds, has_bimask)
 
     def init(params):
-        chosen = _selected(params, rule, kinds)
+        chosen = select(params, rules, kinds)
         if not chosen:
             some = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-            raise ValueError(f"rule {rule.label!r} selects no parameter of this tree (its "
-                             f"leaves include {some[:4]}); check include/exclude, or pass "
-                             "kinds=")
-        for _, path, leaf, axis in chosen:
-            for start, pattern in stages:
+            labels = ", ".join(repr(r.label) for r in rules)
+            raise ValueError(f"rule {labels} selects no parameter of this tree (its leaves "
+                             f"include {some[:4]}); check include/exclude, or pass kinds=")
+        for _, path, leaf, axis, rule in chosen:
+            for start, pattern in (stages or ((0, rule.pattern),)):
                 reason = None if pattern is None else pattern.check_leaf(tuple(leaf.shape), axis)
                 if reason is not None:
                     raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
                                      f"the pattern {pattern.label!r} of the stage from step "
                                      f"{start}: {reason}")
-        if all(_checks.is_concrete(leaf) for _, _, leaf, _ in chosen):
-            check_sharding(params, rule, kinds=kinds)
-        # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer held
-        # twice in the state (a donated state would donate it twice); jit outputs are distinct.
-        masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
+        if all(_checks.is_concrete(leaf) for _, _, leaf, _, _ in chosen):
+            check_sharding(params, rules, kinds=kinds)
+        if init_masks is not None:
+            masks = _check_init_masks(params, _normalize_masks(init_masks), chosen, plan)
+            masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
+        else:
+            # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
+            # held twice in the state (a donated state would donate it twice); jit outputs
+            # are distinct buffers.
+            masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
         key = jax.random.key_data(jax.random.key(seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
         return SparseState(zeros[0], masks, inner.init(params), key, zeros[1], zeros[2])
@@ -436,8 +525,8 @@ def sparse(
         grads = updates
         updates, inner_state = step(grads, state.inner_state, params, state.masks, extra_args)
         nxt = count + 1
-        stage_now = _stage_index(stages, count)
-        stage_next = _stage_index(stages, nxt)
+        stage_now = _stage_index(plan.starts, count)
+        stage_next = _stage_index(plan.starts, nxt)
         do_search = jnp.asarray(False)
         if perm_every is not None:
             do_search = (nxt % perm_every) == 0
@@ -460,7 +549,7 @@ def sparse(
                     return plan.masks(new_params, stage, perms)
                 return run
 
-            branches = [for_stage(i) for i in range(len(stages))]
+            branches = [for_stage(i) for i in range(len(plan.starts))]
             if len(branches) == 1:
                 return branches[0](new_params, masks, sub, do_search)
             return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
@@ -557,23 +646,24 @@ def sync_nnx(model: Any, opt_state: Any) -> None:
         set_masks(layer, masks[path])
 
 
-def param_labels(params: Any, rule: MaskRule, *, kinds: Mapping[str, Any] | None = None,
+def param_labels(params: Any, rule: Any, *, kinds: Mapping[str, Any] | None = None,
                  sparse_label: str = "sparse", dense_label: str = "dense") -> Any:
     """``params``' tree of labels (``"sparse"`` where ``rule`` selects, ``"dense"``
     elsewhere), for ``optax.multi_transform``."""
-    chosen = {path for _, path, _, _ in _selected(params, rule, kinds)}
+    chosen = {item[1] for item in select(params, rule, kinds)}
     return jax.tree_util.tree_map_with_path(
         lambda p, _: sparse_label if path_str(p) in chosen else dense_label, params)
 
 
-def selected(params: Any, rule: MaskRule, *, kinds: Mapping[str, Any] | None = None) -> Any:
+def selected(params: Any, rule: Any, *, kinds: Mapping[str, Any] | None = None) -> Any:
     """``params``' tree of bools, True where ``rule`` selects, for ``optax.masked``."""
-    chosen = {path for _, path, _, _ in _selected(params, rule, kinds)}
+    chosen = {item[1] for item in select(params, rule, kinds)}
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in chosen, params)
 
 
 __all__ = [
     "SparseState",
+    "as_rules",
     "check_sharding",
     "check_stages",
     "find_state",
@@ -582,6 +672,7 @@ __all__ = [
     "nm_schedule",
     "param_labels",
     "pattern_at",
+    "select",
     "selected",
     "sparse",
     "stage_at",

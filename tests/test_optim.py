@@ -417,3 +417,32 @@ def test_two_processes_equal_one(tmp_path):
     for proc, text in zip(procs, texts, strict=True):
         assert proc.returncode == 0, text[-3000:]
     _compare(out, _single_device_result())
+
+
+def test_several_rules_and_starting_masks():
+    rules = [MaskRule("2:4", include="Dense_0/kernel"), MaskRule("1:4", include="Dense_1/kernel")]
+    tx = sparse(optax.sgd(0.1), rules, refresh_every=2)
+    state = tx.init(PARAMS)
+    masks = masks_of(state)
+    assert bool(is_nm(masks["Dense_0"]["kernel"].fwd, 2, 4, exact=True))
+    assert bool(is_nm(masks["Dense_1"]["kernel"].fwd, 1, 4, exact=True))
+    assert masks["head"]["kernel"] is None
+    _, state = jax.jit(tx.update)(random_grads(0, PARAMS), state, PARAMS)
+    _, state = jax.jit(tx.update)(random_grads(1, PARAMS), state, PARAMS)
+    assert bool(is_nm(masks_of(state)["Dense_1"]["kernel"].fwd, 1, 4, exact=True))
+    with pytest.raises(ValueError, match=r"'Dense_0/kernel' is selected by two rules"):
+        sparse(optax.sgd(0.1), ["2:4", MaskRule("1:4", include="Dense_0/kernel")]).init(PARAMS)
+    with pytest.raises(ValueError, match="stages apply to one rule"):
+        sparse(optax.sgd(0.1), rules, stages=[(0, "2:4")])
+    # Starting masks (e.g. a conversion's): used as given, and checked.
+    rule = MaskRule("2:4", exclude="head")
+    start = nmjax.tree.build_masks(jax.tree.map(lambda p: -p, PARAMS), rule)
+    state = sparse(optax.sgd(0.1), rule, init_masks=start).init(PARAMS)
+    assert tree_equal(masks_of(state), start)
+    wrong = nmjax.tree.build_masks(PARAMS, MaskRule("3:4", exclude="head"))
+    with pytest.raises(ValueError, match=r"init_masks for 'Dense_0/kernel' are not valid "
+                                         r"'2:4 nm' masks"):
+        sparse(optax.sgd(0.1), rule, init_masks=wrong).init(PARAMS)
+    partial = {**start, "Dense_1": {"kernel": None, "bias": None}}
+    with pytest.raises(ValueError, match=r"missing \['Dense_1/kernel'\]"):
+        sparse(optax.sgd(0.1), rule, init_masks=partial).init(PARAMS)
