@@ -1,10 +1,10 @@
-"""Tests for nmjax.masks.transposable: validity, optimality against the LP and brute force,
-the greedy rule against a plain-Python reference, axes/batching, NaN handling, bad inputs."""
+"""Tests for the transposable N:M solvers (nmjax.masks._transposable and the modules it
+dispatches to): validity, optimality against the LP and brute force, the greedy rule
+against a plain-Python reference, axes/batching, NaN handling, bad inputs."""
 
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 
 import jax
@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmjax.masks import (
-    build_masks_lp,
     is_transposable,
     transposable_mask,
     transposable_mask_lp,
@@ -369,19 +368,69 @@ def test_tree_rule_uses_transposable_mask():
         assert bool(is_transposable(masks["Conv_0"]["kernel"], 2, 4, axes=(2, 3), exact=exact))
 
 
-def test_build_masks_lp_matches_and_reports_progress():
-    params = params_tree()
-    rule = MaskRule(2, 4, pattern="transposable")
-    out = io.StringIO()
-    masks = build_masks_lp(params, rule, file=out)
-    ref = build_masks(params, rule)
-    assert masks["Dense_0"]["bias"] is None
-    for name in ("Dense_0", "Conv_0"):
-        w = np.abs(params[name]["kernel"])
-        assert isinstance(masks[name]["kernel"], np.ndarray)
-        assert_close_objective(objective(w, masks[name]["kernel"]),
-                               objective(w, ref[name]["kernel"]), w)
-    text = out.getvalue()
-    assert "leaf 2/2" in text and "2 leaves solved" in text
-    with pytest.raises(ValueError, match=r"pattern='transposable'"):
-        build_masks_lp(params, MaskRule(2, 4))
+# ----------------------------------------------------------------------------- scale
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-9, 1e-7, 1e7, 1e12])
+def test_lp_does_not_depend_on_the_scale_of_the_scores(scale):
+    # HiGHS's tolerances are absolute: unnormalised, |w| * 1e-9 kept 0.72 of the optimum.
+    s = draw("gauss", SHAPES[(4, 8)], 21)
+    ref = objective(s, transposable_mask_lp(s, 4, 8))
+    for dtype in (np.float32, np.float64):
+        mask = transposable_mask_lp((s.astype(np.float64) * scale).astype(dtype), 4, 8)
+        assert bool(is_transposable(mask, 4, 8, exact=True))
+        assert objective(s, mask) == pytest.approx(ref, rel=1e-6)
+
+
+def test_lp_keeps_float64_scores_beyond_float32_range():
+    s = draw("gauss", SHAPES[(2, 4)], 22).astype(np.float64)
+    mask = transposable_mask_lp(s * 1e300, 2, 4)
+    assert_close_objective(objective(s, mask), objective(s, transposable_mask_lp(s, 2, 4)), s)
+
+
+def test_lp_failure_names_the_cause(monkeypatch):
+    import scipy.optimize
+
+    class Failed:
+        status, message, x = 4, "Numerical difficulties", None
+
+    monkeypatch.setattr(scipy.optimize, "linprog", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match=r"HiGHS failed on a batch of 1 tiles whose "
+                                           r"normalised scores span .*Numerical difficulties"):
+        transposable_mask_lp(np.ones((4, 4)), 2, 4)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_scores_near_float32_max_and_nan(n, m):
+    # Sums of scores near 3e38 overflow float32: masks were not transposable ("exact") or
+    # not optimal, keeping the NaN ("exact24"). Each tile is now scaled by a power of two.
+    rng = np.random.default_rng(23)
+    base = (0.5 + 0.5 * rng.random(SHAPES[(n, m)])).astype(np.float32)
+    s = base * np.float32(3e38)
+    s[1, 2] = np.nan
+    ref = np.where(np.isnan(s), 0, base)  # the same ranking, finite: NaN ranks lowest
+    opt = objective(ref, transposable_mask_lp(ref, n, m))
+    methods = ("exact24", "exact", "greedy") if (n, m) == (2, 4) else ("exact", "greedy")
+    for method in methods:
+        mask = np.asarray(transposable_mask(s, n, m, method=method))
+        exact = method != "greedy"
+        assert bool(is_transposable(mask, n, m, exact=exact)), method
+        assert not mask[1, 2], method
+        if exact:
+            assert_close_objective(objective(ref, mask), opt, ref)
+    np.testing.assert_array_equal(transposable_mask(s, n, m, method="greedy"),
+                                  transposable_mask(ref, n, m, method="greedy"))
+    lp = transposable_mask_lp(s, n, m)
+    assert_close_objective(objective(ref, lp), opt, ref)
+
+
+def test_tiny_and_huge_tiles_side_by_side():
+    # One array, tiles of very different magnitudes (powers of two: the same ranking and
+    # sums, exactly): each tile is solved on its own scale, subnormals included.
+    s = draw("gauss", SHAPES[(4, 8)], 24)
+    scaled = s.copy()
+    scaled[:8] *= np.float32(2.0**-120)
+    scaled[8:16] *= np.float32(2.0**120)
+    for method in ("exact", "greedy"):
+        np.testing.assert_array_equal(transposable_mask(scaled, 4, 8, method=method),
+                                      transposable_mask(s, 4, 8, method=method))

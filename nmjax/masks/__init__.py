@@ -4,6 +4,8 @@ Every function takes scores or weights and returns boolean masks; none mutates i
 Axis convention (DESIGN §2): a Dense kernel ``w: (in, out)`` is grouped along axis 0.
 """
 
+from nmjax.masks._lp import transposable_mask_lp
+from nmjax.masks._transposable import transposable_mask
 from nmjax.masks.bimask import (
     BiMask,
     bimask,
@@ -16,7 +18,6 @@ from nmjax.masks.bimask import (
 )
 from nmjax.masks.diversity import log10_mask_diversity, transposable_count
 from nmjax.masks.nm import is_nm, is_transposable, nm_mask
-from nmjax.masks.transposable import build_masks_lp, transposable_mask, transposable_mask_lp
 
 __all__ = [
     "BiMask",
@@ -32,7 +33,6 @@ __all__ = [
     "log10_mask_diversity",
     "nm_mask",
     "transposable_count",
-    "build_masks_lp",
     "transposable_mask",
     "transposable_mask_lp",
 ]
