@@ -41,7 +41,7 @@ def greedy_tiles(s: jax.Array, n: int, m: int) -> jax.Array:
         row_first = jax.lax.population_count(row_alive[:, None] & (row_bit - 1)) < n
         col_first = jax.lax.population_count(col_alive[None] & (col_bit - 1)) < n
         add = alive & ~keep & row_first & col_first
-        return row_bit, col_bit, keep | add, add.any((0, 1))
+        return row_bit, col_bit, keep | add, _tiles.any_tile(add)
 
     state = (row_bit, col_bit, keep, jnp.ones(s.shape[-1], bool))
     return _tiles.compacted_loop(step, state, lambda st: st[3], max_steps=n * m)[2]

@@ -8,6 +8,7 @@ those on the CPU; a minor axis of length m would not vectorise).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +54,27 @@ def normalise_tiles(s: jax.Array, n: int, m: int, tile_axes: tuple[int, int]) ->
     return jax.lax.cond(finite.all(), lambda s: s, replace, s)
 
 
+def any_tile(a: jax.Array) -> jax.Array:
+    """``a: (m, m, T)`` bool -> ``(T,)``: any entry of each tile.
+
+    Written as elementwise ors of contiguous slices of the materialised ``a``: XLA's CPU
+    reduction over the two leading axes, fused with ``a``'s producer, walks the array
+    across its strides (measured 10x slower).
+    """
+    a = jax.lax.optimization_barrier(a)
+    for _ in range(2):
+        a = functools.reduce(jnp.logical_or, list(a))
+    return a
+
+
 def compacted_loop(
     step: Callable[[Any], Any],
     state: Any,
     active: Callable[[Any], jax.Array],
     *,
     max_steps: int,
+    shrink: int = 8,
+    levels: int = 1,
     min_batch: int = 256,
 ) -> Any:
     """Applies ``step`` until no tile is ``active``, moving the stragglers together.
@@ -66,14 +82,15 @@ def compacted_loop(
     ``state`` is a pytree of arrays with the tiles on their last axis; ``step`` advances
     every tile by one round and must leave inactive tiles unchanged; ``active(state)`` is a
     ``(T,)`` bool. A lock-step loop over all ``T`` tiles would run every tile as long as the
-    slowest one. Here rounds run on all tiles while more than ``T / 2`` are active; then the
-    active ones are gathered into a batch of ``T / 2`` tiles, which runs while more than
-    ``T / 4`` are active, and so on down to ``min_batch`` tiles, which run to the end; the
-    results are scattered back. ``max_steps`` caps each level's rounds; it must bound the
-    rounds any tile needs, so that every level ends with at most half its tiles active.
+    slowest one. Here rounds run on all tiles while more than ``T / shrink`` are active;
+    then the active ones are gathered into a batch of ``T / shrink`` tiles, which runs while
+    more than ``T / shrink**2`` are active, and so on for ``levels`` levels (each compiles
+    ``step`` once more) or down to ``min_batch`` tiles; the last batch runs to the end and
+    the results are scattered back. ``max_steps`` caps each level's rounds; it must bound
+    the rounds any tile needs, so that every level ends with few enough tiles active.
     """
     t = active(state).shape[0]
-    batch = t // 2
+    batch = t // shrink
 
     def run(st, more):
         def body(c):
@@ -81,12 +98,13 @@ def compacted_loop(
 
         return jax.lax.while_loop(lambda c: more(c[0]) & (c[1] < max_steps), body, (st, 0))[0]
 
-    if batch < min_batch:
+    if levels < 1 or batch < min_batch:
         return run(state, lambda st: active(st).any())
     state = run(state, lambda st: active(st).sum() > batch)
     # Padding repeats an inactive or an active tile; either way each copy ends equal, so
     # the scatter writes the same result for every duplicate index.
     idx = jnp.nonzero(active(state), size=batch, fill_value=0)[0]
     sub = jax.tree.map(lambda a: jnp.take(a, idx, axis=-1), state)
-    sub = compacted_loop(step, sub, active, max_steps=max_steps, min_batch=min_batch)
+    sub = compacted_loop(step, sub, active, max_steps=max_steps, shrink=shrink,
+                         levels=levels - 1, min_batch=min_batch)
     return jax.tree.map(lambda a, b: a.at[..., idx].set(b), state, sub)

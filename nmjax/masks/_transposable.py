@@ -168,11 +168,11 @@ def transposable_mask(
       (ties: the first in a fixed pattern order). Exactly N; optimal. Jit-able.
     * ``"exact"``: any N:M with ``m <= 16``. A min-cost-flow solver batched over all
       tiles: integer scores (each tile's rounded to a grid of ``2**24`` to ``2**27`` steps
-      of its largest magnitude, finer for smaller ``m``), column prices from two auction
+      of its largest magnitude, finer for smaller ``m``), column prices from three auction
       steps, each row's top ``n`` under them, then successive shortest paths (Bellman-Ford)
       until every column holds ``n``. Exactly N; optimal for the rounded scores, so within
       ``n * m`` grid steps of the optimum (about ``1e-5`` of a tile's largest score at
-      8:16, ``2e-6`` at 4:8). Jit-able.
+      8:16, ``1e-6`` at 4:8). Jit-able.
     * ``"greedy"``: ``m <= 16``. Hubara et al.'s greedy b-matching: entries in decreasing
       score (ties: lower row-major index first), kept while their row and column both hold
       fewer than ``n`` (computed in parallel rounds, the same masks). **At most N**: a row
