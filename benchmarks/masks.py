@@ -357,7 +357,11 @@ def main() -> None:
     bad = set(args.methods) - set(METHODS)
     if bad:
         p.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
-    command = "python " + " ".join(["benchmarks/masks.py", *sys.argv[1:]])
+    argv = sys.argv[1:]
+    if "--out" in argv:  # where the tables go is not part of how they were measured
+        i = argv.index("--out")
+        argv = argv[:i] + argv[i + 2:]
+    command = "python " + " ".join(["benchmarks/masks.py", *argv])
     head = (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
             f"{platform.machine()}, {os.cpu_count()} CPUs, load average at start {load()}")
     print(f"# masks benchmark, {head}\ncommand: `{command}`\n")

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmjax.masks import (
+    _tiles,
     is_transposable,
     transposable_mask,
     transposable_mask_lp,
@@ -138,7 +139,7 @@ def test_constant_and_rank_one_scores(n, m):
 # ----------------------------------------------------------------------------- greedy
 
 
-@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (3, 16)])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (8, 16)])
 @settings(max_examples=4, deadline=None)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1))
 def test_greedy_matches_reference_and_bounds(n, m, kind, seed):
@@ -159,18 +160,11 @@ def test_greedy_matches_reference_and_bounds(n, m, kind, seed):
     assert objective(s, repaired) <= opt + 1e-4 * max(opt, 1)
 
 
-def test_greedy_on_many_tiles_matches_reference():
-    # 512 tiles: the rounds run on all tiles, then on gathered batches of the stragglers.
-    s = draw("gauss", (128, 256), 13)
-    mask = np.asarray(transposable_mask(s, 4, 8, method="greedy"))
-    ref = np.stack([greedy_reference(t, 4) for t in tiles_of(s, 8)])
-    np.testing.assert_array_equal(tiles_of(mask, 8), ref)
-
-
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (8, 16)])
 def test_greedy_repair_is_near_optimal(n, m):
-    # Gaussian |w|, 16 tiles of 16 x 16 (64 of 8 x 8, 256 of 4 x 4): measured 0.9995-0.9999.
-    s = draw("gauss", (64, 64), 3)
+    # Gaussian |w| (6, 16 and 2 tiles): repair measured 0.9995-1.0 over seeds 0-5 here,
+    # 0.9997-0.9999 on 8192 x 8192 (benchmarks/results/masks.md).
+    s = draw("gauss", SHAPES[(n, m)], 1)
     opt = objective(s, transposable_mask_lp(s, n, m))
     plain = objective(s, transposable_mask(s, n, m, method="greedy"))
     repaired = objective(s, transposable_mask(s, n, m, method="greedy", repair=True))
@@ -178,29 +172,36 @@ def test_greedy_repair_is_near_optimal(n, m):
     assert repaired >= 0.999 * opt
 
 
+def test_compacted_loop_gathers_the_stragglers():
+    # Tile t needs t % 11 rounds; batches shrink 2x per level, the last runs to the end.
+    need = jnp.arange(64) % 11
+
+    def step(state):
+        need, done = state
+        return need, done + (done < need)
+
+    run = jax.jit(lambda state: _tiles.compacted_loop(
+        step, state, lambda st: st[1] < st[0], max_steps=11, shrink=2, levels=3, min_batch=1))
+    out = run((need, jnp.zeros(64, jnp.int32)))
+    np.testing.assert_array_equal(out[0], need)  # every tile back in its place
+    np.testing.assert_array_equal(out[1], need)  # each tile finished, in whichever batch
+
+
 # ----------------------------------------------------------------------------- axes, jit
 
 
 def test_auto_picks_by_guarantee():
-    s = draw("gauss", (16, 16), 1)
+    s24, s48 = draw("gauss", SHAPES[(2, 4)], 1), draw("gauss", SHAPES[(4, 8)], 1)
     same = np.testing.assert_array_equal
-    same(transposable_mask(s, 2, 4), transposable_mask(s, 2, 4, method="exact24"))
-    same(transposable_mask(s, 4, 8), transposable_mask(s, 4, 8, method="exact"))
-    same(transposable_mask(s, 2, 4, guarantee="exactly_n"),
-         transposable_mask(s, 2, 4, method="exact24"))
-    same(transposable_mask(s, 4, 8, guarantee="exactly_n"),
-         transposable_mask(s, 4, 8, method="greedy", repair=True))
-    same(transposable_mask(s, 2, 4, guarantee="at_most_n"),
-         transposable_mask(s, 2, 4, method="greedy"))
-    assert np.asarray(transposable_mask(s, 4, 4)).all()  # n == m keeps everything
-
-
-def test_exact_on_a_coarser_grid_is_still_exactly_n():
-    s = draw("gauss", SHAPES[(4, 8)], 14)
-    coarse = transposable_mask(s, 4, 8, method="exact", eps_rel=0.01)
-    assert bool(is_transposable(coarse, 4, 8, exact=True))
-    opt = objective(s, transposable_mask_lp(s, 4, 8))
-    assert objective(s, coarse) >= opt - 0.01 * 4 * 8 * s.max()  # n m grid steps per tile
+    same(transposable_mask(s24, 2, 4), transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8), transposable_mask(s48, 4, 8, method="exact"))
+    same(transposable_mask(s24, 2, 4, guarantee="exactly_n"),
+         transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8, guarantee="exactly_n"),
+         transposable_mask(s48, 4, 8, method="greedy", repair=True))
+    same(transposable_mask(s24, 2, 4, guarantee="at_most_n"),
+         transposable_mask(s24, 2, 4, method="greedy"))
+    assert np.asarray(transposable_mask(s48, 8, 8)).all()  # n == m keeps everything
 
 
 @pytest.mark.parametrize("method", ["exact24", "exact", "greedy"])

@@ -199,27 +199,37 @@ def _path(q, x, cnt, n, m, *, max_iters, record):
     return flip, target, source, found
 
 
+def _one_row_path(x, cnt, n, m):
+    """A one-row path per tile: the first over-full column ``a``, the first under-full
+    column ``b``, and the first row holding ``a`` but not ``b`` (one exists: ``a`` has more
+    holders than ``b``); drop ``(r, a)``, keep ``(r, b)``. Valid, not chosen for its cost."""
+    ar = jnp.arange(m, dtype=jnp.int32)
+    a = jnp.where(cnt > n, ar[:, None], m).min(0)
+    b = jnp.where(cnt < n, ar[:, None], m).min(0)
+    col_a = (ar[None, :, None] == a) & x
+    col_b = (ar[None, :, None] == b) & x
+    holds = col_a.any(1) & ~col_b.any(1)  # (m, T): rows holding a but not b
+    r = jnp.where(holds, ar[:, None], m).min(0)
+    row = ar[:, None, None] == r
+    flip = row & ((ar[None, :, None] == a) | (ar[None, :, None] == b))
+    return flip, jnp.minimum(b, m - 1), jnp.minimum(a, m - 1), (a < m) & (b < m) & (r < m)
+
+
 def augment(q, x, cnt, n, m, *, max_iters, record):
     """One round: every tile with an over-full column moves one unit to its nearest
     under-full column along a path of :func:`bellman_ford`; other tiles are unchanged.
     ``cnt: (m, T)`` holds the column counts of ``x``; returns the new ``x`` and counts.
 
-    With ``record=True`` a tile whose parents loop takes a one-row path instead: it always
-    exists (an over-full column has a holder that does not hold a given under-full column)
-    and one iteration cannot loop. (Flipping a second, disjoint path of the same tree per
-    round is valid too, but measured no faster here.)
+    With ``record=True`` a tile whose parents loop (possible after earlier paths that were
+    not shortest) takes a :func:`_one_row_path` instead, so every round makes progress.
     """
     ar = jnp.arange(m, dtype=jnp.int32)[:, None]
     flip, target, source, found = _path(q, x, cnt, n, m, max_iters=max_iters, record=record)
-    if record and max_iters > 1:
-        def one_row(_):
-            f1, t1, s1, _ = _path(q, x, cnt, n, m, max_iters=1, record=True)
-            return (jnp.where(found, flip, f1), jnp.where(found, target, t1),
-                    jnp.where(found, source, s1), (cnt > n).any(0))
-
-        lost = (cnt > n).any(0) & ~found
-        flip, target, source, found = jax.lax.cond(
-            lost.any(), one_row, lambda _: (flip, target, source, found), None)
+    if record:
+        f1, t1, s1, ok1 = _one_row_path(x, cnt, n, m)
+        flip = jnp.where(found, flip, f1)
+        target, source = jnp.where(found, target, t1), jnp.where(found, source, s1)
+        found = found | ok1
     cnt = cnt + ((ar == target) & found) - ((ar == source) & found)
     return x ^ (flip & found), cnt
 
