@@ -200,7 +200,9 @@ def test_auto_picks_by_guarantee():
     same(transposable_mask(s48, 4, 8, guarantee="exactly_n"),
          transposable_mask(s48, 4, 8, method="greedy", repair=True))
     same(transposable_mask(s24, 2, 4, guarantee="at_most_n"),
-         transposable_mask(s24, 2, 4, method="greedy"))
+         transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8, guarantee="at_most_n"),
+         transposable_mask(s48, 4, 8, method="greedy"))
     assert np.asarray(transposable_mask(s48, 8, 8)).all()  # n == m keeps everything
 
 
