@@ -14,9 +14,9 @@ Per tile, the mask is a maximum-weight b-matching of the complete bipartite grap
    start's optimality, until every column holds ``n``; the tiles still working after most
    are done continue as a small gathered batch.
 
-:func:`approx_tiles` is the same start followed by paths through at most two rows of a
-tile (from a Bellman-Ford cut after two iterations): exactly N, not necessarily optimal,
-cheaper (the ``repair`` of the greedy method).
+:func:`approx_tiles` is the same start followed by augmenting paths from a Bellman-Ford cut
+after two iterations: exactly N, not necessarily optimal, cheaper (the ``repair`` of the
+greedy method).
 """
 
 from __future__ import annotations
@@ -256,8 +256,8 @@ def exact_tiles(s: jax.Array, n: int, m: int, eps_rel: float | None = None) -> j
 
 
 def approx_tiles(s: jax.Array, n: int, m: int) -> jax.Array:
-    """The exact solver's start, then augmenting paths through at most two rows (from two
-    Bellman-Ford iterations, so not necessarily shortest). Exactly N; near-optimal, not
+    """The exact solver's start, then augmenting paths from a Bellman-Ford cut after two
+    iterations (real paths, not necessarily shortest). Exactly N; near-optimal, not
     optimal."""
     q = quantise(s, m, None)
     x = price_start(q, n, m)

@@ -182,8 +182,8 @@ def transposable_mask(
       0.985-0.991 on Gaussian weights). Jit-able.
     * ``"greedy"`` with ``repair=True``: **exactly N**, near-optimal (measured at least
       0.9995 of the optimum on Gaussian weights, no bound). Not a fix-up of the greedy mask:
-      the exact solver's start, then augmenting paths through at most two rows of each
-      tile, which is cheaper than running the shortest paths to the end. Jit-able.
+      the exact solver's start, then augmenting paths from a Bellman-Ford cut after two
+      iterations, which is cheaper than running the shortest paths to the end. Jit-able.
     * ``"lp"``: any N:M, offline: :func:`transposable_mask_lp` (scipy's HiGHS; numpy in
       and out; not jit-able). Exactly N; optimal.
     * ``"auto"`` (default): the fastest method, as measured on the CPU, that meets
