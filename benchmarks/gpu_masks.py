@@ -80,16 +80,17 @@ def main() -> None:
     def write() -> None:
         args.out.write_text("\n".join([*head, *rows, PUBLISHED, ""]))
 
+    label = f"{SIZE[0]}x{SIZE[1]}"
     w = jax.random.normal(jax.random.key(0), SIZE, jnp.float32)
     scores = jnp.abs(w)
     s_np = np.asarray(scores, np.float64)
     a = jnp.asarray(w, jnp.bfloat16)
     try:  # the scale of a training step: one dense bf16 product of the same size
         comp, med, runs, _ = timed(lambda: a @ a, args.repeats, args.budget)
-        rows.append(f"| 8192x8192 | - | dense bf16 matmul 8192^3 (for scale) | {comp} | {med} | "
+        rows.append(f"| {label} | - | dense bf16 matmul {SIZE[0]}^3 (for scale) | {comp} | {med} | "
                     f"{runs} | - | - |")
     except Exception as e:  # noqa: BLE001 - report and go on
-        rows.append(f"| 8192x8192 | - | dense bf16 matmul | error: {type(e).__name__} | | | | |")
+        rows.append(f"| {label} | - | dense bf16 matmul | error: {type(e).__name__} | | | | |")
     print(rows[-1], flush=True)
     write()
     for (n, m), methods in CASES:
@@ -105,11 +106,11 @@ def main() -> None:
                     opt = kept
                 ratio = f"{kept / opt:.6f}" if opt else "-"
                 exact_n = bool(is_transposable(mask, n, m, exact=True))
-                rows.append(f"| 8192x8192 | {n}:{m} | {method} | {comp} | {med} | {runs} | "
+                rows.append(f"| {label} | {n}:{m} | {method} | {comp} | {med} | {runs} | "
                             f"{ratio} | {'yes' if exact_n else 'no (at most N)'} |")
             except Exception as e:  # noqa: BLE001 - one failed case must not stop the rest
                 msg = str(e).splitlines()[0][:120] if str(e) else ""
-                rows.append(f"| 8192x8192 | {n}:{m} | {method} | error: {type(e).__name__}: "
+                rows.append(f"| {label} | {n}:{m} | {method} | error: {type(e).__name__}: "
                             f"{msg} | | | | |")
                 traceback.print_exc()
             print(rows[-1], flush=True)
