@@ -102,9 +102,10 @@ table() {
   else
     echo "== 6 cusparselt: benchmarks/gpu_cusparselt.py not in this tree"
   fi
-  # 7 PLACEHOLDER (solvers engineer): GPU mask solvers, likewise.
+  # 7 the transposable solvers at 8192^2 (2:4, 4:8, 8:16) on the GPU (1 file).
   if [ -f benchmarks/gpu_masks.py ]; then
-    step "7 masks" 30 "$PY" benchmarks/gpu_masks.py --out "$O"
+    step "7 masks" "${MASKS_TIMEOUT:-30}" "$PY" benchmarks/gpu_masks.py "$O/masks_gpu.md" \
+      --budget 8 --repeats 5
   else
     echo "== 7 masks: placeholder (benchmarks/gpu_masks.py not in this tree)"
   fi

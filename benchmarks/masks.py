@@ -1,17 +1,23 @@
-"""Mask benchmarks on the CPU: transposable N:M methods against exact baselines, and N:M.
+"""Mask benchmarks on the CPU: the transposable N:M solvers against each other and exact
+baselines, and N:M masks; writes the tables to ``benchmarks/results/masks.md``.
 
-  .venv/bin/python benchmarks/masks.py                 # everything (several minutes)
-  .venv/bin/python benchmarks/masks.py --quick         # 1024x1024 only, fewer repeats
-  .venv/bin/python benchmarks/masks.py --only nm       # the N:M table only
-  .venv/bin/python benchmarks/masks.py --sizes 1024x1024 --patterns 4:8 --methods exact,ortools
+  .venv/bin/python benchmarks/masks.py                          # issue-13 table (long)
+  .venv/bin/python benchmarks/masks.py --quick                  # 1024x1024 only
+  .venv/bin/python benchmarks/masks.py --only nm                # the N:M table only
+  .venv/bin/python benchmarks/masks.py --sizes 8192x8192 --patterns 8:16 --methods exact
 
-Prints markdown tables. Timing (DESIGN §5): ``jax.block_until_ready``; the first call is
-reported as compile (first call minus the median of the next ones); median of
-``--repeats`` further calls. Scores are ``|w|`` of Gaussian weights. "retained" is the kept
-``Σ|w|`` over that of the exact optimum on the same matrix (the ``exact`` method's mask,
-cross-checked against OR-tools when installed). Baselines (optional imports, the ``bench``
-extra): OR-tools' min-cost flow with all tiles in one graph (integer costs: scores scaled
-to 2^30 / max), and networkx's min-cost flow per tile on a sample of tiles, extrapolated.
+Timing (DESIGN §5): ``jax.block_until_ready``; every method of one (size, pattern) is
+compiled first (compile = first call minus the median), then the methods are timed in
+turns, ``--repeats`` rounds, so that a change of load hits all of them alike; the medians
+are reported, with ``os.getloadavg()`` at the start and after each row. Scores are ``|w|``
+of Gaussian weights. "retained" is the kept ``Σ|w|`` over that of the exact optimum on the
+same matrix (the ``exact`` method's mask; OR-tools, when run, solves the same problem
+independently with integer costs and is compared to it). Baselines (optional imports, the
+``bench`` extra): OR-tools' min-cost flow with all tiles in one graph, and networkx's
+min-cost flow per tile on a sample of tiles, extrapolated.
+
+The output file is made of sections between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``
+markers; a run replaces the sections it produced and keeps the others.
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ import numpy as np  # noqa: E402
 from nmjax.masks import is_transposable, nm_mask, transposable_mask  # noqa: E402
 from nmjax.tree import MaskRule, build_masks  # noqa: E402
 
-SIZES = ((1024, 1024), (4096, 4096), (768, 3072))
+SIZES = ((1024, 1024), (4096, 4096), (8192, 8192))
 PATTERNS = ((2, 4), (4, 8), (8, 16))
 METHODS = ("exact24", "exact", "greedy", "greedy+repair", "ortools", "networkx")
+JAX_METHODS = ("exact24", "exact", "greedy", "greedy+repair")
+RESULTS = Path(__file__).resolve().parent / "results" / "masks.md"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
@@ -121,73 +129,144 @@ def have(module: str) -> bool:
         return False
 
 
-def transposable_table(args) -> list[str]:
-    rows = ["| size | N:M | method | compile s | median s | retained / optimum | exactly N |",
-            "|---|---|---|---:|---:|---:|---|"]
-    greedy_ratios: dict[str, list[float]] = {}
+def load() -> str:
+    return "(" + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ")"
+
+
+def jax_fn(method: str, s, n: int, m: int) -> Callable[[], object]:
+    kw = {"method": method.split("+")[0], "repair": method.endswith("repair")}
+    return lambda: transposable_mask(s, n, m, **kw)
+
+
+def time_in_turns(fns: dict[str, Callable[[], object]], repeats: int):
+    """Compile (first call) each, then ``repeats`` rounds of one call of each, in turn.
+
+    Returns ``{name: (compile s, median s, result)}``."""
+    first, out, times = {}, {}, {k: [] for k in fns}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        out[name] = jax.block_until_ready(fn())
+        first[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out[name] = jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    res = {}
+    for name in fns:
+        med = statistics.median(times[name]) if times[name] else first[name]
+        res[name] = (max(first[name] - med, 0.0), med, out[name])
+    return res
+
+
+def transposable_table(args) -> tuple[list[str], dict]:
+    rows = ["| size | N:M | method | compile s | median s | exact / this (speed) | "
+            "retained / optimum | exactly N | load after |",
+            "|---|---|---|---:|---:|---:|---:|---|---|"]
+    summary: dict = {}
     for shape in args.sizes:
         w = jax.random.normal(jax.random.key(0), shape, jnp.float32)
         s = jnp.abs(w)
-        s_np = np.asarray(s)
+        s_np = np.asarray(s, np.float64)
         for n, m in args.patterns:
-            opt_mask = None
-            results = []
             methods = [x for x in args.methods if not (x == "exact24" and (n, m) != (2, 4))]
-            if "exact" not in methods:
-                methods = ["exact", *methods]
-            for method in methods:
-                label = f"{shape[0]}x{shape[1]} {n}:{m} {method}"
-                print(f"  {label} ...", file=sys.stderr, flush=True)
-                if method in ("exact24", "exact", "greedy", "greedy+repair"):
-                    kw = {"method": method.split("+")[0], "repair": method.endswith("repair")}
-                    fn = lambda kw=kw, s=s, n=n, m=m: transposable_mask(s, n, m, **kw)  # noqa: E731
-                    compile_s, med, mask = timed(fn, args.repeats)
-                    mask = np.asarray(mask)
-                elif method == "ortools":
-                    if not have("ortools"):
-                        continue
-                    fn = lambda s=s_np, n=n, m=m: ortools_mask(s, n, m)  # noqa: E731
-                    _, med, mask = timed(fn, args.base_repeats)
-                    compile_s = None
-                else:  # networkx, per tile on a sample, extrapolated
-                    if not have("networkx"):
-                        continue
-                    all_tiles = tiles(s_np, m)
-                    pick = np.random.default_rng(0).choice(len(all_tiles), args.nx_sample,
-                                                           replace=False)
-                    t0 = time.perf_counter()
-                    for i in pick:
-                        networkx_tile(all_tiles[i], n)
-                    per_tile = (time.perf_counter() - t0) / len(pick)
-                    results.append((method, None, per_tile * len(all_tiles), None, None))
-                    continue
-                if method == "exact":
-                    opt_mask = mask
+            jax_methods = [x for x in JAX_METHODS if x in methods or x == "exact"]
+            label = f"{shape[0]}x{shape[1]} {n}:{m}"
+            print(f"  {label}: {', '.join(jax_methods)} ...", file=sys.stderr, flush=True)
+            res = time_in_turns({k: jax_fn(k, s, n, m) for k in jax_methods}, args.repeats)
+            opt_mask = np.asarray(res["exact"][2])
+            opt = float(np.sum(s_np * opt_mask))
+            exact_s = res["exact"][1]
+            lines = []
+            for k in jax_methods:
+                comp, med, mask = res[k]
+                mask = np.asarray(mask)
+                ratio = float(np.sum(s_np * mask)) / opt
                 exact_n = bool(is_transposable(mask, n, m, exact=True))
-                results.append((method, compile_s, med, mask, exact_n))
-            opt = float(np.sum(s_np * opt_mask, dtype=np.float64))
-            for method, compile_s, med, mask, exact_n in results:
-                if mask is None:
-                    ratio = "(sample)"
-                    exact_cell = "yes"
-                    time_cell = f"{med:.1f} (extrapolated, {args.nx_sample} tiles)"
-                else:
-                    r = float(np.sum(s_np * mask, dtype=np.float64)) / opt
-                    ratio = f"{r:.6f}"
-                    exact_cell = "yes" if exact_n else "no (at most N)"
-                    time_cell = f"{med:.3f}"
-                    if method.startswith("greedy"):
-                        greedy_ratios.setdefault(f"{method} {n}:{m}", []).append(r)
-                comp = "-" if compile_s is None else f"{compile_s:.2f}"
-                rows.append(f"| {shape[0]}x{shape[1]} | {n}:{m} | {method} | {comp} | "
-                            f"{time_cell} | {ratio} | {exact_cell} |")
+                summary[(shape, (n, m), k)] = (med, ratio, exact_n)
+                lines.append((k, f"{comp:.2f}", f"{med:.3f}", f"{exact_s / med:.2f}",
+                              f"{ratio:.6f}", "yes" if exact_n else "no (at most N)"))
+            if "ortools" in methods and have("ortools") and shape[0] * shape[1] <= args.ortools_max:
+                print(f"  {label}: ortools ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                mask = ortools_mask(np.asarray(s), n, m)
+                med = time.perf_counter() - t0
+                ratio = float(np.sum(s_np * mask)) / opt
+                summary[(shape, (n, m), "ortools")] = (med, ratio, True)
+                lines.append(("ortools", "-", f"{med:.3f}", f"{exact_s / med:.2f}",
+                              f"{ratio:.6f}", "yes"))
+            if "networkx" in methods and have("networkx"):
+                all_tiles = tiles(np.asarray(s), m)
+                pick = np.random.default_rng(0).choice(len(all_tiles), args.nx_sample,
+                                                       replace=False)
+                t0 = time.perf_counter()
+                for i in pick:
+                    networkx_tile(all_tiles[i], n)
+                est = (time.perf_counter() - t0) / len(pick) * len(all_tiles)
+                lines.append(("networkx", "-", f"{est:.1f} (extrapolated, {args.nx_sample} "
+                              "tiles)", f"{exact_s / est:.3f}", "(sample)", "yes"))
+            for line in lines:
+                rows.append(f"| {shape[0]}x{shape[1]} | {n}:{m} | " + " | ".join(line)
+                            + f" | {load()} |")
                 print(rows[-1], flush=True)
-    rows.append("")
-    rows.append("Greedy quality, mean retained / optimum over the sizes above:")
-    rows.append("")
-    for k, v in greedy_ratios.items():
-        rows.append(f"- {k}: {statistics.mean(v):.5f}")
-    return rows
+    return rows, summary
+
+
+def targets(summary: dict) -> list[str]:
+    """The issue-13 targets, checked on the rows just measured."""
+    out = ["| target | case | measured | met |", "|---|---|---|---|"]
+    shapes = sorted({k[0] for k in summary})
+    patterns = sorted({k[1] for k in summary})
+
+    def get(shape, nm, method):
+        return summary.get((shape, nm, method))
+
+    for shape in shapes:
+        if shape[0] < 4096:
+            continue
+        size = f"{shape[0]}x{shape[1]}"
+        for nm in patterns:
+            ex, gr, rp = (get(shape, nm, k) for k in ("exact", "greedy", "greedy+repair"))
+            case = f"{size} {nm[0]}:{nm[1]}"
+            if ex and gr:
+                x = ex[0] / gr[0]
+                out.append(f"| greedy >= 5x faster than exact | {case} | {x:.2f}x "
+                           f"(retained {gr[1]:.5f}) | {'yes' if x >= 5 else 'no'} |")
+            if ex and rp:
+                ok = rp[1] >= 0.999 and rp[0] < ex[0] and rp[2]
+                out.append(f"| repair >= 0.999, exactly N, faster than exact | {case} | "
+                           f"{rp[1]:.5f}, {rp[0]:.3f} s vs {ex[0]:.3f} s | "
+                           f"{'yes' if ok else 'no'} |")
+    ex = get((8192, 8192), (8, 16), "exact")
+    if ex:
+        out.append(f"| exact 8:16 on 8192x8192 <= 5 s | 8192x8192 8:16 | {ex[0]:.3f} s | "
+                   f"{'yes' if ex[0] <= 5 else 'no'} |")
+    for nm in patterns:  # time per tile across sizes: linear in tiles means a flat column
+        per = []
+        for shape in shapes:
+            rp = get(shape, nm, "greedy+repair")
+            if rp:
+                tiles_m = shape[0] * shape[1] / nm[1] ** 2 / 1e6
+                per.append(f"{shape[0]}: {rp[0] / tiles_m:.3f}")
+        if len(per) > 1:
+            out.append(f"| repair time linear in tiles | {nm[0]}:{nm[1]} | s per million "
+                       f"tiles, {'; '.join(per)} | (see the trend) |")
+    return out
+
+
+def write_sections(path: Path, sections: dict[str, str], preamble: str) -> None:
+    """Replaces the named sections of ``path`` (between begin/end markers), keeping the
+    rest; a missing file or section is created."""
+    text = path.read_text() if path.exists() else preamble
+    for name, body in sections.items():
+        begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+        block = f"{begin}\n{body.rstrip()}\n{end}"
+        if begin in text and end in text:
+            i, j = text.index(begin), text.index(end) + len(end)
+            text = text[:i] + block + text[j:]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def vit_b_params() -> dict:
@@ -212,9 +291,9 @@ def nm_table(args) -> list[str]:
         rows.append(f"| 4096x4096 | nm_mask {n}:{m} (jit) | {c:.2f} | {med:.4f} |")
         print(rows[-1], flush=True)
     params = vit_b_params()
-    rules = [(MaskRule(2, 4), "N:M 2:4"), (MaskRule(4, 8), "N:M 4:8"),
-             (MaskRule(2, 4, pattern="transposable"), "transposable 2:4 (exact24)"),
-             (MaskRule(4, 8, pattern="transposable"), "transposable 4:8 (exact)")]
+    rules = [(MaskRule("2:4"), "N:M 2:4"), (MaskRule("4:8"), "N:M 4:8"),
+             (MaskRule("2:4 transposable"), "transposable 2:4 (exact24)"),
+             (MaskRule("4:8 transposable"), "transposable 4:8 (exact)")]
     for rule, label in rules:
         if rule.pattern == "nm":
             fn, how = jax.jit(lambda p, rule=rule: build_masks(p, rule)), "jit"
@@ -247,6 +326,15 @@ def parse_pattern(x: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
+PREAMBLE = """# Mask benchmarks (CPU)
+
+Written by `benchmarks/masks.py` (see its docstring for the method). The machine is the
+team's shared 2-core x86_64 VM (no GPU); other engineers' jobs run on it, so every run
+records `os.getloadavg()` (with 2 cores, a load of 4 leaves about half the machine) and a
+calibration line (plain XLA ops timed at that moment). Compare timings within a run.
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("transposable", "nm"), default=None)
@@ -255,26 +343,47 @@ def main() -> None:
                    default=list(SIZES))
     p.add_argument("--patterns", type=lambda s: [parse_pattern(x) for x in s.split(",")],
                    default=list(PATTERNS))
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   default=["exact24", "exact", "greedy", "greedy+repair"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--base-repeats", type=int, default=1, help="OR-tools timing runs")
     p.add_argument("--nx-sample", type=int, default=64, help="networkx tiles timed")
+    p.add_argument("--ortools-max", type=int, default=4096 * 4096,
+                   help="largest matrix (entries) given to OR-tools (8192^2 needs ~9 GB)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="markdown file to update")
+    p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
     if args.quick:
         args.sizes, args.repeats = [(1024, 1024)], 3
     bad = set(args.methods) - set(METHODS)
     if bad:
         p.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
-    print(f"# masks benchmark, {datetime.date.today()}, jax {jax.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average at start {os.getloadavg()}")
-    print(f"command: {' '.join(sys.argv)}\n")
-    print(calibration() + "\n")
+    argv = sys.argv[1:]
+    if "--out" in argv:  # where the tables go is not part of how they were measured
+        i = argv.index("--out")
+        argv = argv[:i] + argv[i + 2:]
+    command = "python " + " ".join(["benchmarks/masks.py", *argv])
+    head = (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, load average at start {load()}")
+    print(f"# masks benchmark, {head}\ncommand: `{command}`\n")
+    cal = calibration()
+    print(cal + "\n")
+    sections = {}
     if args.only in (None, "transposable"):
-        print("\n".join(transposable_table(args)))
-        print()
+        rows, summary = transposable_table(args)
+        body = ["## Transposable N:M (issue 13)", "", f"Run: {head}.", "",
+                f"Command: `{command}`", "", cal, "", *rows, "",
+                f"Load average at the end {load()}.", "", "### Targets", "",
+                *targets(summary)]
+        print("\n".join(body[-len(targets(summary)) - 2:]))
+        sections["transposable"] = "\n".join(body)
     if args.only in (None, "nm"):
-        print("\n".join(nm_table(args)))
+        rows = nm_table(args)
+        sections["nm"] = "\n".join(["## N:M masks and whole-model trees", "",
+                                     f"Run: {head}.", "", f"Command: `{command}`", "", cal,
+                                     "", *rows])
+    if not args.no_write:
+        write_sections(args.out, sections, PREAMBLE)
+        print(f"updated {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tests for nmjax.masks.transposable: validity, optimality against the LP and brute force,
-the greedy rule against a plain-Python reference, axes/batching, NaN handling, bad inputs."""
+"""Tests for the transposable N:M solvers (nmjax.masks._transposable and the modules it
+dispatches to): validity, optimality against the LP and brute force, the greedy rule
+against a plain-Python reference, axes/batching, NaN handling, bad inputs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from nmjax.masks import (
     Transposable,
+    _tiles,
     is_transposable,
     transposable_mask,
     transposable_mask_lp,
@@ -132,12 +134,14 @@ def test_constant_and_rank_one_scores(n, m):
             assert bool(is_transposable(mask, n, m, exact=method != "greedy"))
             if method != "greedy":
                 assert_close_objective(objective(s, mask), lp, s)
+        repaired = transposable_mask(s, n, m, method="greedy", repair=True)
+        assert bool(is_transposable(repaired, n, m, exact=True))
 
 
 # ----------------------------------------------------------------------------- greedy
 
 
-@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (3, 16)])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (8, 16)])
 @settings(max_examples=4, deadline=None)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1))
 def test_greedy_matches_reference_and_bounds(n, m, kind, seed):
@@ -156,43 +160,52 @@ def test_greedy_matches_reference_and_bounds(n, m, kind, seed):
     repaired = transposable_mask(s, n, m, method="greedy", repair=True)
     assert bool(is_transposable(repaired, n, m, exact=True))
     assert objective(s, repaired) <= opt + 1e-4 * max(opt, 1)
-    # Filling to exactly n can cost a little (an augmenting path drops an entry), so repair
-    # is not monotone against the at-most-n greedy mask; what it guarantees is a 2-swap local
-    # optimum: no kept pair (r1, c1), (r2, c2) gains by trading for (r1, c2), (r2, c1).
-    for t, k in zip(tiles_of(np.asarray(s, np.float64), m), tiles_of(np.asarray(repaired), m),
-                    strict=True):
-        gain = (t[:, None, None, :] + t[None, :, :, None]  # s[r1, c2] + s[r2, c1]
-                - t[:, None, :, None] - t[None, :, None, :])  # - s[r1, c1] - s[r2, c2]
-        legal = (k[:, None, :, None] & k[None, :, None, :]
-                 & ~k[:, None, None, :] & ~k[None, :, :, None])
-        assert (gain[legal] <= 1e-4 * max(t.max(), 1)).all()
 
 
-def test_greedy_repair_closes_most_of_the_gap():
-    s = draw("gauss", SHAPES[(4, 8)], 3)  # 16 tiles
-    opt = objective(s, transposable_mask_lp(s, 4, 8))
-    plain = objective(s, transposable_mask(s, 4, 8, method="greedy"))
-    repaired = objective(s, transposable_mask(s, 4, 8, method="greedy", repair=True))
-    assert plain < opt  # Gaussian 4:8: greedy is not optimal on 64 tiles
-    assert (repaired - plain) >= 0.5 * (opt - plain)
-    assert repaired >= 0.99 * opt
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (8, 16)])
+def test_greedy_repair_is_near_optimal(n, m):
+    # Gaussian |w| (6, 16 and 2 tiles): repair measured 0.9995-1.0 over seeds 0-5 here,
+    # 0.9997-0.9999 on 8192 x 8192 (benchmarks/results/masks.md).
+    s = draw("gauss", SHAPES[(n, m)], 1)
+    opt = objective(s, transposable_mask_lp(s, n, m))
+    plain = objective(s, transposable_mask(s, n, m, method="greedy"))
+    repaired = objective(s, transposable_mask(s, n, m, method="greedy", repair=True))
+    assert plain < 0.995 * opt  # Gaussian: the greedy is far from optimal
+    assert repaired >= 0.999 * opt
 
 
-def test_greedy_repair_without_swaps_is_exactly_n():
-    s = draw("ties", SHAPES[(4, 8)], 11)
-    mask = transposable_mask(s, 4, 8, method="greedy", repair=True, swap_rounds=0)
-    assert bool(is_transposable(mask, 4, 8, exact=True))
+def test_compacted_loop_gathers_the_stragglers():
+    # Tile t needs t % 11 rounds; batches shrink 2x per level, the last runs to the end.
+    need = jnp.arange(64) % 11
+
+    def step(state):
+        need, done = state
+        return need, done + (done < need)
+
+    run = jax.jit(lambda state: _tiles.compacted_loop(
+        step, state, lambda st: st[1] < st[0], max_steps=11, shrink=2, levels=3, min_batch=1))
+    out = run((need, jnp.zeros(64, jnp.int32)))
+    np.testing.assert_array_equal(out[0], need)  # every tile back in its place
+    np.testing.assert_array_equal(out[1], need)  # each tile finished, in whichever batch
 
 
 # ----------------------------------------------------------------------------- axes, jit
 
 
-def test_auto_picks_exact_methods():
-    s = draw("gauss", (16, 16), 1)
-    np.testing.assert_array_equal(transposable_mask(s, 2, 4),
-                                  transposable_mask(s, 2, 4, method="exact24"))
-    np.testing.assert_array_equal(transposable_mask(s, 4, 8),
-                                  transposable_mask(s, 4, 8, method="exact"))
+def test_auto_picks_by_guarantee():
+    s24, s48 = draw("gauss", SHAPES[(2, 4)], 1), draw("gauss", SHAPES[(4, 8)], 1)
+    same = np.testing.assert_array_equal
+    same(transposable_mask(s24, 2, 4), transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8), transposable_mask(s48, 4, 8, method="exact"))
+    same(transposable_mask(s24, 2, 4, guarantee="exactly_n"),
+         transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8, guarantee="exactly_n"),
+         transposable_mask(s48, 4, 8, method="greedy", repair=True))
+    same(transposable_mask(s24, 2, 4, guarantee="at_most_n"),
+         transposable_mask(s24, 2, 4, method="exact24"))
+    same(transposable_mask(s48, 4, 8, guarantee="at_most_n"),
+         transposable_mask(s48, 4, 8, method="greedy"))
+    assert np.asarray(transposable_mask(s48, 8, 8)).all()  # n == m keeps everything
 
 
 @pytest.mark.parametrize("method", ["exact24", "exact", "greedy"])
@@ -307,10 +320,16 @@ def test_bad_inputs():
         transposable_mask(s, 2, 4, method="hungarian")
     with pytest.raises(ValueError, match=r"repair=True applies to method='greedy' only"):
         transposable_mask(s, 2, 4, method="exact", repair=True)
-    with pytest.raises(ValueError, match=r"swap_rounds must be an int >= 0"):
-        transposable_mask(s, 2, 4, method="greedy", repair=True, swap_rounds=-1)
     with pytest.raises(ValueError, match=r"eps_rel must be a float"):
         transposable_mask(s, 2, 4, method="exact", eps_rel=2.0)
+    with pytest.raises(ValueError, match=r"eps_rel applies to method='exact' only"):
+        transposable_mask(s, 2, 4, method="greedy", eps_rel=1e-3)
+    with pytest.raises(ValueError, match=r"guarantee must be one of"):
+        transposable_mask(s, 2, 4, guarantee="best")
+    with pytest.raises(ValueError, match=r"guarantee applies to method='auto' only"):
+        transposable_mask(s, 2, 4, method="greedy", guarantee="at_most_n")
+    with pytest.raises(ValueError, match=r"guarantee='exactly_n' has no solver for m=32"):
+        transposable_mask(np.ones((32, 32)), 4, 32, guarantee="exactly_n")
     with pytest.raises(ValueError, match=r"rank >= 2"):
         transposable_mask(np.ones(8), 2, 4)
     with pytest.raises(ValueError, match=r"axes must name two different axes"):
@@ -386,3 +405,71 @@ def test_build_masks_lp_matches_and_reports_progress():
     assert "leaf 2/2" in text and "2 leaves solved" in text
     with pytest.raises(ValueError, match=r"needs a MaskRule with a Transposable pattern"):
         build_masks_lp(params, MaskRule("2:4"))
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-9, 1e-7, 1e7, 1e12])
+def test_lp_does_not_depend_on_the_scale_of_the_scores(scale):
+    # HiGHS's tolerances are absolute: unnormalised, |w| * 1e-9 kept 0.72 of the optimum.
+    s = draw("gauss", SHAPES[(4, 8)], 21)
+    ref = objective(s, transposable_mask_lp(s, 4, 8))
+    for dtype in (np.float32, np.float64):
+        mask = transposable_mask_lp((s.astype(np.float64) * scale).astype(dtype), 4, 8)
+        assert bool(is_transposable(mask, 4, 8, exact=True))
+        assert objective(s, mask) == pytest.approx(ref, rel=1e-6)
+
+
+def test_lp_keeps_float64_scores_beyond_float32_range():
+    s = draw("gauss", SHAPES[(2, 4)], 22).astype(np.float64)
+    mask = transposable_mask_lp(s * 1e300, 2, 4)
+    assert_close_objective(objective(s, mask), objective(s, transposable_mask_lp(s, 2, 4)), s)
+
+
+def test_lp_failure_names_the_cause(monkeypatch):
+    import scipy.optimize
+
+    class Failed:
+        status, message, x = 4, "Numerical difficulties", None
+
+    monkeypatch.setattr(scipy.optimize, "linprog", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match=r"HiGHS failed on a batch of 1 tiles whose "
+                                           r"normalised scores span .*Numerical difficulties"):
+        transposable_mask_lp(np.ones((4, 4)), 2, 4)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_scores_near_float32_max_and_nan(n, m):
+    # Sums of scores near 3e38 overflow float32: masks were not transposable ("exact") or
+    # not optimal, keeping the NaN ("exact24"). Each tile is now scaled by a power of two.
+    rng = np.random.default_rng(23)
+    base = (0.5 + 0.5 * rng.random(SHAPES[(n, m)])).astype(np.float32)
+    s = base * np.float32(3e38)
+    s[1, 2] = np.nan
+    ref = np.where(np.isnan(s), 0, base)  # the same ranking, finite: NaN ranks lowest
+    opt = objective(ref, transposable_mask_lp(ref, n, m))
+    methods = ("exact24", "exact", "greedy") if (n, m) == (2, 4) else ("exact", "greedy")
+    for method in methods:
+        mask = np.asarray(transposable_mask(s, n, m, method=method))
+        exact = method != "greedy"
+        assert bool(is_transposable(mask, n, m, exact=exact)), method
+        assert not mask[1, 2], method
+        if exact:
+            assert_close_objective(objective(ref, mask), opt, ref)
+    np.testing.assert_array_equal(transposable_mask(s, n, m, method="greedy"),
+                                  transposable_mask(ref, n, m, method="greedy"))
+    lp = transposable_mask_lp(s, n, m)
+    assert_close_objective(objective(ref, lp), opt, ref)
+
+
+def test_tiny_and_huge_tiles_side_by_side():
+    # One array, tiles of very different magnitudes (powers of two: the same ranking and
+    # sums, exactly): each tile is solved on its own scale, subnormals included.
+    s = draw("gauss", SHAPES[(4, 8)], 24)
+    scaled = s.copy()
+    scaled[:8] *= np.float32(2.0**-120)
+    scaled[8:16] *= np.float32(2.0**120)
+    for method in ("exact", "greedy"):
+        np.testing.assert_array_equal(transposable_mask(scaled, 4, 8, method=method),
+                                      transposable_mask(s, 4, 8, method=method))

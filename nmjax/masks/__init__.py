@@ -8,6 +8,7 @@ returns one type, :class:`Masks` ``(fwd, bwd, perm)``. Importing this package im
 
 from nmjax.masks._bimask import bimask
 from nmjax.masks._diversity import log10_mask_diversity, transposable_count
+from nmjax.masks._lp import transposable_mask_lp
 from nmjax.masks._nm import is_nm, is_permutation, is_transposable, nm_mask
 from nmjax.masks._permutation import (
     invert_permutation,
@@ -18,8 +19,8 @@ from nmjax.masks._permutation import (
     unpermute_out,
 )
 from nmjax.masks._spec import NM, BiMask, Custom, Pattern, Transposable, as_pattern
+from nmjax.masks._transposable import transposable_mask
 from nmjax.masks._types import Masks
-from nmjax.masks.transposable import transposable_mask, transposable_mask_lp
 
 __all__ = [
     "NM",

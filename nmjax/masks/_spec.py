@@ -29,9 +29,9 @@ from nmjax.masks._bimask import bimask
 from nmjax.masks._nm import is_nm, is_permutation, nm_mask
 from nmjax.masks._permutation import METHODS as SEARCH_METHODS
 from nmjax.masks._permutation import SCORES, search_permutation
+from nmjax.masks._transposable import GUARANTEES, transposable_mask
+from nmjax.masks._transposable import METHODS as TRANSPOSABLE_METHODS
 from nmjax.masks._types import Masks
-from nmjax.masks.transposable import METHODS as TRANSPOSABLE_METHODS
-from nmjax.masks.transposable import transposable_mask
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 
@@ -186,8 +186,9 @@ class Transposable(_NMPattern):
 
     Attributes:
       n, m: the pattern, ``1 <= n <= m``.
-      method, repair, swap_rounds, eps_rel: the solver and its options
-        (:func:`nmjax.masks.transposable_mask`; ``"auto"`` is exact).
+      method, repair, guarantee, eps_rel: the solver and its options
+        (:func:`nmjax.masks.transposable_mask`; ``"auto"`` with ``guarantee="optimal"`` is
+        exact, ``"exactly_n"`` the repaired greedy, ``"at_most_n"`` the greedy).
       score_fn: scores from weights (default ``jnp.abs``).
     """
 
@@ -195,7 +196,7 @@ class Transposable(_NMPattern):
     m: int = 4
     method: str = "auto"
     repair: bool = False
-    swap_rounds: int = 64
+    guarantee: str = "optimal"
     eps_rel: float | None = None
     score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
     kind: ClassVar[str] = "transposable"
@@ -211,7 +212,7 @@ class Transposable(_NMPattern):
         if self.repair and self.method != "greedy":
             raise ValueError(f"repair=True applies to method='greedy' only, got "
                              f"method={self.method!r}")
-        _checks.check_count(self.swap_rounds, "swap_rounds", 0)
+        _checks.check_choice(self.guarantee, "guarantee", GUARANTEES)
         if self.eps_rel is not None and not (isinstance(self.eps_rel, float)
                                              and 0 <= self.eps_rel < 1):
             raise ValueError(f"eps_rel must be a float in [0, 1) or None, got {self.eps_rel!r}")
@@ -231,7 +232,7 @@ class Transposable(_NMPattern):
         w, axis = self._check_call(w, axis)
         mask = transposable_mask(
             self.score_fn(w), self.n, self.m, method=self.method, axes=(axis, w.ndim - 1),
-            repair=self.repair, swap_rounds=self.swap_rounds, eps_rel=self.eps_rel)
+            repair=self.repair, guarantee=self.guarantee, eps_rel=self.eps_rel)
         mask = jnp.asarray(mask)
         return Masks(mask, mask, None)
 
