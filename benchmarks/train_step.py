@@ -4,11 +4,17 @@ The block: Linen LayerNorm -> Dense 768->3072 -> gelu -> Dense 3072->768, 256 to
 SR-STE decay 2e-4. Dense is plain optax; "dynamic" runs the layers' own mask computation at
 every call (masks from the current weights, decay in the layer); "wrapper, refresh k" runs
 static layers reading masks from :func:`nmjax.optim.sparse`, which refreshes them every k
-steps (k = 1 is the dynamic semantics computed once per step). Medians of same-process
-timings, compile excluded, ratios to dense measured in the same run.
+steps (k = 1 is the dynamic semantics computed once per step).
+
+A shared machine's speed drifts by 20-30% over minutes, so the variants are timed in turns:
+every variant is compiled first, then each round runs a few steps of every variant (in a
+rotating order) and each variant's per-round median is divided by dense's median of the same
+round. The table gives the median of those ratios over the rounds. Steps are classified by
+what they do (plain, mask refresh, Bi-Mask permutation search, known from the step count);
+the amortised cost weighs each class's median by how often the schedule runs it.
 
   .venv/bin/python benchmarks/train_step.py            # writes results/train.md
-  .venv/bin/python benchmarks/train_step.py --quick    # fewer steps, prints only
+  .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds, prints only
 """
 
 from __future__ import annotations
@@ -91,70 +97,132 @@ def wrapper_step(pattern, every):
     return tx, step, every
 
 
-def time_variant(make, steps, x, params):
-    tx, step, every = make()
-    opt_state = tx.init(params)
-    step = jax.jit(step, donate_argnums=(0, 1))
-    params = jax.tree.map(jnp.copy, params)
-    t0 = time.perf_counter()
-    params, opt_state = jax.block_until_ready(step(params, opt_state, x))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
+class Variant:
+    """One compiled training step, its live state, and its per-step times by kind."""
+
+    def __init__(self, label, make, x, params):
+        tx, step, self.every = make()
+        self.label, self.x = label, x
+        self.search_every = (max(self.every, 100) if self.every is not None and "Bi-Mask"
+                             in label else None)
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.state = (jax.tree.map(jnp.copy, params), tx.init(params))
+        self.count = 0
         t0 = time.perf_counter()
-        params, opt_state = jax.block_until_ready(step(params, opt_state, x))
-        times.append(time.perf_counter() - t0)
-    # Per-step cost including refreshes: the mean over a whole number of refresh periods.
-    return compile_s, statistics.median(times), statistics.fmean(times)
+        self.run_one()
+        self.compile_s = time.perf_counter() - t0
+        self.times: dict[str, list[float]] = {"plain": [], "refresh": [], "search": []}
+        self.rounds: list[float] = []   # per-round medians of the plain steps
+
+    def kind(self, count: int) -> str:
+        """What the optimizer does at the step that starts at ``count``."""
+        nxt = count + 1
+        if self.search_every and nxt % self.search_every == 0:
+            return "search"
+        if self.every and self.every > 1 and nxt % self.every == 0:
+            return "refresh"
+        return "plain"
+
+    def run_one(self) -> float:
+        t0 = time.perf_counter()
+        self.state = jax.block_until_ready(self.step(*self.state, self.x))
+        self.count += 1
+        return time.perf_counter() - t0
+
+    def run_round(self, steps: int) -> None:
+        plain = []
+        for _ in range(steps):
+            kind = self.kind(self.count)
+            t = self.run_one()
+            self.times[kind].append(t)
+            if kind == "plain":
+                plain.append(t)
+        self.rounds.append(statistics.median(plain) if plain else float("nan"))
+
+    def amortised(self) -> float:
+        """Mean step cost over the schedule: each kind's median, weighted by its frequency."""
+        med = {k: statistics.median(v) for k, v in self.times.items() if v}
+        if self.every is None or self.every == 1:
+            return med["plain"]
+        f_search = 1 / self.search_every if self.search_every else 0.0
+        f_refresh = 1 / self.every - f_search
+        total = (1 - f_refresh - f_search) * med["plain"]
+        total += f_refresh * med.get("refresh", med["plain"])
+        total += f_search * med.get("search", med.get("refresh", med["plain"]))
+        return total
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps; print only")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds; print only")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     args = ap.parse_args()
-    steps = args.steps or (20 if args.quick else 200)
+    rounds = args.rounds or (3 if args.quick else 20)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((TOKENS, D)), jnp.float32)
     params = Block().init(jax.random.key(0), x)["params"]
     patterns = [("2:4 nm", "2:4"), ("2:4 transposable (exact24)", Transposable(2, 4)),
                 ("2:4 Bi-Mask (swap search)", BiMask(2, 4))]
-    variants = [("dense (optax.adam)", dense_step)]
+    makers = [("dense (optax.adam)", dense_step)]
     for label, pattern in patterns:
-        variants.append((f"{label}, dynamic layers", lambda p=pattern: dynamic_step(p)))
+        makers.append((f"{label}, dynamic layers", lambda p=pattern: dynamic_step(p)))
         for every in (1, 10, 100):
-            variants.append((f"{label}, wrapper, refresh {every}",
-                             lambda p=pattern, k=every: wrapper_step(p, k)))
-    rows, base = [], None
-    load0 = os.getloadavg()[0]
-    for label, make in variants:
-        c, med, mean = time_variant(make, steps, x, params)
-        base = base or med
-        rows.append((label, c, med, mean))
-        print(f"{label:58s} compile {c:6.2f}s  median {med * 1e3:7.2f} ms  mean "
-              f"{mean * 1e3:7.2f} ms  {med / base:5.2f}x / {mean / base:5.2f}x dense", flush=True)
-    load1 = os.getloadavg()[0]
+            makers.append((f"{label}, wrapper, refresh {every}",
+                           lambda p=pattern, k=every: wrapper_step(p, k)))
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    variants = []
+    for label, make in makers:
+        variants.append(Variant(label, make, x, params))
+        print(f"compiled {label} ({variants[-1].compile_s:.1f} s)", flush=True)
+    for r in range(rounds):
+        shift = r % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            v.run_round(args.steps)
+        print(f"round {r + 1}/{rounds}: dense {variants[0].rounds[-1] * 1e3:.1f} ms", flush=True)
+    load1 = os.getloadavg()
+    dense = variants[0]
+    rows = []
+    for v in variants:
+        ratios = [a / b for a, b in zip(v.rounds, dense.rounds, strict=True)]
+        med = {k: statistics.median(t) * 1e3 for k, t in v.times.items() if t}
+        amort = v.amortised() / statistics.median(dense.times["plain"])
+        rows.append((v.label, v.compile_s, med, statistics.median(ratios), min(ratios),
+                     max(ratios), amort))
+        print(f"{v.label:58s} plain {med['plain']:7.2f} ms  {statistics.median(ratios):5.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]  amortised {amort:5.2f}x  " + "  ".join(
+                  f"{k} {t:.1f} ms" for k, t in med.items() if k != "plain"), flush=True)
     if args.quick:
         return
+    total = time.perf_counter() - t_start
     lines = [
         "# Training-step cost of sparse training (reference path, CPU)",
         "",
-        f"Command: `.venv/bin/python benchmarks/train_step.py` — {datetime.date.today()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}, load average {load0:.2f} → {load1:.2f}.",
+        f"Command: `.venv/bin/python benchmarks/train_step.py` — "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
+        f"jax {jax.__version__}, load average {' '.join(f'{v:.2f}' for v in load0)} → "
+        f"{' '.join(f'{v:.2f}' for v in load1)}; {total:.0f} s.",
         "",
         f"Block: LayerNorm → Dense {D}→{H} → gelu → Dense {H}→{D}, {TOKENS} tokens, Adam, "
-        f"SR-STE λ = {DECAY}; {steps} timed steps per variant after a compile step. "
-        "*median*: the typical step; *mean*: including the steps that refresh masks (or "
-        "search Bi-Mask permutations, every 100 steps), i.e. the amortised cost. "
-        "Ratios are to the dense step's median in the same run. CPU figures, not GPU figures.",
+        f"SR-STE λ = {DECAY}, parameters and optimizer state donated. {rounds} rounds × "
+        f"{args.steps} steps of every variant, in turns (see the script's docstring). "
+        "*plain / dense*: median over rounds of (the variant's median plain step ÷ dense's "
+        "median in the same round), with the range over rounds; *refresh*, *search*: median "
+        "times of the steps that recompute masks / search Bi-Mask permutations (every 100 "
+        "steps); *amortised / dense*: each kind's median weighted by how often it runs, over "
+        "dense's median. CPU figures, not GPU figures.",
         "",
-        "| variant | compile (s) | median (ms) | mean (ms) | median / dense | mean / dense |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | compile (s) | plain (ms) | plain / dense | range | refresh (ms) | "
+        "search (ms) | amortised / dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, c, med, mean in rows:
-        lines.append(f"| {label} | {c:.1f} | {med * 1e3:.1f} | {mean * 1e3:.1f} | "
-                     f"{med / base:.2f}× | {mean / base:.2f}× |")
+    for label, c, med, ratio, lo, hi, amort in rows:
+        cells = [label, f"{c:.1f}", f"{med['plain']:.1f}", f"{ratio:.2f}×", f"{lo:.2f}–{hi:.2f}",
+                 *(f"{med[k]:.1f}" if k in med else "–" for k in ("refresh", "search")),
+                 f"{amort:.2f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
     out = ROOT / "benchmarks" / "results" / "train.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -533,14 +533,7 @@ def sparse(
         do_refresh = ((nxt % refresh_every) == 0) | (stage_next != stage_now) | do_search
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
 
-        def refresh(operands, masks, sub, do_search):
-            # The branch recomputes the (cheap, pure) update from the step's inputs rather
-            # than take the updates as an operand: an operand would have to be written out
-            # on every step, where otherwise XLA fuses the update into the parameter update.
-            grads, inner_state, params, extra_args = operands
-            new_updates, _ = step(grads, inner_state, params, masks, extra_args)
-            new_params = optax.apply_updates(params, new_updates)
-
+        def refresh(new_params, masks, sub, do_search):
             def for_stage(stage):
                 def run(new_params, masks, sub, do_search):
                     perms = jax.lax.cond(do_search,
@@ -554,9 +547,14 @@ def sparse(
                 return branches[0](new_params, masks, sub, do_search)
             return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
 
-        masks = jax.lax.cond(do_refresh, refresh, lambda o, m, s, d: m,
-                             (grads, state.inner_state, params, extra_args), state.masks, sub,
-                             do_search)
+        # The refresh reads the updated parameters, computed here exactly as the caller's
+        # ``optax.apply_updates`` computes them, so XLA merges the two and the operand is the
+        # step's own output buffer. (Passing the step's inputs instead made XLA copy the
+        # donated parameters and the inner state every step, refresh or not, to keep their
+        # old values alive for the branch: 8 copies of each kernel's size with Adam.)
+        new_params = optax.apply_updates(params, updates)
+        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m, new_params,
+                             state.masks, sub, do_search)
         searched = do_search & jnp.asarray(has_bimask)
         new_state = SparseState(
             nxt, masks, inner_state, jax.random.key_data(key),
