@@ -9,6 +9,7 @@ progress bar, evaluation on the validation split, an orbax checkpoint (``--ckpt-
   python examples/train.py                              # 2:4 transposable
   python examples/train.py --pattern "2:4 bimask" --steps 3000
   python examples/train.py --pattern dense              # the same model, dense
+  python examples/train.py --pattern "2:4 unstructured" # top-k magnitude at 2:4 density
   python examples/train.py --fast                       # a smoke run (the tests use it)
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,7 +55,7 @@ class CNN(nn.Module):
 
 @dataclasses.dataclass
 class Config:
-    pattern: str = "2:4 transposable"   # an N:M shorthand ("4:8", "2:4 bimask"), or "dense"
+    pattern: str = "2:4 transposable"   # "4:8", "2:4 bimask", "2:4 unstructured", "dense"
     steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
@@ -67,9 +70,37 @@ class Config:
     train_limit: int | None = None      # use only the first N training images (fast runs)
 
 
+def _top_k_mask(w: jax.Array, axis: int, n: int, m: int) -> jax.Array:
+    """The ``size * n / m`` largest ``|w|`` of the whole kernel (ties: lower flat index)."""
+    del axis  # unstructured: no grouping axis
+    scores = jnp.abs(w).ravel()
+    keep = scores.size * n // m
+    order = jnp.argsort(-scores, stable=True)[:keep]
+    return jnp.zeros(scores.shape, bool).at[order].set(True).reshape(w.shape)
+
+
+def unstructured(n: int, m: int) -> nmjax.masks.Custom:
+    """Unstructured magnitude pruning at the density of N:M (``n / m`` of each kernel kept,
+    anywhere in it): the baseline of the mask-diversity comparison. It guarantees no N:M
+    structure (``fwd_nm=None``), so only the reference backend runs its products."""
+    n, m = int(n), int(m)
+    if not 1 <= n <= m:
+        raise ValueError(f"unstructured(n, m) needs 1 <= n <= m, got {n}:{m}")
+    return nmjax.masks.Custom(functools.partial(_top_k_mask, n=n, m=m))
+
+
 def rule_for(pattern: str) -> MaskRule | None:
+    """The rule a pattern string trains with: ``"dense"`` (no rule), an N:M shorthand
+    (``"2:4"``, ``"4:8 transposable"``, ``"2:4 bimask"``) or ``"N:M unstructured"``. The
+    head and kernels whose contraction axis ``m`` does not divide stay dense; an
+    unstructured rule selects the same kernels as the N:M ones."""
     if pattern == "dense":
         return None
+    match = re.fullmatch(r"\s*(\d+):(\d+)\s+unstructured\s*", pattern)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        return MaskRule(unstructured(n, m), exclude="head",
+                        predicate=lambda path, leaf: leaf.shape[leaf.ndim - 2] % m == 0)
     return MaskRule(as_pattern(pattern), exclude="head", skip_indivisible=True)
 
 

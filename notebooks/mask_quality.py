@@ -1,18 +1,38 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Mask quality: how much magnitude each N:M structure keeps
 #
-# A notebook in jupytext "percent" form: run it as a script (`python notebooks/mask_quality.py`)
-# or open it as a notebook with jupytext. On one Gaussian `(in, out)` weight it compares
-# the retained `Σ|w|` of N:M, transposable N:M (each method) and Bi-Mask, against the exact
-# transposable optimum from the LP, and prints each structure's mask diversity.
+# A notebook in jupytext "percent" form, paired with `mask_quality.ipynb`: run it as a script
+# (`python notebooks/mask_quality.py`) or open either file in Jupyter. On one Gaussian
+# `(in, out)` weight it compares the retained `Σ|w|` of N:M, transposable N:M (each method)
+# and Bi-Mask, against the exact transposable optimum from the LP, and prints each
+# structure's mask diversity.
 
 # %%
-import jax
-import jax.numpy as jnp
-import numpy as np
+import sys
+from pathlib import Path
 
-import nmjax
-from nmjax.masks import (
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "nmjax").is_dir())
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import nmjax  # noqa: E402
+from nmjax.masks import (  # noqa: E402
     bimask,
     log10_mask_diversity,
     nm_mask,

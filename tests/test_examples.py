@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,3 +42,30 @@ def test_demo_fast_compares_four_models_and_saves_the_plot(tmp_path):
         assert label in out
     assert "masks valid" in out  # and the exit code says every sparse model's masks were valid
     assert png.stat().st_size > 10_000
+
+
+def test_lm_example_fast_trains_a_sparse_transformer(tmp_path):
+    metrics = tmp_path / "lm.json"
+    out = _run("examples/lm.py", "--fast", "--pattern", "4:8 transposable", "--json",
+               str(metrics))
+    result = json.loads(metrics.read_text())
+    assert result["masks_valid"] is True and result["steps"] == 20
+    assert 0 < result["val_loss"] < 8
+    assert abs(result["val_bpb"] * math.log(2) - result["val_loss"]) < 1e-6
+    assert "block_0/mlp_in/kernel" in out and "4:8 transposable" in out
+
+
+def test_train_example_unstructured_pattern_keeps_the_density():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import jax
+    import jax.numpy as jnp
+    from train import rule_for
+
+    rule = rule_for("2:8 unstructured")
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    masks = rule.pattern(w)
+    assert int(masks.fwd.sum()) == 64 * 32 // 4
+    kept = jnp.abs(w)[masks.fwd]
+    assert float(kept.min()) >= float(jnp.abs(w)[~masks.fwd].max())
+    assert rule.select("Conv_0/kernel", jnp.zeros((3, 3, 1, 8))) is None   # I = 1: dense
+    assert rule.select("Conv_1/kernel", jnp.zeros((3, 3, 8, 16))) == 2
