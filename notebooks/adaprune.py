@@ -145,7 +145,7 @@ plt.show()
 # %%
 fig, axes = plt.subplots(1, len(PATTERNS), figsize=(3.2 * len(PATTERNS), 3.2), sharey=True,
                          squeeze=False)
-for ax, pattern in zip(axes[0], PATTERNS):
+for ax, pattern in zip(axes[0], PATTERNS, strict=True):
     layers = conversions[pattern].layers
     names = [r.path.split("/")[0] for r in layers]
     pos = np.arange(len(layers))
