@@ -16,9 +16,7 @@ permutation search). Reports the validation and test loss in nats and bits per b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -31,7 +29,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from train import parse_config, progress_bar, sparse_training, write_metrics  # noqa: E402
 
 import nmjax  # noqa: E402
 from nmjax.masks import as_pattern  # noqa: E402
@@ -133,20 +133,6 @@ def _evaluate(predict, params, masks, stream, context, count, batch=64) -> float
     return total / len(starts)
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                    disable=not enabled, transient=False)
-
-
 def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
     """Trains one language model; returns its curves, final losses and timings."""
     data = data or nmjax.datasets.text()
@@ -157,14 +143,7 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
                                                   cfg.lr / 10)
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    if rule is None:
-        tx, net = inner, model
-    else:
-        kwargs = dict(refresh_every=cfg.refresh_every, decay=cfg.decay, seed=cfg.seed)
-        if isinstance(rule.pattern, nmjax.masks.BiMask):
-            kwargs["perm_every"] = cfg.perm_every
-        tx = nmjax.optim.sparse(inner, rule, **kwargs)
-        net = nmjax.nn.sparsify(model, rule, mode="static")
+    tx, net = sparse_training(model, rule, inner, cfg)
     opt_state = tx.init(params)
 
     def masks_now(opt_state):
@@ -186,7 +165,7 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
     train_stream = data.train if cfg.train_limit is None else data.train[:cfg.train_limit]
     rng = np.random.default_rng(cfg.seed + 1)
     curve, evals, step_times, t_compile = [], [], [], None
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"{cfg.pattern:>18s}", total=cfg.steps, status="")
         for t in range(cfg.steps):
             starts = rng.integers(0, len(train_stream) - cfg.context - 1, cfg.batch)
@@ -231,21 +210,11 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(LMConfig):
-        kind = type(f.default) if f.default is not None else int
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    ap.add_argument("--fast", action="store_true",
-                    help="a smoke run: 20 steps of a one-block model on 200 kB")
-    ap.add_argument("--json", help="write the metrics to this file")
-    argv = sys.argv[1:] if argv is None else argv
-    if "--fast" in argv:
-        ap.set_defaults(steps=20, eval_every=10, d_model=32, layers=1, context=32, batch=8,
-                        eval_windows=32, warmup=5, train_limit=200_000)
-    args = vars(ap.parse_args(argv))
-    args.pop("fast")
-    out = args.pop("json")
-    cfg = LMConfig(**args)
+    cfg, out = parse_config(
+        LMConfig, argv, description=__doc__.splitlines()[0],
+        fast_help="a smoke run: 20 steps of a one-block model on 200 kB",
+        fast=dict(steps=20, eval_every=10, d_model=32, layers=1, context=32, batch=8,
+                  eval_windows=32, warmup=5, train_limit=200_000))
     result = train(cfg)
     print(f"\n{result['dataset']}: {cfg.pattern}, {cfg.steps} steps: validation loss "
           f"{result['val_loss']:.4f} nats ({result['val_bpb']:.3f} bits/byte), test "
@@ -254,9 +223,7 @@ def main(argv=None):
         print(f"masks valid: {result['masks_valid']}; refreshes {result['refreshes']}, "
               f"permutation searches {result['searches']}\n")
         print(result["summary"])
-    if out:
-        keep = {k: v for k, v in result.items() if k != "params"}
-        Path(out).write_text(json.dumps(keep, indent=1, default=float))
+    write_metrics(result, out)
     return result
 
 

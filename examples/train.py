@@ -125,7 +125,8 @@ def _evaluate(predict, params, masks, split, batch=1000):
     return sum(losses) / len(split.y), correct / len(split.y)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The rich progress bar the examples train under (``status`` field for live metrics)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -139,6 +140,20 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
+def sparse_training(model, rule: MaskRule | None, inner, cfg):
+    """``(tx, net)``: ``inner`` and ``model`` for a dense run (``rule`` None); else
+    :func:`nmjax.optim.sparse` around ``inner`` (``cfg.refresh_every``, ``cfg.decay``,
+    ``cfg.seed``, and ``cfg.perm_every`` for Bi-Mask) and the static-mode sparse model that
+    reads its masks."""
+    if rule is None:
+        return inner, model
+    kwargs = dict(refresh_every=cfg.refresh_every, decay=cfg.decay, seed=cfg.seed)
+    if isinstance(rule.pattern, nmjax.masks.BiMask):
+        kwargs["perm_every"] = cfg.perm_every
+    return (nmjax.optim.sparse(inner, rule, **kwargs),
+            nmjax.nn.sparsify(model, rule, mode="static"))
+
+
 def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Trains one model; returns the curves, the final metrics and the timings."""
     data = data or nmjax.datasets.vision()
@@ -146,14 +161,7 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
     rule = rule_for(cfg.pattern)
     x0 = jnp.asarray(data.train.x[:1])
     params = model.init(jax.random.key(cfg.seed), x0)["params"]
-    if rule is None:
-        tx, net = optax.adam(cfg.lr), model
-    else:
-        kwargs = dict(refresh_every=cfg.refresh_every, decay=cfg.decay, seed=cfg.seed)
-        if isinstance(rule.pattern, nmjax.masks.BiMask):
-            kwargs["perm_every"] = cfg.perm_every
-        tx = nmjax.optim.sparse(optax.adam(cfg.lr), rule, **kwargs)
-        net = nmjax.nn.sparsify(model, rule, mode="static")
+    tx, net = sparse_training(model, rule, optax.adam(cfg.lr), cfg)
     opt_state = tx.init(params)
     start = 0
     checkpointer = None
@@ -196,7 +204,7 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
     for _ in range(start):  # the same batches after a resume as without one
         next(batches)
     t_compile = None
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"{cfg.pattern:>18s}", total=cfg.steps, completed=start,
                             status="")
         for t in range(start, cfg.steps):
@@ -245,25 +253,48 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
     return result
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        kind = type(f.default) if f.default is not None else str
+def _field_type(field: dataclasses.Field) -> type:
+    """The command-line type of a config field from its annotation (``int | None`` -> int)."""
+    text = field.type if isinstance(field.type, str) else str(field.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if re.search(rf"\b{name}\b", text):
+            return kind
+    return str
+
+
+def parse_config(config_cls, argv, *, description: str, fast_help: str, fast: dict):
+    """``(config, json_path)`` from the command line: one ``--flag`` per field of the
+    dataclass ``config_cls``, ``--fast`` (which sets the ``fast`` defaults) and ``--json``."""
+    ap = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config_cls):
+        flag, kind = f"--{f.name.replace('_', '-')}", _field_type(f)
         if kind is bool:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+            ap.add_argument(flag, action="store_true", default=f.default)
         else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not type(None)
-                            else str, default=f.default)
-    ap.add_argument("--fast", action="store_true",
-                    help="a smoke run: defaults of 30 steps on 2,000 images, a narrow model")
+            ap.add_argument(flag, type=kind, default=f.default)
+    ap.add_argument("--fast", action="store_true", help=fast_help)
     ap.add_argument("--json", help="write the metrics to this file")
     argv = sys.argv[1:] if argv is None else argv
     if "--fast" in argv:
-        ap.set_defaults(steps=30, eval_every=15, width=8, train_limit=2000, batch=32)
+        ap.set_defaults(**fast)
     args = vars(ap.parse_args(argv))
     args.pop("fast")
     out = args.pop("json")
-    cfg = Config(**args)
+    return config_cls(**args), out
+
+
+def write_metrics(result: dict, path: str | None) -> None:
+    """The run's metrics (everything but the parameters) as JSON, when ``path`` is given."""
+    if path:
+        keep = {k: v for k, v in result.items() if k != "params"}
+        Path(path).write_text(json.dumps(keep, indent=1, default=float))
+
+
+def main(argv=None):
+    cfg, out = parse_config(
+        Config, argv, description=__doc__.splitlines()[0],
+        fast_help="a smoke run: defaults of 30 steps on 2,000 images, a narrow model",
+        fast=dict(steps=30, eval_every=15, width=8, train_limit=2000, batch=32))
     result = train(cfg)
     print(f"\n{result['dataset']}: {cfg.pattern}, {cfg.steps} steps: test accuracy "
           f"{result['test_acc']:.4f}, final train loss {result['final_loss']:.4f}, "
@@ -273,9 +304,7 @@ def main(argv=None):
               f"permutation searches {result['searches']}; products on "
               f"{'/'.join(result['backends'])}\n")
         print(result["summary"])
-    if out:
-        keep = {k: v for k, v in result.items() if k not in ("params",)}
-        Path(out).write_text(json.dumps(keep, indent=1, default=float))
+    write_metrics(result, out)
     return result
 
 
