@@ -25,7 +25,6 @@ from nmjax.masks._permutation import (
     _forward,
     permute_out,
     search_permutation,
-    unpermute_out,
 )
 from nmjax.masks._types import Masks
 
@@ -38,7 +37,12 @@ def _backward(w: jax.Array, fwd: jax.Array, perm: jax.Array, n: int, m: int) -> 
     """
     score = jnp.where(fwd, jnp.abs(w), -1)
     sel = nm_mask(permute_out(score, perm), n, m, axis=1)
-    return unpermute_out(sel & permute_out(fwd, perm), perm)
+    kept = sel & permute_out(fwd, perm)
+    # Back to the original channel order by a scatter rather than unpermute_out's gather: XLA
+    # lays a minor-axis gather's result out column-major, which then costs two transposing
+    # copies of the mask per training step wherever the mask is stored or consumed row-major
+    # (measured on the CPU: Bi-Mask dynamic layers 2.53x -> 1.84x dense per step).
+    return jnp.zeros_like(kept).at[:, perm].set(kept, unique_indices=True)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
