@@ -13,8 +13,9 @@
 #     (same process)
 #   4 table: measured.json for the "auto" dispatch      10  measured.json, kernels.md
 #   5 nm_dense fwd+bwd vs dense; pack costs             50  results.jsonl ("layer")
-#   6 cuSPARSELt backend (placeholder)                  30
-#   7 mask solvers (placeholder)                        30
+#   6 cuSPARSELt backend: correctness, products and    60  cusparselt_table.md,
+#     nm_dense vs dense XLA and Pallas (--quick)            cusparselt_speedups.json
+#   7 transposable solvers at 8192^2 (2:4, 4:8, 8:16)   30  masks_gpu.md
 #   8 final table                                       10  kernels.md, measured.json
 #   9 pytest -m gpu, only with >= 90 s left            rest
 #
