@@ -266,11 +266,15 @@ def main():
         "steps); *amortised / dense*: each kind's median weighted by how often it runs, over "
         "dense's median. CPU figures, not GPU figures.",
         "",
-        f"## Heap-kept buffers ({context})",
+        "## Heap-kept buffers",
+        "",
+        context + ".",
         "",
         *table(rows),
         "",
-        f"## glibc's default malloc ({other_context})",
+        "## glibc's default malloc",
+        "",
+        other_context + ".",
         "",
         "Large temporaries are fresh pages on every step: every step pays page faults on "
         "each buffer XLA allocates, which the masked kernels add to.",
