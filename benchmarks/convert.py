@@ -73,6 +73,31 @@ def evaluate(model, params, x, y, batch=2000):
     return {"loss": sum(losses) / len(y), "accuracy": sum(hits) / len(y)}
 
 
+def _adam_step(model, tx, collections=lambda state: {}):
+    """One jitted step of ``tx`` on the cross-entropy of ``model`` (``collections(state)``:
+    extra variable collections, e.g. the optimizer's masks for a static sparse model)."""
+
+    @jax.jit
+    def step(params, state, xb, yb):
+        variables = collections(state)
+        grads = jax.grad(lambda p: _loss(model.apply({**variables, "params": p}, xb), yb))(
+            params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _random_batches(step, params, state, data, *, steps, batch, seed):
+    """``steps`` steps on training batches drawn with replacement; ``(params, state)``."""
+    rng = np.random.default_rng(seed)
+    x, y = data.train.x, data.train.y
+    for _ in range(steps):
+        idx = rng.integers(0, len(y), batch)
+        params, state = step(params, state, x[idx], y[idx])
+    return params, state
+
+
 def train_dense(data, *, epochs, batch=128, lr=1e-3, seed=0, limit=None):
     model = CNN()
     x, y = data.train.x, data.train.y
@@ -81,13 +106,7 @@ def train_dense(data, *, epochs, batch=128, lr=1e-3, seed=0, limit=None):
     params = model.init(jax.random.key(seed), x[:1])["params"]
     tx = optax.adam(lr)
     state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, xb, yb):
-        grads = jax.grad(lambda p: _loss(model.apply({"params": p}, xb), yb))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
+    step = _adam_step(model, tx)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(len(y))
@@ -110,40 +129,17 @@ def finetune(conv, rule, data, *, params, steps, batch=128, lr=3e-4, seed=1):
             for k in path:
                 got = got[k.key]
             assert bool(jnp.array_equal(got.fwd, masks.fwd)), path
-    model = conv.model
-
-    @jax.jit
-    def step(params, state, xb, yb):
-        variables = {"nm_masks": linen_collection(state)}
-        grads = jax.grad(lambda p: _loss(model.apply({**variables, "params": p}, xb), yb))(
-            params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    rng = np.random.default_rng(seed)
-    x, y = data.train.x, data.train.y
-    for _ in range(steps):
-        idx = rng.integers(0, len(y), batch)
-        params, state = step(params, state, x[idx], y[idx])
+    step = _adam_step(conv.model, tx, lambda state: {"nm_masks": linen_collection(state)})
+    params, state = _random_batches(step, params, state, data, steps=steps, batch=batch,
+                                    seed=seed)
     return apply_masks(params, masks_of(state))
 
 
 def finetune_dense(model, params, data, *, steps, batch=128, lr=3e-4, seed=1):
     """The same steps as :func:`finetune` on the dense model (the control)."""
     tx = optax.adam(lr)
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, xb, yb):
-        grads = jax.grad(lambda p: _loss(model.apply({"params": p}, xb), yb))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    rng = np.random.default_rng(seed)
-    x, y = data.train.x, data.train.y
-    for _ in range(steps):
-        idx = rng.integers(0, len(y), batch)
-        params, state = step(params, state, x[idx], y[idx])
+    params, _ = _random_batches(_adam_step(model, tx), params, tx.init(params), data,
+                                steps=steps, batch=batch, seed=seed)
     return params
 
 

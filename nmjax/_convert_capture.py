@@ -25,6 +25,7 @@ from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 from nmjax._convert_solve import Geometry
+from nmjax.nn.nnx import _children
 
 Record = Callable[[str, Any, jax.Array], None]
 
@@ -202,16 +203,6 @@ def _nnx_layer(path: str, node: nnx.Module) -> Layer:
     geometry = conv_geometry(shape, node.strides, node.padding, node.input_dilation,
                              node.kernel_dilation) if unsupported is None else None
     return Layer(path, "conv", geometry, unsupported)
-
-
-def _children(node: Any):
-    if isinstance(node, nnx.Module):
-        return [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
-    if isinstance(node, dict | nnx.Dict):
-        return list(node.items())
-    if isinstance(node, list | nnx.List):
-        return list(enumerate(node))
-    return []
 
 
 def nnx_layers(model: nnx.Module) -> dict[str, tuple[Layer, nnx.Module]]:
