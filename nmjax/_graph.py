@@ -248,6 +248,18 @@ def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]]:
     return sub, []
 
 
+def _scan_parts(eqn: Any) -> tuple[int, int, Any, list[Any]]:
+    """``(number of consts, number of carries, body jaxpr, body consts)`` of a scan."""
+    params = eqn.params
+    body = params["jaxpr"]
+    body, consts = (body.jaxpr, list(body.consts)) if isinstance(body, jcore.ClosedJaxpr) \
+        else (body, [])
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"], body, consts
+    c, k, _ = params["ft_in"].update(list(range(len(eqn.invars)))).unpack()
+    return len(list(c)), len(list(k)), body, consts
+
+
 def _is_var(v: Any) -> bool:
     return not isinstance(v, jcore.Literal)
 
@@ -318,11 +330,9 @@ class Analysis:
             self.other(t, name, _describe(name))
 
     def scan(self, eqn: Any, tracks: list[_Track | None]) -> None:
-        params = eqn.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
-        body = params["jaxpr"]
+        n_consts, n_carry, body, _ = _scan_parts(eqn)
         inner: dict[Any, _Track] = {}
-        for i, (v, t) in enumerate(zip(body.jaxpr.invars, tracks, strict=True)):
+        for i, (v, t) in enumerate(zip(body.invars, tracks, strict=True)):
             if t is None:
                 continue
             if i < n_consts:
@@ -332,7 +342,7 @@ class Analysis:
             else:
                 lead = [p for p in t.dims[0] if p[2] != 1]
                 inner[v] = _Track(t.leaf, t.dims[1:], t.scanned + tuple(lead))
-        self.run(body.jaxpr, inner)
+        self.run(body, inner)
 
 
 def _describe(name: str) -> str:
@@ -458,11 +468,10 @@ class Rewriter:
 
     def scan(self, eqn: Any, invals: list[Any], found: list[tuple[int, Live]]) -> list[Any]:
         params = eqn.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
-        body = params["jaxpr"]
+        n_consts, n_carry, body, body_consts = _scan_parts(eqn)
         consts, init, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
                             invals[n_consts + n_carry:])
-        const_lives = {body.jaxpr.invars[i]: live for i, live in found if i < n_consts}
+        const_lives = {body.invars[i]: live for i, live in found if i < n_consts}
         sliced = [(i, live) for i, live in found if i >= n_consts + n_carry]
         mask_xs = []
         for _, live in sliced:
@@ -478,10 +487,10 @@ class Rewriter:
             x_vals, masks = x
             inner = dict(const_lives)
             for (i, live), m in zip(sliced, masks, strict=True):
-                inner[body.jaxpr.invars[i]] = Live(
+                inner[body.invars[i]] = Live(
                     live.leaf, live.dims[1:], m[0], m[1], m[2],
                     live.perm_stack[1:] if live.perm is not None else ())
-            outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_vals], inner)
+            outs = self.run(body, body_consts, [*consts, *carry, *x_vals], inner)
             return outs[:n_carry], outs[n_carry:]
 
         carry, ys = lax.scan(step, list(init), (list(xs), mask_xs), length=params["length"],

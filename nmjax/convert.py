@@ -35,6 +35,7 @@ from nmjax import _checks
 from nmjax import _convert_solve as solve
 from nmjax._convert_capture import RUN, Layer, LinenModel, NNXModel
 from nmjax.masks import Custom, Masks, Pattern, as_pattern
+from nmjax.plan import LeafPlan, Plan, from_axis
 from nmjax.tree import MaskRule, apply_masks, path_str
 
 SOLVERS = ("auto", "lstsq", "adam")
@@ -140,6 +141,9 @@ class Conversion:
         static mode (read :attr:`collection` as ``variables["nm_masks"]``), or ``None``
         when the ``apply_fn`` given is neither a module nor a module's ``apply``.
       held_out: whether the layer errors are on a held-out batch.
+      plan: the :class:`~nmjax.plan.Plan` of the converted layers: pass it to
+        :func:`nmjax.optim.sparse` to fine-tune (``init_masks=masks`` starts from exactly
+        these masks).
     """
 
     params: Any
@@ -149,6 +153,7 @@ class Conversion:
     rules: tuple[MaskRule, ...]
     model: Any
     held_out: bool
+    plan: Plan | None = None
 
     @property
     def collection(self) -> dict[str, Any]:
@@ -606,28 +611,31 @@ def adaprune(
         lambda kp, _: masks_by_path.get(path_str(kp)), dense)
     used = tuple(dict.fromkeys(c.rule for c in chosen))
     return Conversion(current, masks_tree, apply_masks(dense, masks_tree), tuple(reports),
-                      used, _sparse_model(adapter, current, masks_by_path, used),
-                      held is not None)
+                      used, _sparse_model(adapter, current, masks_by_path, chosen),
+                      held is not None, _conversion_plan(chosen))
 
 
 def _sparse_model(adapter: Any, params: Any, masks: Mapping[str, Masks],
-                  rules: tuple[MaskRule, ...]) -> Any:
-    from nmjax.nn import linen as sparse_linen
-    from nmjax.nn import nnx as sparse_nnx
+                  chosen: list[_Chosen]) -> Any:
+    """The model with the converted layers in static sparse mode, through the same plan the
+    optimizer takes (``Conversion.plan``)."""
+    from nmjax import nn as sparse_nn
+    from nmjax.nn import _sparsify
 
+    plan = _conversion_plan(chosen)
     if isinstance(adapter, LinenModel):
         if adapter.module is None:
             return None
-        model = adapter.module
-        for rule in rules:
-            model = sparse_linen.sparsify(model, rule, mode="static")
-        return model
-    model = adapter.merge(params)
-    for rule in rules:
-        model = sparse_nnx.sparsify(model, rule, mode="static")
-    for path, layer in sparse_nnx.sparse_layers(model):
-        sparse_nnx.set_masks(layer, masks[path])
+        return sparse_nn.sparsify(adapter.module, plan, mode="static")
+    model = sparse_nn.sparsify(adapter.merge(params), plan, mode="static")
+    _sparsify.set_nnx_masks(model, dict(masks))
     return model
+
+
+def _conversion_plan(chosen: list[_Chosen]) -> Plan:
+    op = lambda c: "dot_general" if c.layer.kind == "dense" else "conv_general_dilated"
+    return Plan(tuple(LeafPlan(c.path, op(c), from_axis(tuple(c.leaf.shape), c.axis, c.path),
+                               c.rule.pattern, c.rule) for c in chosen))
 
 
 # ------------------------------------------------------------------- unstructured models

@@ -24,7 +24,16 @@ import optax
 from nmjax import _checks
 from nmjax.masks import BiMask, Masks, Pattern, as_pattern
 from nmjax.ops import sr_ste_term
-from nmjax.tree import MaskRule, _selected, check_structure, is_masks_leaf, path_str
+from nmjax.plan import (
+    LeafPlan,
+    Plan,
+    as_rules,
+    layout_reason,
+    layout_search,
+    layout_valid,
+    plan_for_params,
+)
+from nmjax.tree import MaskRule, check_structure, is_masks_leaf, path_str
 
 Stages = tuple[tuple[int, Pattern | None], ...]
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -162,153 +171,127 @@ def _mesh_axis_size(sharding: Any, dim: int) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-Rules = tuple[MaskRule, ...]
+Target = Plan | tuple[MaskRule, ...]
 
 
-def as_rules(rule: Any) -> Rules:
-    """One rule, a pattern or shorthand, or a sequence of those, as a tuple of rules."""
-    if isinstance(rule, MaskRule | Pattern | str):
-        rule = (rule,)
-    if not isinstance(rule, Sequence) or not rule:
-        raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec, a string like "
-                        f"'2:4', or a non-empty sequence of those, got {type(rule).__name__}")
+def as_target(rule: Any) -> Target:
+    """A :class:`~nmjax.plan.Plan` as it is, or rules (:func:`nmjax.plan.as_rules`)."""
+    return rule if isinstance(rule, Plan) else as_rules(rule)
+
+
+def plan_of(params: Any, rule: Any) -> Plan:
+    """The plan ``rule`` gives for ``params``: a :class:`~nmjax.plan.Plan` checked against
+    the tree, or rules resolved from the parameters alone
+    (:func:`nmjax.plan.plan_for_params`: Linen auto-named ``Dense_<i>``/``Conv_<i>`` layers
+    and ``MaskRule(axis=...)``; anything else needs ``nmjax.resolve(model, rule, x)``)."""
+    target = as_target(rule)
+    if isinstance(target, Plan):
+        target.check_params(params)
+        return target
+    return plan_for_params(params, target)
+
+
+def select(params: Any, rule: Any) -> list[tuple[str, Any, LeafPlan]]:
+    """``[(path, leaf, LeafPlan)]`` of the parameters the plan (or rule) makes sparse, in
+    tree order."""
+    plan = plan_of(params, rule)
+    flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return [(leaf.path, flat[leaf.path], leaf) for leaf in plan.leaves]
+
+
+def _shard_chunks(shape: tuple[int, ...], axes: tuple[int, ...], sharding: Any
+                  ) -> list[tuple[int, int]]:
+    """``[(axis, contiguous run of the flattened axes one shard holds)]`` for each of
+    ``axes`` that ``sharding`` splits."""
     out = []
-    for r in rule:
-        if isinstance(r, str | Pattern):
-            r = MaskRule(r)
-        if not isinstance(r, MaskRule):
-            raise TypeError(f"rule must be an nmjax.tree.MaskRule, a pattern spec or a string "
-                            f"like '2:4', got {type(r).__name__}")
-        out.append(r)
-    return tuple(out)
+    for i, axis in enumerate(axes):
+        parts = _mesh_axis_size(sharding, axis)
+        if parts > 1:
+            inner = math.prod(shape[a] for a in axes[i + 1:])
+            out.append((axis, (shape[axis] // parts if shape[axis] % parts == 0 else 0) * inner,
+                        parts))
+    return out
 
 
-def select(params: Any, rules: Any, kinds: Mapping[str, Any] | None = None
-           ) -> list[tuple[Any, str, Any, int, MaskRule]]:
-    """``[(key_path, path, leaf, axis, rule)]`` of the leaves the rules select (tree order).
-
-    Raises:
-      ValueError: two rules with different patterns select the same leaf.
-    """
-    rules = as_rules(rules)
-    found: dict[str, tuple] = {}
-    for rule in rules:
-        for key_path, path, leaf, axis in _selected(params, rule, kinds):
-            if path in found and found[path][4].pattern != rule.pattern:
-                raise ValueError(f"leaf {path!r} is selected by two rules with different "
-                                 f"patterns ({found[path][4].label!r}, {rule.label!r}); "
-                                 "exclude it from all but one")
-            found.setdefault(path, (key_path, path, leaf, axis, rule))
-    order = {path_str(p): i for i, (p, _) in
-             enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
-    return sorted(found.values(), key=lambda item: order[item[1]])
-
-
-def check_sharding(params: Any, rule: Any, shardings: Any = None, *,
-                   kinds: Mapping[str, Any] | None = None) -> None:
+def check_sharding(params: Any, rule: Any, shardings: Any = None) -> None:
     """Raises ValueError where a sharding would split an N:M group or tile across shards.
 
-    Every selected leaf's grouped axis (and, for transposable and Bi-Mask patterns, its
-    output axis) must split into shards whose length is a multiple of ``m``.
+    Every sparse parameter's contraction (and, for transposable and Bi-Mask patterns, its
+    output) must split into shards whose runs along the flattened axes are multiples of
+    ``m``.
 
     Args:
       params: the parameters (arrays carrying ``NamedSharding``s, or shape structs).
-      rule: which leaves, which pattern (a rule or a sequence of rules).
+      rule: a :class:`~nmjax.plan.Plan` or rules (:func:`plan_of`).
       shardings: a tree of shardings like ``params`` (default: each leaf's own
         ``.sharding``).
-      kinds: layer types, as in :func:`nmjax.tree.build_masks`.
     """
     by_path = {}
     if shardings is not None:
         flat = jax.tree_util.tree_flatten_with_path(
             shardings, is_leaf=lambda s: hasattr(s, "spec") or s is None)[0]
         by_path = {path_str(p): s for p, s in flat}
-    for _, path, leaf, axis, leaf_rule in select(params, rule, kinds):
-        pattern = leaf_rule.pattern
+    for path, leaf, planned in select(params, rule):
+        pattern, layout = planned.pattern, planned.layout
         sharding = by_path.get(path, getattr(leaf, "sharding", None))
         if sharding is None:
             continue
-        shape = tuple(leaf.shape)
-        axes = [(axis, "grouped (contraction)")]
+        groups = [(layout.contract, "contraction", pattern.fwd_nm)]
         if pattern.bwd_nm is not None:
-            axes.append((len(shape) - 1, "output"))
-        for dim, what in axes:
-            parts = _mesh_axis_size(sharding, dim)
-            m = (pattern.fwd_nm if dim == axis else pattern.bwd_nm) or (None, 1)
-            m = m[1]
-            if parts > 1 and (shape[dim] % parts or (shape[dim] // parts) % m):
-                raise ValueError(
-                    f"leaf {path!r} of shape {shape} is sharded {parts} ways along its {what} "
-                    f"axis {dim} (shards of {shape[dim] / parts:g}), which splits groups of "
-                    f"m={m}: shard a different axis, or use a mesh whose shards along axis "
-                    f"{dim} are multiples of {m}")
+            groups.append((layout.out, "output", pattern.bwd_nm))
+        for axes, what, nm in groups:
+            m = (nm or (1, 1))[1]
+            for axis, run, parts in _shard_chunks(layout.shape, axes, sharding):
+                if run == 0 or run % m:
+                    raise ValueError(
+                        f"leaf {path!r} of shape {layout.shape} is sharded {parts} ways along "
+                        f"its {what} axis {axis} (shards of "
+                        f"{layout.shape[axis] / parts:g}), which splits groups of m={m}: "
+                        f"shard a different axis, or use a mesh whose shards along axis "
+                        f"{axis} are multiples of {m}")
 
 
 # ------------------------------------------------------------------------------- masks
 
 
-def _ones_masks(leaf: Any, with_perm: bool) -> Masks:
-    ones = jnp.ones(leaf.shape, bool)
-    perm = jnp.arange(leaf.shape[-1], dtype=jnp.int32) if with_perm else None
-    return Masks(ones, ones, perm)
-
-
-def _leaf_masks(pattern: Pattern | None, leaf: Any, axis: int, perm: Any,
-                with_perm: bool) -> Masks:
-    if pattern is None:
-        return _ones_masks(leaf, with_perm)
-    w = jax.lax.stop_gradient(leaf)
-    if isinstance(pattern, BiMask):
-        return pattern(w, axis, perm=perm)
-    masks = pattern(w, axis)
-    if with_perm:
-        masks = masks._replace(perm=jnp.arange(leaf.shape[-1], dtype=jnp.int32))
-    return masks
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What the transformation knows statically about a parameter tree. ``stages`` of
-    ``None`` patterns mean dense; with no stages given each leaf takes its rule's pattern."""
+    """What the transformation knows statically. ``stages`` of ``None`` patterns mean
+    dense; with no stages given each leaf takes its plan's pattern."""
 
-    rules: Rules
+    target: Target
     stages: Stages | None
-    kinds: Mapping[str, Any] | None
     with_perm: bool
 
     @property
     def starts(self) -> tuple[int, ...]:
         return tuple(s for s, _ in self.stages) if self.stages else (0,)
 
-    def pattern(self, stage: int, rule: MaskRule) -> Pattern | None:
-        return self.stages[stage][1] if self.stages else rule.pattern
+    def resolve(self, params: Any) -> Plan:
+        return plan_of(params, self.target)
+
+    def patterns(self, plan: Plan, stage: int) -> dict[str, Pattern | None]:
+        if not self.stages:
+            return {leaf.path: leaf.pattern for leaf in plan.leaves}
+        return {leaf.path: self.stages[stage][1] for leaf in plan.leaves}
 
     def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
         """Masks of ``params`` for stage ``stage`` (a Python int)."""
-        chosen = {path: (axis, rule)
-                  for _, path, _, axis, rule in select(params, self.rules, self.kinds)}
-
-        def one(key_path, leaf):
-            path = path_str(key_path)
-            if path not in chosen:
-                return None
-            axis, rule = chosen[path]
-            return _leaf_masks(self.pattern(stage, rule), leaf, axis, perms.get(path),
-                               self.with_perm)
-
-        return jax.tree_util.tree_map_with_path(one, params)
+        plan = self.resolve(params)
+        return plan.masks(params, self.patterns(plan, stage), perms, self.with_perm)
 
     def search(self, params: Any, stage: int, key: jax.Array, masks: Any) -> dict[str, Any]:
         """New Bi-Mask permutations (warm-started from ``masks``) of the leaves whose pattern
         at ``stage`` is Bi-Mask."""
         perms = _perms(masks)
-        chosen = [(path, leaf, self.pattern(stage, rule))
-                  for _, path, leaf, _, rule in select(params, self.rules, self.kinds)]
-        chosen = [(path, leaf, p) for path, leaf, p in chosen if isinstance(p, BiMask)]
+        plan = self.resolve(params)
+        patterns = self.patterns(plan, stage)
+        chosen = [(path, leaf, patterns[path]) for path, leaf, _ in select(params, plan)
+                  if isinstance(patterns[path], BiMask)]
         keys = jax.random.split(key, max(len(chosen), 1))
+        layouts = {leaf.path: leaf.layout for leaf in plan.leaves}
         for (path, leaf, pattern), k in zip(chosen, keys, strict=False):
-            perms[path] = pattern.search_permutation(jax.lax.stop_gradient(leaf), k,
-                                                     init=perms.get(path))
+            perms[path] = layout_search(pattern, leaf, layouts[path], k, init=perms.get(path))
         return perms
 
 
@@ -338,31 +321,33 @@ def _stage_index(starts: tuple[int, ...], step: jax.Array) -> jax.Array:
     return jnp.sum(step >= jnp.asarray(starts, jnp.int32), dtype=jnp.int32) - 1
 
 
-def _check_init_masks(params: Any, masks: Any, chosen: list, plan: _Plan) -> Any:
-    """``init_masks`` checked: the parameters' structure, a Masks at exactly the selected
+def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> Any:
+    """``init_masks`` checked: the parameters' structure, a Masks at exactly the planned
     leaves, the leaves' shapes, and (where concrete) what the stage-0 patterns promise."""
     check_structure(params, masks, "init_masks")
     flat = {path_str(p): m for p, m in
             jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]}
-    wanted = {path for _, path, _, _, _ in chosen}
+    wanted = set(plan.paths)
     have = {path for path, m in flat.items() if m is not None}
     if wanted != have:
         raise ValueError(f"init_masks must hold masks at exactly the selected leaves: missing "
                          f"{sorted(wanted - have)}, extra {sorted(have - wanted)}")
-    for _, path, leaf, axis, rule in chosen:
-        m = flat[path]
+    patterns = tx_plan.patterns(plan, 0)
+    for leaf in plan.leaves:
+        m = flat[leaf.path]
         for name in ("fwd", "bwd"):
             got = getattr(m, name)
-            if tuple(got.shape) != tuple(leaf.shape) or got.dtype != jnp.bool_:
-                raise ValueError(f"init_masks {name} mask for {path!r} is {got.dtype} "
-                                 f"{tuple(got.shape)}; the leaf is {tuple(leaf.shape)} (bool)")
-        if (m.perm is not None) != plan.with_perm:
-            raise ValueError(f"init_masks for {path!r}: a Bi-Mask plan needs a perm at every "
-                             "leaf, any other plan none")
-        pattern = plan.pattern(0, rule)
+            if tuple(got.shape) != leaf.shape or got.dtype != jnp.bool_:
+                raise ValueError(f"init_masks {name} mask for {leaf.path!r} is {got.dtype} "
+                                 f"{tuple(got.shape)}; the leaf is {leaf.shape} (bool)")
+        if (m.perm is not None) != tx_plan.with_perm:
+            raise ValueError(f"init_masks for {leaf.path!r}: a Bi-Mask plan needs a perm at "
+                             "every leaf, any other plan none")
+        pattern = patterns[leaf.path]
         if pattern is not None and _checks.is_concrete(m.fwd) and not bool(
-                pattern.valid(m, axis=axis)):
-            raise ValueError(f"init_masks for {path!r} are not valid {pattern.label!r} masks")
+                layout_valid(pattern, m, leaf.layout)):
+            raise ValueError(f"init_masks for {leaf.path!r} are not valid {pattern.label!r} "
+                             f"masks along its axes ({leaf.layout.describe()})")
     return masks
 
 
@@ -371,13 +356,12 @@ def _check_init_masks(params: Any, masks: Any, chosen: list, plan: _Plan) -> Any
 
 def sparse(
     inner: optax.GradientTransformation,
-    rule: MaskRule | Pattern | str | Sequence[MaskRule | Pattern | str],
+    rule: Plan | MaskRule | Pattern | str | Sequence[MaskRule | Pattern | str],
     *,
     refresh_every: int | jax.Array = 1,
     perm_every: int | jax.Array | None = None,
     decay: ScalarOrSchedule = 0.0,
     stages: Sequence[tuple[int, Pattern | str | None]] | None = None,
-    kinds: Mapping[str, Any] | None = None,
     seed: int | jax.Array = 0,
     init_masks: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -431,7 +415,6 @@ def sparse(
         each phase trains with, ``None`` for dense phases (masks keep everything, so no
         decay). Default: each rule's pattern from step 0. All stages share the rule's leaves
         (stages take one rule).
-      kinds: layer types (:func:`nmjax.nn.layer_kinds`) for the leaf selection.
       seed: seeds the permutation search.
       init_masks: the masks to start from (a tree like :func:`masks_of`, e.g. a conversion's
         ``masks``); default: computed from the parameters at ``init``. Checked against the
@@ -449,13 +432,16 @@ def sparse(
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got "
                         f"{type(inner).__name__}")
-    rules = as_rules(rule)
+    target = as_target(rule)
     refresh_every = _check_interval(refresh_every, "refresh_every")
+    rule_patterns = target.patterns if isinstance(target, Plan) else tuple(
+        r.pattern for r in target)
     if stages is not None:
-        if len(rules) > 1:
-            raise ValueError(f"stages apply to one rule; got {len(rules)} rules")
+        if len(rule_patterns) > 1:
+            raise ValueError(f"stages apply to one pattern; the rule has "
+                             f"{len(rule_patterns)}")
         stages = check_stages(stages)
-    patterns = [p for _, p in stages] if stages else [r.pattern for r in rules]
+    patterns = [p for _, p in stages] if stages else list(rule_patterns)
     has_bimask = any(isinstance(p, BiMask) for p in patterns)
     if perm_every is None:
         perm_every = 100 if has_bimask else None
@@ -469,26 +455,22 @@ def sparse(
             raise TypeError(f"decay must be a real scalar or a schedule, got {decay!r:.60}")
         if _checks.is_concrete(value) and not float(value) >= 0:
             raise ValueError(f"decay must be >= 0, got {float(value)}")
-    plan = _Plan(rules, stages, kinds, has_bimask)
+    plan = _Plan(target, stages, has_bimask)
 
     def init(params):
-        chosen = select(params, rules, kinds)
-        if not chosen:
-            some = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-            labels = ", ".join(repr(r.label) for r in rules)
-            raise ValueError(f"rule {labels} selects no parameter of this tree (its leaves "
-                             f"include {some[:4]}); check include/exclude, or pass kinds=")
-        for _, path, leaf, axis, rule in chosen:
-            for start, pattern in (stages or ((0, rule.pattern),)):
-                reason = None if pattern is None else pattern.check_leaf(tuple(leaf.shape), axis)
+        resolved = plan.resolve(params)
+        chosen = select(params, resolved)
+        for path, leaf, planned in chosen:
+            for start, pattern in (stages or ((0, planned.pattern),)):
+                reason = None if pattern is None else layout_reason(pattern, planned.layout)
                 if reason is not None:
                     raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
                                      f"the pattern {pattern.label!r} of the stage from step "
                                      f"{start}: {reason}")
-        if all(_checks.is_concrete(leaf) for _, _, leaf, _, _ in chosen):
-            check_sharding(params, rules, kinds=kinds)
+        if all(_checks.is_concrete(leaf) for _, leaf, _ in chosen):
+            check_sharding(params, resolved)
         if init_masks is not None:
-            masks = _check_init_masks(params, _normalize_masks(init_masks), chosen, plan)
+            masks = _check_init_masks(params, _normalize_masks(init_masks), resolved, plan)
             masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
         else:
             # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
@@ -622,18 +604,32 @@ def linen_collection(opt_state: Any) -> dict[str, Any]:
 
 
 def sync_nnx(model: Any, opt_state: Any) -> None:
-    """Copies the current masks into an NNX model's static sparse layers (in place).
+    """Copies the current masks into an NNX model's static masks (in place).
 
     Call it after each ``optimizer.update`` (inside the jitted step: the writes are state
-    updates). Layers are matched by kernel path (``nnx.state(model, nnx.Param)`` paths).
+    updates). ``model``: a model from :func:`nmjax.nn.sparsify` (``mode="static"``), or
+    one built from :class:`~nmjax.nn.nnx.SparseLinear`/``SparseConv`` layers (matched by
+    kernel path, as in ``nnx.state(model, nnx.Param)``).
 
     Raises:
       ValueError: a static sparse layer has no mask in the state, or a mask has no layer.
     """
+    from nmjax.nn import _sparsify
     from nmjax.nn.nnx import set_masks, sparse_layers
 
     flat = jax.tree_util.tree_flatten_with_path(masks_of(opt_state), is_leaf=is_masks_leaf)[0]
     masks = {path_str(p): m for p, m in flat if isinstance(m, Masks)}
+    if _sparsify.is_sparse_nnx(model):
+        planned = _sparsify.nnx_plan(model)
+        if planned is None or getattr(model, "nm_masks", None) is None:
+            raise ValueError("sync_nnx needs a model sparsified with a plan in static mode: "
+                             "nmjax.nn.sparsify(model, plan, mode='static')")
+        if set(masks) != set(planned.paths):
+            raise ValueError(f"the optimizer's masks and the model's plan differ: masks for "
+                             f"{sorted(masks)[:4]}, plan {sorted(planned.paths)[:4]}; give both "
+                             "the same plan")
+        _sparsify.set_nnx_masks(model, masks)
+        return
     layers = {path: layer for path, layer in sparse_layers(model)
               if layer.sparsity.mode == "static"}
     missing, extra = sorted(set(layers) - set(masks)), sorted(set(masks) - set(layers))
@@ -644,24 +640,24 @@ def sync_nnx(model: Any, opt_state: Any) -> None:
         set_masks(layer, masks[path])
 
 
-def param_labels(params: Any, rule: Any, *, kinds: Mapping[str, Any] | None = None,
-                 sparse_label: str = "sparse", dense_label: str = "dense") -> Any:
+def param_labels(params: Any, rule: Any, *, sparse_label: str = "sparse",
+                 dense_label: str = "dense") -> Any:
     """``params``' tree of labels (``"sparse"`` where ``rule`` selects, ``"dense"``
     elsewhere), for ``optax.multi_transform``."""
-    chosen = {item[1] for item in select(params, rule, kinds)}
+    chosen = set(plan_of(params, rule).paths)
     return jax.tree_util.tree_map_with_path(
         lambda p, _: sparse_label if path_str(p) in chosen else dense_label, params)
 
 
-def selected(params: Any, rule: Any, *, kinds: Mapping[str, Any] | None = None) -> Any:
+def selected(params: Any, rule: Any) -> Any:
     """``params``' tree of bools, True where ``rule`` selects, for ``optax.masked``."""
-    chosen = {item[1] for item in select(params, rule, kinds)}
+    chosen = set(plan_of(params, rule).paths)
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in chosen, params)
 
 
 __all__ = [
     "SparseState",
-    "as_rules",
+    "as_target",
     "check_sharding",
     "check_stages",
     "find_state",
@@ -670,6 +666,7 @@ __all__ = [
     "nm_schedule",
     "param_labels",
     "pattern_at",
+    "plan_of",
     "select",
     "selected",
     "sparse",

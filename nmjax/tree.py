@@ -223,36 +223,37 @@ def _selected(params: Any, rule: MaskRule, kinds: Mapping[Path, Any] | None):
     return out
 
 
-def build_masks(params: Any, rule: MaskRule, *, kinds: Mapping[Path, Any] | None = None
-                ) -> Any:
-    """:class:`~nmjax.masks.Masks` for every leaf ``rule`` selects; ``None`` elsewhere.
+def build_masks(params: Any, rule: Any) -> Any:
+    """:class:`~nmjax.masks.Masks` for every parameter a plan (or rule) makes sparse;
+    ``None`` elsewhere.
 
     >>> import jax.numpy as jnp
     >>> params = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
-    >>> masks = build_masks(params, MaskRule("2:4"))
+    >>> masks = build_masks(params, "2:4")
     >>> masks["Dense_0"]["bias"] is None, masks["Dense_0"]["kernel"].fwd.shape
     (True, (8, 4))
 
     Args:
-      params: a parameter pytree (Linen ``variables``/``params`` dict, NNX ``State``, ...).
-      rule: the :class:`MaskRule`.
-      kinds: optional ``{kernel path: "dense" | "conv" | None}`` layer types
-        (:func:`nmjax.nn.layer_kinds`); without it the kind comes from the path
-        (:func:`leaf_kind`).
+      params: a parameter pytree (Linen ``params`` dict, NNX ``State``, ...).
+      rule: a :class:`nmjax.plan.Plan` (``nmjax.resolve(model, rule, x)``: the axes come
+        from the ops that use each parameter), or a :class:`MaskRule` / pattern / shorthand
+        for trees whose layouts are known without the model (Linen auto-named
+        ``Dense_<i>``/``Conv_<i>`` layers, or ``MaskRule(axis=...)``;
+        :func:`nmjax.plan.plan_for_params`).
 
     Returns:
-      A pytree of ``params``' structure: a ``Masks(fwd, bwd, perm)`` at each selected leaf,
+      A pytree of ``params``' structure: a ``Masks(fwd, bwd, perm)`` at each sparse leaf,
       ``None`` elsewhere. Pure; call it outside ``jit`` for expensive patterns (each leaf
       shape compiles its solver once, where a ``jit`` around the whole tree inlines one
       copy per leaf).
+
+    Raises:
+      ValueError: a rule without a model selects a kernel whose layout cannot be known
+        (the message says to resolve the model), or selects nothing.
     """
-    chosen = {path: axis for _, path, _, axis in _selected(params, rule, kinds)}
+    from nmjax.optim import plan_of
 
-    def one(key_path, leaf):
-        axis = chosen.get(path_str(key_path))
-        return None if axis is None else rule.masks(leaf, axis)
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    return plan_of(params, rule).masks(params)
 
 
 def is_masks_leaf(x: Any) -> bool:
@@ -372,16 +373,16 @@ def summarize(params: Any, masks: Any, rule: MaskRule | None = None) -> MaskSumm
 
 
 def build_masks_lp(
-    params: Any, rule: MaskRule, *, kinds: Mapping[Path, Any] | None = None,
-    batch_tiles: int = 4096, progress: bool = True, file: TextIO | None = None,
+    params: Any, rule: Any, *, batch_tiles: int = 4096, progress: bool = True,
+    file: TextIO | None = None,
 ) -> Any:
-    """:func:`build_masks` for a :class:`~nmjax.masks.Transposable` rule, solved offline by
-    the LP (exact; :func:`nmjax.masks.transposable_mask_lp`, scipy's HiGHS).
+    """:func:`build_masks` for a :class:`~nmjax.masks.Transposable` pattern, solved offline
+    by the LP (exact; :func:`nmjax.masks.transposable_mask_lp`, scipy's HiGHS).
 
-    Walks the selected leaves one by one (tiles over the leaf's contraction axis and its
-    last axis, as the pattern does) and prints a progress bar over the leaves and the tiles
-    of the current leaf to ``file`` (default ``sys.stderr``). The pattern's JAX solver
-    options (``method``, ``repair``, ...) do not apply; its ``score_fn`` does.
+    Walks the sparse leaves one by one (tiles over each leaf's contraction and output axes,
+    as the plan lays them out) and prints a progress bar over the leaves and the tiles of
+    the current leaf to ``file`` (default ``sys.stderr``). The pattern's JAX solver options
+    (``method``, ``repair``, ...) do not apply; its ``score_fn`` does.
 
     Example (a rule selecting the kernels of ``params``)::
 
@@ -389,8 +390,8 @@ def build_masks_lp(
 
     Args:
       params: parameter pytree (concrete arrays).
-      rule: a :class:`MaskRule` whose pattern is ``Transposable``.
-      kinds: layer types, as in :func:`build_masks`.
+      rule: a :class:`nmjax.plan.Plan` or rule (as :func:`build_masks`) whose pattern is
+        ``Transposable``.
       batch_tiles: tiles per LP (memory grows linearly with it).
       progress: print the progress bar.
       file: stream for the bar.
@@ -399,32 +400,38 @@ def build_masks_lp(
       A pytree of ``params``' structure with ``Masks(mask, mask, None)`` (numpy masks) at
       each selected leaf and ``None`` elsewhere.
     """
-    if not isinstance(rule, MaskRule) or not isinstance(rule.pattern, Transposable):
-        pattern = getattr(rule, "pattern", rule)
-        raise ValueError(f"build_masks_lp needs a MaskRule with a Transposable pattern, "
-                         f"got {getattr(pattern, 'label', pattern)!r}")
-    spec = rule.pattern
-    chosen = _selected(params, rule, kinds)
+    from nmjax.optim import plan_of
+
+    plan = plan_of(params, rule)
+    bad = [leaf.pattern.label for leaf in plan.leaves
+           if not isinstance(leaf.pattern, Transposable)]
+    if bad:
+        raise ValueError(f"build_masks_lp needs a Transposable pattern, got {bad[0]!r}")
+    flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     stream = file if file is not None else sys.stderr
     t0 = time.perf_counter()
     solved: dict[Path, Masks] = {}
+    total = len(plan.leaves)
 
     def bar(done: int, path: str, tiles_done: int, tiles_total: int) -> None:
         width = 24
-        filled = int(width * done / max(len(chosen), 1))
+        filled = int(width * done / max(total, 1))
         stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] leaf {done + 1}/{len(chosen)} "
+            f"\r[{'#' * filled}{'.' * (width - filled)}] leaf {done + 1}/{total} "
             f"{path} tiles {tiles_done}/{tiles_total} {time.perf_counter() - t0:.1f}s")
         stream.flush()
 
-    for done, (_, path, leaf, axis) in enumerate(chosen):
-        leaf = np.asarray(leaf)
-        report = (lambda a, b, d=done, p=path: bar(d, p, a, b)) if progress else None
-        mask = transposable_mask_lp(np.asarray(spec.score_fn(leaf)), spec.n, spec.m,
-                                    axes=(axis, leaf.ndim - 1), batch_tiles=batch_tiles,
-                                    progress=report)
-        solved[path] = Masks(mask, mask, None)
-    if progress and chosen:
-        stream.write(f"\n{len(chosen)} leaves solved in {time.perf_counter() - t0:.1f}s\n")
+    for done, leaf in enumerate(plan.leaves):
+        spec, layout = leaf.pattern, leaf.layout
+        scores = np.asarray(layout.to_canonical(jnp.asarray(spec.score_fn(
+            np.asarray(flat[leaf.path])))))
+        report = (lambda a, b, d=done, p=leaf.path: bar(d, p, a, b)) if progress else None
+        mask = np.stack([transposable_mask_lp(matrix, spec.n, spec.m, axes=(0, 1),
+                                              batch_tiles=batch_tiles, progress=report)
+                         for matrix in scores])
+        mask = np.asarray(layout.from_canonical(jnp.asarray(mask)))
+        solved[leaf.path] = Masks(mask, mask, None)
+    if progress and total:
+        stream.write(f"\n{total} leaves solved in {time.perf_counter() - t0:.1f}s\n")
         stream.flush()
     return jax.tree_util.tree_map_with_path(lambda kp, _: solved.get(path_str(kp)), params)

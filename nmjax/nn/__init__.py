@@ -15,7 +15,8 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
-from nmjax.nn.linen import SparseDense, Sparsified, linen_masks, linen_perms, to_collection
+from nmjax.nn._sparsify import SparseModel
+from nmjax.nn.linen import SparseDense, linen_masks, linen_perms, to_collection
 from nmjax.nn.nnx import (
     NMDecay,
     NMMask,
@@ -110,9 +111,8 @@ __all__ = [
     "NMMask",
     "SparseDense",
     "SparseLinear",
-    "Sparsified",
+    "SparseModel",
     "Sparsity",
-    "layer_kinds",
     "linen",
     "linen_masks",
     "linen_perms",

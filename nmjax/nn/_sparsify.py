@@ -16,18 +16,20 @@ from flax import linen as nn
 from flax import nnx
 
 from nmjax import _graph, ops
-from nmjax.masks import Masks
+from nmjax.masks import BiMask, Masks
 from nmjax.nn._core import MASKS, Sparsity
+from nmjax.nn.nnx import NMMask
 from nmjax.plan import Plan, Traced, _build, _classify, _split_args, as_rules, layout_masks
 from nmjax.tree import is_masks_leaf, path_str
 
 __all__ = ["SparseModel", "masks_by_path", "run_sparse"]
 
 
-def masks_by_path(masks: Any) -> dict[str, Masks]:
-    """``{parameter path: Masks}`` of a mask tree or an ``"nm_masks"`` collection."""
+def masks_by_path(masks: Any) -> dict[str, Any]:
+    """``{parameter path: Masks}`` of a mask tree or an ``"nm_masks"`` collection (a bare
+    array there is a Bi-Mask permutation for dynamic mode: :func:`nmjax.nn.linen_perms`)."""
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
-    return {path_str(p): m for p, m in flat if isinstance(m, Masks)}
+    return {path_str(p): m for p, m in flat if m is not None}
 
 
 def _plan_of(target: Plan | tuple, closed: Any, flat: list, name: str) -> Plan:
@@ -71,14 +73,15 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
             _check_shapes(given, leaf)
             m = given
         else:
-            perm = given.perm if given is not None else None
-            m = layout_masks(leaf.pattern, w, leaf.layout, perm)
+            perm = given.perm if isinstance(given, Masks) else given
+            m = layout_masks(leaf.pattern, w, leaf.layout,
+                             perm if isinstance(leaf.pattern, BiMask) else None)
         bwd = None if leaf.pattern.same_masks else m.bwd
         lives[invars[index[leaf.path]]] = _graph.Live(
             k, _graph.leaf_dims(leaf.shape), m.fwd, bwd, m.perm, leaf.layout.stack)
     product = _products(plan, sp)
     outs = _graph.Rewriter(product).run(closed.jaxpr, closed.consts,
-                                         [*jax.tree.leaves(traced.params), *traced.arrays],
+                                         jax.tree.leaves((traced.params, traced.arrays)),
                                          lives)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs), plan
 
@@ -196,10 +199,6 @@ class SparseModel:
 # ----------------------------------------------------------------------------------- NNX
 
 
-class NMMask(nnx.Variable):
-    """A static N:M mask (or Bi-Mask permutation) held by a sparse NNX model or layer."""
-
-
 _SUBCLASSES: dict[type, type] = {}
 
 
@@ -230,7 +229,20 @@ def _nnx_masks(model: nnx.Module) -> dict[str, Masks] | None:
 
 
 def set_nnx_masks(model: nnx.Module, masks: dict[str, Masks]) -> None:
-    """Stores ``{path: Masks}`` as the static masks of an op-level sparse NNX model."""
+    """Stores ``{path: Masks}`` as the static masks of an op-level sparse NNX model (in
+    place where the variables exist, so it works inside ``nnx.jit``)."""
+    current = getattr(model, "nm_masks", None)
+    keys = {_mask_key(p) for p in masks}
+    if current is not None and set(current.keys()) == keys and all(
+            ("perm" in current[_mask_key(p)]) == (m.perm is not None)
+            for p, m in masks.items()):
+        for path, m in masks.items():
+            entry = current[_mask_key(path)]
+            entry["fwd"].set_value(m.fwd)
+            entry["bwd"].set_value(m.bwd)
+            if m.perm is not None:
+                entry["perm"].set_value(m.perm)
+        return
     store = {}
     for path, m in masks.items():
         entry = {"fwd": NMMask(m.fwd), "bwd": NMMask(m.bwd)}

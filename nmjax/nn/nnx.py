@@ -12,11 +12,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nmjax.masks import BiMask, Masks, Pattern
+from nmjax.masks import BiMask, Masks
 from nmjax.nn import _core
 from nmjax.nn._core import Sparsity, check_sparsity
-from nmjax.nn.linen import as_rule
-from nmjax.tree import MaskRule
 
 DEFAULT = Sparsity()  # 2:4 along in, dynamic
 
@@ -161,39 +159,6 @@ class SparseConv(nnx.Conv):
 SPARSE_LAYERS = (SparseLinear, SparseConv)
 
 
-_COPIED = {  # attributes a sparse layer takes over from the dense one
-    nnx.Linear: ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision",
-                 "dot_general", "promote_dtype", "preferred_element_type"),
-    nnx.Conv: ("in_features", "out_features", "kernel_size", "kernel_shape", "strides",
-               "padding", "input_dilation", "kernel_dilation", "feature_group_count",
-               "use_bias", "mask", "dtype", "param_dtype", "precision", "conv_general_dilated",
-               "promote_dtype", "preferred_element_type"),
-}
-
-
-def _swap(layer: nnx.Module, sp: Sparsity) -> nnx.Module:
-    """A sparse layer holding ``layer``'s own kernel/bias variables (no re-initialisation)."""
-    dynamic = Sparsity(sp.pattern)  # nothing is computed while abstract
-    if type(layer) is nnx.Linear:
-        new = nnx.eval_shape(lambda: SparseLinear(layer.in_features, layer.out_features,
-                                                  use_bias=layer.use_bias, sparsity=dynamic,
-                                                  rngs=nnx.Rngs(0)))
-        base = nnx.Linear
-    else:
-        new = nnx.eval_shape(lambda: SparseConv(
-            layer.in_features, layer.out_features, layer.kernel_size, use_bias=layer.use_bias,
-            feature_group_count=layer.feature_group_count, sparsity=dynamic,
-            rngs=nnx.Rngs(0)))
-        base = nnx.Conv
-    for name in _COPIED[base]:
-        setattr(new, name, getattr(layer, name))
-    new.kernel = layer.kernel
-    new.bias = layer.bias if layer.bias is not None else nnx.data(None)
-    new.sparsity = sp
-    _init_state(new)
-    return new
-
-
 def _children(node: Any):
     """``(key, child)`` of a graph node: a module's attributes, a list's or dict's items."""
     if isinstance(node, nnx.Module):
@@ -205,128 +170,11 @@ def _children(node: Any):
     return []
 
 
-def _set_child(parent: Any, key: Any, child: Any) -> None:
-    if isinstance(parent, nnx.Module) and isinstance(key, str):
-        setattr(parent, key, child)
-    else:
-        parent[key] = child
-
-
-def sparsify(model: nnx.Module, rule: MaskRule | Pattern | str, *, pattern: str | None = None,
-             mode: str = "dynamic", decay: float | jax.Array = 0.0,
-             backend: Any = "auto") -> nnx.Module:
-    """A copy of the NNX ``model`` with each ``nnx.Linear``/``nnx.Conv`` that ``rule`` selects
-    swapped for :class:`SparseLinear`/:class:`SparseConv`.
-
-    Selection is :meth:`nmjax.tree.MaskRule.select` on the kernel's path in
-    ``nnx.state(model, nnx.Param)`` (``"layers/0/kernel"``) with the layer's real type, so
-    other layer types (``LinearGeneral``, ``Einsum``) are never picked by a default rule.
-    The sparse layers keep the (copied) ``kernel`` and ``bias`` variables, so
-    ``nnx.state(sparse, nnx.Param)`` has the dense model's structure and a dense checkpoint
-    restores into it with ``nnx.update``. ``model`` is not modified. A layer reachable from
-    several places (tied layers) is swapped everywhere for one sparse layer. Layers that are
-    sparse already are left as they are, unless the rule selects them with other settings,
-    which is an error (sparsify the dense model instead).
-
-    >>> import jax.numpy as jnp, optax
-    >>> from flax import nnx
-    >>> class MLP(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.body = nnx.Linear(16, 32, rngs=rngs)
-    ...         self.head = nnx.Linear(32, 10, rngs=rngs)
-    ...     def __call__(self, x):
-    ...         return self.head(nnx.relu(self.body(x)))
-    >>> sparse = sparsify(MLP(nnx.Rngs(0)), MaskRule("2:4 transposable", exclude="head"))
-    >>> type(sparse.body).__name__, type(sparse.head).__name__
-    ('SparseLinear', 'Linear')
-    >>> optimizer = nnx.Optimizer(sparse, optax.adam(1e-3), wrt=nnx.Param)
-    >>> sparse(jnp.ones((4, 16))).shape
-    (4, 10)
-
-    Args:
-      model: an NNX module.
-      rule: a :class:`~nmjax.tree.MaskRule`, a pattern spec, or a shorthand (``"2:4"``).
-      pattern: with a shorthand string, the kind (``"transposable"``, ``"bimask"``).
-      mode, decay, backend: as :class:`nmjax.nn.Sparsity`.
-
-    Returns:
-      The sparse copy.
-
-    Raises:
-      TypeError: ``model`` not an NNX module, ``rule`` of the wrong type.
-      ValueError: the rule selects a kernel of a layer other than ``nnx.Linear``/``nnx.Conv``
-        by ``include=``, a selected kernel cannot take the pattern, a sparse layer selected
-        with other settings, or the model is itself a selected layer.
-    """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be a flax.nnx Module, got {type(model).__name__}; "
-                        "for Linen use nmjax.nn.linen.sparsify")
-    rule = as_rule(rule, pattern)
-    sp = Sparsity(rule.pattern, mode=mode, backend=backend, decay=decay)
-    model = nnx.clone(model)
-    new_by_id: dict[int, nnx.Module] = {}
-    containers = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module | list | dict | nnx.List | nnx.Dict):
-            containers.append(node)
-        if not isinstance(node, nnx.Module):
-            continue
-        kernel = getattr(node, "kernel", None)
-        if not isinstance(kernel, nnx.Param):
-            continue
-        kpath = "/".join(str(p) for p in (*path, "kernel"))
-        kind = {nnx.Linear: "dense", nnx.Conv: "conv", SparseLinear: "dense",
-                SparseConv: "conv"}.get(type(node))
-        try:
-            axis = rule.select(kpath, kernel.get_value(), kind)
-        except ValueError:
-            if kind is not None:
-                raise
-            axis = 0  # include= matched a layer type sparsify cannot take: reported below
-        if axis is None:
-            continue
-        if isinstance(node, SPARSE_LAYERS):
-            if node.sparsity != sp:
-                raise ValueError(
-                    f"layer {kpath!r} is sparse already ({node.sparsity.label}) and the rule "
-                    f"selects it with other settings ({sp.label}); sparsify the dense model, "
-                    "or exclude the layer from the rule")
-            continue
-        if kind is None:
-            raise ValueError(
-                f"rule {rule.label!r} selects {kpath!r} of a {type(node).__name__} layer "
-                f"(kernel {tuple(kernel.get_value().shape)}), but sparsify supports "
-                "nnx.Linear and nnx.Conv only; exclude it from the rule (MaskRule(exclude=...))")
-        if not path:
-            raise ValueError("model is itself a single layer; build SparseLinear/SparseConv "
-                             "directly, or wrap it in a module")
-        new_by_id[id(node)] = _swap(node, sp)
-    for parent in containers:
-        for key, child in _children(parent):
-            new = new_by_id.get(id(child))
-            if new is not None:
-                _set_child(parent, key, new)
-    return model
-
-
 def sparse_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """``[(kernel path, layer)]`` of the sparse layers of ``model``, in graph order (paths as
     in ``nnx.state(model, nnx.Param)``)."""
     return [("/".join(str(p) for p in (*path, "kernel")), node)
             for path, node in nnx.iter_graph(model) if isinstance(node, SPARSE_LAYERS)]
-
-
-def layer_kinds(model: nnx.Module) -> dict[str, str | None]:
-    """``{kernel path: "dense" | "conv" | None}`` for every layer with a ``kernel`` param of
-    an NNX ``model``, from the layers' real types (for :func:`nmjax.tree.build_masks`)."""
-    kinds = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and isinstance(getattr(node, "kernel", None),
-                                                       nnx.Param):
-            kinds["/".join(str(p) for p in (*path, "kernel"))] = {
-                nnx.Linear: "dense", nnx.Conv: "conv", SparseLinear: "dense",
-                SparseConv: "conv"}.get(type(node))
-    return kinds
 
 
 def search_perms(model: nnx.Module, key: jax.Array) -> None:
