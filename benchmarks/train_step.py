@@ -69,10 +69,14 @@ def dense_step():
     return tx, step, None, None
 
 
+def _plan(pattern):
+    return nmjax.resolve(Block(), MaskRule(pattern), jax.ShapeDtypeStruct((TOKENS, D),
+                                                                          jnp.float32))
+
+
 def dynamic_step(pattern):
     tx = optax.adam(1e-3)
-    rule = MaskRule(pattern)
-    model = nmjax.nn.sparsify(Block(), rule, decay=DECAY)
+    model = nmjax.nn.sparsify(Block(), _plan(pattern), decay=DECAY)
 
     def step(params, opt_state, x):
         grads = jax.grad(lambda p: _loss(model.apply({"params": p}, x)))(params)
@@ -83,10 +87,10 @@ def dynamic_step(pattern):
 
 
 def wrapper_step(pattern, every):
-    rule = MaskRule(pattern)
-    kwargs = {"perm_every": max(every, 100)} if isinstance(rule.pattern, BiMask) else {}
-    tx = nmjax.optim.sparse(optax.adam(1e-3), rule, refresh_every=every, decay=DECAY, **kwargs)
-    model = nmjax.nn.sparsify(Block(), rule, mode="static")
+    plan = _plan(pattern)
+    kwargs = {"perm_every": max(every, 100)} if isinstance(plan.patterns[0], BiMask) else {}
+    tx = nmjax.optim.sparse(optax.adam(1e-3), plan, refresh_every=every, decay=DECAY, **kwargs)
+    model = nmjax.nn.sparsify(Block(), plan, mode="static")
 
     def step(params, opt_state, x):
         masks = nmjax.optim.linen_collection(opt_state)

@@ -143,7 +143,8 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
                                                   cfg.lr / 10)
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    tx, net = sparse_training(model, rule, inner, cfg)
+    tx, net, plan = sparse_training(model, rule, inner, cfg,
+                                    jnp.zeros((1, cfg.context), jnp.int32))
     opt_state = tx.init(params)
 
     def masks_now(opt_state):
@@ -197,11 +198,8 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
                   n_params=int(sum(x.size for x in jax.tree.leaves(params))))
     if rule is not None:
         masks = nmjax.optim.masks_of(opt_state)
-        result["masks_valid"] = all(
-            bool(rule.pattern.valid(m, axis=m.fwd.ndim - 2))
-            for m in jax.tree.leaves(masks, is_leaf=nmjax.tree.is_masks_leaf)
-            if m is not None)
-        summary = summarize(params, masks, rule)
+        result["masks_valid"] = bool(plan.valid(masks))
+        summary = summarize(params, masks, plan)
         result["summary"], result["density"] = str(summary), summary.density
         state = nmjax.optim.find_state(opt_state)
         result["refreshes"], result["searches"] = int(state.refreshes), int(state.searches)

@@ -140,18 +140,20 @@ def progress_bar(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def sparse_training(model, rule: MaskRule | None, inner, cfg):
-    """``(tx, net)``: ``inner`` and ``model`` for a dense run (``rule`` None); else
-    :func:`nmjax.optim.sparse` around ``inner`` (``cfg.refresh_every``, ``cfg.decay``,
-    ``cfg.seed``, and ``cfg.perm_every`` for Bi-Mask) and the static-mode sparse model that
-    reads its masks."""
+def sparse_training(model, rule: MaskRule | None, inner, cfg, example):
+    """``(tx, net, plan)``: ``inner``, ``model`` and ``None`` for a dense run (``rule``
+    None); else the rule resolved against the model on ``example`` inputs
+    (:func:`nmjax.resolve`), :func:`nmjax.optim.sparse` around ``inner`` with that plan
+    (``cfg.refresh_every``, ``cfg.decay``, ``cfg.seed``, and ``cfg.perm_every`` for
+    Bi-Mask) and the static-mode sparse model that reads its masks (the same plan)."""
     if rule is None:
-        return inner, model
+        return inner, model, None
+    plan = nmjax.resolve(model, rule, example)
     kwargs = dict(refresh_every=cfg.refresh_every, decay=cfg.decay, seed=cfg.seed)
     if isinstance(rule.pattern, nmjax.masks.BiMask):
         kwargs["perm_every"] = cfg.perm_every
-    return (nmjax.optim.sparse(inner, rule, **kwargs),
-            nmjax.nn.sparsify(model, rule, mode="static"))
+    return (nmjax.optim.sparse(inner, plan, **kwargs),
+            nmjax.nn.sparsify(model, plan, mode="static"), plan)
 
 
 def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[str, Any]:
@@ -161,7 +163,7 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
     rule = rule_for(cfg.pattern)
     x0 = jnp.asarray(data.train.x[:1])
     params = model.init(jax.random.key(cfg.seed), x0)["params"]
-    tx, net = sparse_training(model, rule, optax.adam(cfg.lr), cfg)
+    tx, net, plan = sparse_training(model, rule, optax.adam(cfg.lr), cfg, x0)
     opt_state = tx.init(params)
     start = 0
     checkpointer = None
@@ -235,12 +237,9 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
                   if step_times else None)
     if rule is not None:
         masks = nmjax.optim.masks_of(opt_state)
-        result["masks_valid"] = all(
-            bool(rule.pattern.valid(m, axis=m.fwd.ndim - 2))
-            for m in jax.tree.leaves(masks, is_leaf=nmjax.tree.is_masks_leaf)
-            if m is not None)
-        result["summary"] = str(summarize(params, masks, rule))
-        result["density"] = summarize(params, masks, rule).density
+        result["masks_valid"] = bool(plan.valid(masks))
+        result["summary"] = str(summarize(params, masks, plan))
+        result["density"] = summarize(params, masks, plan).density
         dense_kernel = params["Dense_0"]["kernel"]
         result["backends"] = nmjax.ops.which_backends(
             (cfg.batch, dense_kernel.shape[0]), dense_kernel.shape,

@@ -241,6 +241,16 @@ class Plan:
 
         return jax.tree_util.tree_map_with_path(one, params)
 
+    def valid(self, masks: Any) -> jax.Array:
+        """Whether a mask tree (``build_masks`` / the optimizer's) holds, at every planned
+        parameter, masks that are what its pattern promises along its axes (a JAX bool)."""
+        flat = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+            masks, is_leaf=lambda x: x is None or isinstance(x, Masks))[0]}
+        ok = [layout_valid(leaf.pattern, flat[leaf.path], leaf.layout)
+              if isinstance(flat.get(leaf.path), Masks) else jnp.asarray(False)
+              for leaf in self.leaves]
+        return jnp.all(jnp.stack(ok))
+
     def __str__(self) -> str:
         head = ("path", "op", "shape", "contract", "out", "pattern", "density")
         body = []

@@ -325,6 +325,7 @@ class LeafSummary(NamedTuple):
     shape: tuple[int, ...]
     pattern: str
     density: float
+    axes: str = ""
 
 
 class MaskSummary(NamedTuple):
@@ -339,11 +340,11 @@ class MaskSummary(NamedTuple):
         return self.kept / max(self.total, 1)
 
     def __str__(self) -> str:
-        head = ("path", "shape", "pattern", "density")
-        body = [(r.path, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}")
+        head = ("path", "shape", "axes (contract -> out)", "pattern", "density")
+        body = [(r.path, "x".join(map(str, r.shape)), r.axes, r.pattern, f"{r.density:.3f}")
                 for r in self.rows]
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(4)]
-        fmt = "  ".join(f"{{:{'>' if i == 3 else '<'}{w}}}" for i, w in enumerate(widths))
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(5)]
+        fmt = "  ".join(f"{{:{'>' if i == 4 else '<'}{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
         lines.append(f"total: {self.kept:,} of {self.total:,} parameters kept "
@@ -351,23 +352,34 @@ class MaskSummary(NamedTuple):
         return "\n".join(lines)
 
 
-def summarize(params: Any, masks: Any, rule: MaskRule | None = None) -> MaskSummary:
-    """One row per parameter leaf: path, shape, pattern (``rule.label`` or ``"dense"``), density.
+def summarize(params: Any, masks: Any, rule: Any = None) -> MaskSummary:
+    """One row per parameter leaf: path, shape, axes (contraction -> output, from the plan),
+    pattern and density.
 
-    Densities count the forward mask of masked leaves and 1.0 for dense leaves. Needs
-    concrete arrays (call it outside ``jit``).
+    ``rule``: the :class:`nmjax.plan.Plan` (or rule) the masks were built with, for the
+    axes and pattern names; ``None`` labels masked leaves ``"masked"``. Densities count the
+    forward mask of masked leaves and 1.0 for dense leaves. Needs concrete arrays (call it
+    outside ``jit``).
     """
     check_structure(params, masks)
-    label = rule.label if rule is not None else "masked"
+    planned = {}
+    if rule is not None:
+        from nmjax.optim import plan_of
+
+        planned = plan_of(params, rule).by_path
     rows, kept, total = [], 0, 0
     flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masks_leaf)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for (key_path, leaf), masks_leaf in zip(leaves, flat_masks, strict=True):
         mask = forward_mask(masks_leaf)
+        path = path_str(key_path)
         size = int(np.prod(leaf.shape))
         k = size if mask is None else int(jnp.sum(mask))
-        rows.append(LeafSummary(path_str(key_path), tuple(leaf.shape),
-                                "dense" if mask is None else label, k / max(size, 1)))
+        plan_leaf = planned.get(path)
+        label = "dense" if mask is None else (plan_leaf.pattern.label if plan_leaf else "masked")
+        axes = "" if plan_leaf is None or mask is None else \
+            f"{plan_leaf.layout.contract} -> {plan_leaf.layout.out}"
+        rows.append(LeafSummary(path, tuple(leaf.shape), label, k / max(size, 1), axes))
         kept, total = kept + k, total + size
     return MaskSummary(tuple(rows), kept, total)
 

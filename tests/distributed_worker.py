@@ -39,7 +39,7 @@ def make():
             x = nn.relu(nn.Dense(H, name="up")(x))
             return nn.Dense(OUT_DIM, name="down")(x)
 
-    rule = MaskRule("2:4")
+    rule = nmjax.resolve(MLP(), MaskRule("2:4"), jnp.ones((1, D)))     # the plan
     tx = nmjax.optim.sparse(optax.adam(1e-2), rule, refresh_every=2, decay=1e-3)
     rng = np.random.default_rng(0)
     batches = rng.standard_normal((STEPS, BATCH, D)).astype(np.float32)
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         # up/kernel (16, 32) split 8 ways along its contraction axis: shards of 2 rows.
         kernel = jax.device_put(params["up"]["kernel"], NamedSharding(bad, P("model", None)))
         try:
-            nmjax.optim.sparse(__import__("optax").sgd(0.1), MaskRule("2:4")).init(
+            nmjax.optim.sparse(__import__("optax").sgd(0.1), MaskRule("2:4", axis=0)).init(
                 {"up": {"kernel": kernel}})
         except ValueError as e:
             assert "'up/kernel'" in str(e) and "8 ways" in str(e), e

@@ -9,6 +9,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nmjax
 from nmjax.masks import Custom, Masks, Transposable, is_nm
 from nmjax.tree import (
     MaskRule,
@@ -43,12 +44,19 @@ class NNXMLP(nnx.Module):
         self.norm = nnx.LayerNorm(32, rngs=rngs)
         self.fc2 = nnx.Linear(32, 8, rngs=rngs)
 
+    def __call__(self, tokens):
+        return self.fc2(self.norm(nnx.relu(self.fc1(self.embed(tokens)))))
+
 
 class NNXCNN(nnx.Module):
     def __init__(self, rngs):
         self.conv1 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
         self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
         self.fc = nnx.Linear(16 * 16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+        return self.fc(x.reshape(x.shape[0], -1))
 
 
 def key(seed=0):
@@ -66,6 +74,17 @@ MODELS = {
     "nnx_mlp": lambda: nnx.state(NNXMLP(nnx.Rngs(key())), nnx.Param),
     "nnx_cnn": lambda: nnx.state(NNXCNN(nnx.Rngs(key())), nnx.Param),
 }
+INPUTS = {"linen_mlp": (LinenMLP, jnp.ones((1, 16))),
+          "linen_cnn": (LinenCNN, jnp.ones((1, 4, 4, 8))),
+          "nnx_mlp": (NNXMLP, jnp.zeros((1, 3), jnp.int32)),
+          "nnx_cnn": (NNXCNN, jnp.ones((1, 4, 4, 8)))}
+
+
+def plan_for(name, rule):
+    """The rule resolved against the model (its ops give each kernel's axes)."""
+    cls, x = INPUTS[name]
+    model = cls() if name.startswith("linen") else cls(nnx.Rngs(key()))
+    return nmjax.resolve(model, rule, x)
 
 
 def flat(tree):
@@ -79,7 +98,7 @@ def flat(tree):
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
 def test_default_rule_on_real_models(name, n, m):
     params = MODELS[name]()
-    rule = MaskRule(f"{n}:{m}")
+    rule = plan_for(name, MaskRule(f"{n}:{m}"))
     masks = build_masks(params, rule)
     p, mk = flat(params), flat(masks)
     assert p.keys() == mk.keys()
@@ -112,7 +131,10 @@ def test_default_rule_on_real_models(name, n, m):
 def test_nnx_round_trip_into_model():
     model = NNXCNN(nnx.Rngs(key()))
     params = nnx.state(model, nnx.Param)
-    sparse = apply_masks(params, build_masks(params, MaskRule("2:4")))
+    with pytest.raises(ValueError, match=r"layout of 'conv1/kernel'.*nmjax.resolve"):
+        build_masks(params, MaskRule("2:4"))           # no model: no guessing
+    sparse = apply_masks(params, build_masks(params, nmjax.resolve(model, "2:4",
+                                                                   jnp.ones((1, 4, 4, 8)))))
     nnx.update(model, sparse)
     assert bool(is_nm(model.conv2.kernel[...] != 0, 2, 4, axis=2))
     y = model.fc(jnp.ones((1, 256)))
@@ -121,16 +143,20 @@ def test_nnx_round_trip_into_model():
 
 def test_include_exclude_predicate():
     params = MODELS["linen_mlp"]()
-    only_head = build_masks(params, MaskRule("2:4", include=r"head/kernel$"))
+    only_head = build_masks(params, plan_for("linen_mlp", MaskRule("2:4", include=r"head/kernel$")))
     assert flat(only_head)["Dense_0/kernel"] is None
     assert flat(only_head)["head/kernel"] is not None
-    no_head = build_masks(params, MaskRule("2:4", exclude="head"))
+    no_head = build_masks(params, plan_for("linen_mlp", MaskRule("2:4", exclude="head")))
     assert flat(no_head)["head/kernel"] is None and flat(no_head)["Dense_0/kernel"] is not None
-    big = build_masks(params, MaskRule("2:4", predicate=lambda path, w: w.size > 300))
+    big = build_masks(params, plan_for("linen_mlp",
+                                       MaskRule("2:4", predicate=lambda path, w: w.size > 300)))
     assert flat(big)["head/kernel"] is None and flat(big)["Dense_0/kernel"] is not None
-    # include can select leaves that are not kernels when told their axis.
+    # Without a model, include= with an explicit axis takes a leaf as told.
     emb = build_masks(MODELS["nnx_mlp"](), MaskRule("2:4", include="embedding", axis=1))
     assert bool(is_nm(flat(emb)["embed/embedding"], 2, 4, axis=1))
+    # With the model, the embedding is a lookup (not a product): asking for it is refused.
+    with pytest.raises(ValueError, match=r"embed/embedding.*cannot be sparse|no parameter"):
+        plan_for("nnx_mlp", MaskRule("2:4", include="embedding"))
 
 
 def test_custom_pattern_and_jit():
@@ -167,17 +193,22 @@ def test_leaf_kind(case):
 
 
 def test_dense_general_is_not_guessed():
-    """A rank-4 DenseGeneral kernel (contracting axes 0, 1) is left alone by default."""
+    """A rank-4 DenseGeneral kernel (contracting axes 0, 1): refused without the model,
+    resolved from its dot_general with it."""
 
     class Proj(nn.Module):
         @nn.compact
         def __call__(self, x):
             return nn.DenseGeneral(features=(4, 8), axis=(-2, -1), name="proj")(x)
 
-    params = linen_params(Proj(), jnp.ones((2, 3, 8, 16)))
-    assert flat(build_masks(params, MaskRule("2:4")))["proj/kernel"] is None
-    masks = build_masks(params, MaskRule("2:4", include="proj/kernel", axis=1))
-    assert bool(is_nm(flat(masks)["proj/kernel"], 2, 4, axis=1))
+    x = jnp.ones((2, 3, 8, 16))
+    params = linen_params(Proj(), x)
+    with pytest.raises(ValueError, match="cannot be known from the parameters alone"):
+        build_masks(params, MaskRule("2:4"))
+    plan = nmjax.resolve(Proj(), "2:4", x)
+    assert plan.by_path["proj/kernel"].layout.contract == (0, 1)
+    mask = flat(build_masks(params, plan))["proj/kernel"]            # (8, 16, 4, 8)
+    assert bool(is_nm(mask.reshape(128, 32), 2, 4, axis=0, exact=True))
     # A caller that knows the layer type (sparsify) can say so.
     assert MaskRule("2:4").select("stem/kernel", jnp.zeros((3, 3, 8, 8)), kind="conv") == 2
     assert MaskRule("2:4").select("Dense_0/kernel", jnp.zeros((8, 8)), kind=None) is None
@@ -188,22 +219,24 @@ def test_dense_general_is_not_guessed():
 def test_inputs_not_mutated():
     params = MODELS["linen_mlp"]()
     before = jax.tree.map(np.array, params)
-    apply_masks(params, build_masks(params, MaskRule("2:4")))
+    apply_masks(params, build_masks(params, plan_for("linen_mlp", "2:4")))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_bad_input():
-    params = {"d": {"kernel": jnp.ones((6, 4))}, "g": {"kernel": jnp.ones((2, 4, 8))}}
-    with pytest.raises(ValueError, match=r"leaf 'd/kernel' of shape \(6, 4\) cannot take "
-                                         r"pattern '2:4 nm': its contraction axis 0 has "
-                                         r"length 6, not divisible by m=4"):
-        build_masks(params, MaskRule("2:4"))
-    assert flat(build_masks(params, MaskRule("2:4", skip_indivisible=True)))["d/kernel"] is None
-    with pytest.raises(ValueError, match=r"'g/kernel' of shape \(2, 4, 8\).*axis is unknown"):
+    params = {"Dense_0": {"kernel": jnp.ones((6, 4))}, "g": {"kernel": jnp.ones((2, 4, 8))}}
+    with pytest.raises(ValueError, match=r"parameter 'Dense_0/kernel' of shape \(6, 4\) cannot "
+                                         r"take pattern '2:4 nm': its contraction axis 0 has "
+                                         r"length 6, not divisible by m=4.*exclude="):
+        build_masks(params, MaskRule("2:4", exclude="g"))
+    assert flat(build_masks({**params, "Dense_1": {"kernel": jnp.ones((8, 4))}},
+                            MaskRule("2:4", skip_indivisible=True, exclude="g")))[
+        "Dense_0/kernel"] is None
+    with pytest.raises(ValueError, match=r"'g/kernel' \(shape \(2, 4, 8\)\) cannot be known"):
         build_masks(params, MaskRule("2:4", include="g/"))
-    with pytest.raises(ValueError, match="the contraction axis is the last axis itself"):
-        build_masks({"d": {"kernel": jnp.ones((8, 8))}}, MaskRule("2:4 transposable", axis=1))
+    masks = build_masks({"d": {"kernel": jnp.ones((8, 8))}}, MaskRule("2:4 transposable", axis=1))
+    assert bool(is_nm(masks["d"]["kernel"].fwd, 2, 4, axis=1, exact=True))  # (out, in) by hand
     with pytest.raises(ValueError, match="pattern string must be 'N:M'"):
         MaskRule("2:4 magic")
     with pytest.raises(TypeError, match="pattern must be a pattern spec"):
