@@ -277,6 +277,26 @@ def test_every_variant_emulated_in_interpret_mode(name):
     _assert_close(_emulated(packed, b_t, cfg, True), packed, b_t, True)
 
 
+@pytest.mark.parametrize("name,transpose_out", [("v1", True), ("ws64", False)])
+def test_poisoned_output_is_fully_overwritten(name, transpose_out):
+    """``out_init`` (the GPU check's unwritten-entry diagnostic): the kernel writes into the
+    given buffer, every entry of it, with the same result as a fresh output."""
+    cfg = dataclasses.replace(K.VARIANTS[name], max_ctas=1)  # one CTA loops over 4 tiles
+    m, n, k = 2 * cfg.cta_m, 2 * cfg.tile_n, 256
+    a, mask = _data(3, m, k)
+    packed = K.pack_24(a, mask)
+    b_t = jnp.asarray(np.random.default_rng(4).standard_normal((n, k)), jnp.bfloat16)
+    shape = (n, m) if transpose_out else (m, n)
+    out = K.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
+                             interpret=plgpu.InterpretGPUParams(), transpose_out=transpose_out,
+                             out_init=jnp.full(shape, jnp.nan, jnp.bfloat16))
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    _assert_close(out, packed, b_t, transpose_out)
+    with pytest.raises(ValueError, match=r"out_init must be bf16 of the result's shape"):
+        K.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out,
+                           out_init=jnp.zeros((shape[0], shape[1] + 8), jnp.bfloat16))
+
+
 @pytest.mark.parametrize("m,n,k,tm,tn,stages,transpose_out", [
     (128, 64, 256, 64, 64, 2, False),  # 2x1 grid, 2 k-steps
     (64, 128, 512, 64, 64, 2, True),  # 1x2 grid, 4 k-steps > stages

@@ -220,17 +220,21 @@ def epilogue_shape(config: SparseMatmulConfig, transpose: bool) -> tuple[int, in
 
 
 def launch(kernel, *, out_shape, grid, grid_names, scratch=(), num_threads=None,
-           cluster: int = 1, interpret=False):
+           cluster: int = 1, interpret=False, out_init=None):
     """``plgpu.kernel`` in Lane semantics (the inline sparse wgmma and its 32-bit accumulator
-    layout are written for it; jax >= 0.12 defaults to Warpgroup semantics)."""
+    layout are written for it; jax >= 0.12 defaults to Warpgroup semantics).
+
+    With ``out_init`` (bf16 ``out_shape``) the kernel writes into a mutable copy of it, which
+    the returned function gives back: entries the kernel never writes keep their value."""
     extra = {}
     if num_threads is not None:
         extra.update(num_threads=num_threads, thread_name="wg")
     if cluster > 1:
         extra.update(cluster=(cluster,), cluster_names=("cluster",))
-    return plgpu.kernel(
+    out_type = jax.ShapeDtypeStruct(out_shape, jnp.bfloat16)
+    f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
+        out_type=out_type if out_init is None else (),
         scratch_types=list(scratch),
         grid=grid,
         grid_names=grid_names,
@@ -238,6 +242,18 @@ def launch(kernel, *, out_shape, grid, grid_names, scratch=(), num_threads=None,
         interpret=interpret or None,
         **extra,
     )
+    if out_init is None:
+        return f
+    if (tuple(out_init.shape), out_init.dtype) != (tuple(out_shape), out_type.dtype):
+        raise ValueError(f"out_init must be bf16 of shape {tuple(out_shape)}, got "
+                         f"{out_init.dtype} {tuple(out_init.shape)}")
+
+    def run(*args):
+        out = jax.new_ref(out_init)  # the output operand, aliased: written in place
+        f(*args, out)
+        return out[...]
+
+    return run
 
 
 def num_sms() -> int:

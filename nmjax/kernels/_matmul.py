@@ -83,6 +83,7 @@ def sparse_matmul_24(
     transpose_out: bool = False,
     branch: Branch = "ptx",
     interpret: bool | object = False,
+    out_init: jax.Array | None = None,
 ) -> jax.Array:
     """``C = A @ b_t.T`` with A 2:4 sparse along K (packed), on Hopper's sparse tensor cores.
 
@@ -101,14 +102,17 @@ def sparse_matmul_24(
       branch: ``"ptx"`` (sparse tensor cores, sm_90a) or ``"emulate"`` (decompress + dense
         product; for interpret-mode tests).
       interpret: passed to :func:`plgpu.kernel` (e.g. ``plgpu.InterpretGPUParams()``).
+      out_init: bf16 of the result's shape for the kernel to write into; entries it does
+        not write keep these values (a diagnostic: poison it to find unwritten tiles).
+        ``None``: a fresh output.
 
     Returns:
       bf16 ``(M, N)`` (or ``(N, M)``), f32 accumulation.
 
     Raises:
       TypeError: ``a`` not a :class:`Packed24`, or ``config`` not a SparseMatmulConfig.
-      ValueError: dtypes other than bf16 / uint32, mismatched shapes, or shapes the
-        config's tiles do not divide.
+      ValueError: dtypes other than bf16 / uint32, mismatched shapes, shapes the
+        config's tiles do not divide, or ``out_init`` not bf16 of the result's shape.
     """
     config = SparseMatmulConfig() if config is None else config
     if not isinstance(config, SparseMatmulConfig):
@@ -136,8 +140,15 @@ def sparse_matmul_24(
     config.check(m, n, k)
     meta2d = meta.reshape(m // 64, 2 * k)
     t_kernel = transpose_out and config.transpose_in_kernel
+    if out_init is not None:
+        want = (n, m) if transpose_out else (m, n)
+        if tuple(out_init.shape) != want or out_init.dtype != jnp.bfloat16:
+            raise ValueError(f"out_init must be bf16 of the result's shape {want}, got "
+                             f"{out_init.dtype} {tuple(out_init.shape)}")
+        if transpose_out and not t_kernel:  # the kernel writes C, XLA transposes
+            out_init = out_init.T
     run = _ws.sparse_matmul_ws if config.warp_specialized else _v1.sparse_matmul_v1
     c = run(values, meta2d, b_t, config=config, transpose=t_kernel, branch=branch,
-            interpret=interpret)
+            interpret=interpret, out_init=out_init)
     return c.T if transpose_out and not t_kernel else c
 

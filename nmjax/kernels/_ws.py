@@ -24,7 +24,7 @@ from nmjax.kernels._wgmma_sp import mma_functions
 
 
 def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
-                     transpose: bool, branch: _common.Branch, interpret):
+                     transpose: bool, branch: _common.Branch, interpret, out_init=None):
     """``C = A @ b_t.T`` (or ``Cᵀ``); arguments as validated by
     :func:`nmjax.kernels.sparse_matmul_24` (``meta2d``: ``(M/64, 2K)`` uint32)."""
     m, n, k = values.shape[0], b_t.shape[0], b_t.shape[1]
@@ -131,5 +131,5 @@ def sparse_matmul_ws(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
         grid, grid_names = (m_iters, n_iters // cn), ("m", "n")
     f = _common.launch(kernel, out_shape=(n, m) if transpose else (m, n), grid=grid,
                        grid_names=grid_names, num_threads=nwg + 1, cluster=cn,
-                       interpret=interpret)
+                       interpret=interpret, out_init=out_init)
     return f(values, meta2d, b_t)
