@@ -545,6 +545,105 @@ def test_measured_table_written_by_the_gpu_script_round_trips(tmp_path, monkeypa
     assert K.pallas_backend().speedup(_problem()) == pytest.approx(1.25)
 
 
+def _bench_module():
+    sys.path.insert(0, ROOT)
+    return importlib.import_module("benchmarks.kernels")
+
+
+def _simulated_probe_output(bench, thread_map):
+    """What the sparse instruction returns for the probe (A: values 1, 2 per group; B = I)
+    when thread word ``thread_map(row, slice_group)`` supplies the (row, group) nibble:
+    ``C (64, 128)`` with a 1 and a 2 at the two positions of each group."""
+    words = bench.probe_words()[0, 0]
+    c = np.zeros((64, 128), np.float32)
+    for r in range(64):
+        for grp in range(8):  # group of a k32 slice: 4q + j
+            t, shift = thread_map(r, grp)
+            for s in range(4):
+                nib = (int(words[t, s]) >> shift) & 0xF
+                c[r, 32 * s + 4 * grp + (nib & 3)] = 1
+                c[r, 32 * s + 4 * grp + (nib >> 2)] = 2
+    return c
+
+
+def _h100_map(r, grp):
+    """The thread map verified on an H100: row 16w + 8h + g, group 4q + j <- word 16w + 2g + q,
+    bits 16h + 4j."""
+    w, h, g, q, j = r // 16, (r % 16) // 8, r % 8, grp // 4, grp % 4
+    return 16 * w + 2 * g + q, 16 * h + 4 * j
+
+
+def test_probe_decodes_the_verified_layout_and_reports_a_wrong_one():
+    bench = _bench_module()
+    assert bench.probe_result(_simulated_probe_output(bench, _h100_map), 1) == dict(
+        decodable=True, matches_layout=True)
+    # an instruction taking rows g and g + 8 from the other half-word: the decoded slot map
+    swapped = lambda r, grp: (_h100_map(r, grp)[0], _h100_map(r ^ 8, grp)[1])  # noqa: E731
+    c = _simulated_probe_output(bench, swapped)
+    res = bench.probe_result(np.concatenate([_simulated_probe_output(bench, _h100_map), c]), 2)
+    assert res["decodable"] and not res["matches_layout"]
+    (blk,) = res["blocks"]
+    assert blk["block"] == 1 and blk["mismatches"] == 64 * 8
+    found = np.array(blk["slot_map"])
+    want = bench.probe_expected()
+    np.testing.assert_array_equal(found, want[np.arange(64) ^ 8])
+    r, g, exp, got = blk["first"][0]
+    assert (exp, got) == (want[r, g], want[r ^ 8, g])
+
+
+def test_error_map_locates_bad_cells_nan_and_unwritten_entries():
+    bench = _bench_module()
+    m, n = 256, 384  # A rows (4 blocks of 64) x C columns (3 tiles of 128)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((n, m)).astype(np.float32)  # (N, M) as the check runs
+    out = ref.copy()
+    out[130:140, 70:80] += 1.0  # column tile 1, row block 1
+    out[5, 200] = np.nan  # column tile 0, row block 3
+    poisoned = out.copy()
+    poisoned[256:384, 0:64] = bench.POISON  # tile 2 of row block 0 left unwritten
+    e = bench.error_map(out, ref, poisoned)
+    assert e["shape_mn"] == [m, n] and e["cells"] == 12 and e["bad_cells"] == 2
+    assert e["nan"] == 1 and e["inf"] == 0
+    assert [x == np.inf for x in e["worst_per_row_block"]] == [False, False, False, True]
+    assert e["worst_per_row_block"][1] > 1e-2 > e["worst_per_row_block"][0]
+    assert e["worst_per_col_tile"][0] == np.inf and e["worst_per_col_tile"][1] > 1e-2
+    assert e["worst_per_col_tile"][2] < 1e-2
+    assert e["unwritten"] == 128 * 64
+    assert e["unwritten_per_row_block"] == [128 * 64, 0, 0, 0]
+    assert e["unwritten_per_col_tile"] == [0, 0, 128 * 64]
+
+
+def test_bench_variants_are_the_fastest_correct_ones_that_tile_the_shape(tmp_path):
+    bench = _bench_module()
+    recs = [dict(step="check", item="ws_pt", ok=True), dict(step="check", item="ws", ok=True),
+            dict(step="check", item="ws64", ok=False), dict(step="check", item="v1", ok=True),
+            dict(step="check", item="ws64_n256", ok=True),
+            dict(step="rank", item="ws_pt", rank_ratio=1.4),
+            dict(step="rank", item="ws", rank_ratio=1.3),
+            dict(step="rank", item="v1", rank_ratio=0.8)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ranked = bench.ranked_variants(str(path))
+    assert ranked == ["ws_pt", "ws", "v1", "ws64_n256"]
+    # K = 4096: 32 k-tiles, not a multiple of ws_pt's 3 stages
+    assert bench.bench_variants(ranked, (8192, 8192, 4096), 3) == ["ws", "v1", "ws64_n256"]
+    assert bench.bench_variants(ranked, (3072, 8192, 768), 2) == ["ws_pt", "ws"]
+    assert bench.bench_variants([], (4096, 4096, 4096), 3) == ["v1"]
+
+
+def test_check_shapes_tile_every_variant_with_several_tiles_per_cta():
+    bench = _bench_module()
+    assert len(bench.CHECK_SHAPES) == 2
+    for name, cfg in K.VARIANTS.items():
+        for m, n, k in bench.CHECK_SHAPES:
+            assert cfg.shape_error(m, n, k) is None, (name, (m, n, k))
+            units = (m // cfg.cta_m) * (n // (cfg.tile_n * cfg.cluster_n))
+            assert units > 132 // cfg.cluster_n and k // 128 > cfg.max_concurrent_steps
+    order = list(bench.CHECK_ORDER)
+    assert order[:3] == ["v1", "ws64", "ws"] and order[-2:] == ["ws_pt", "ws_mc"]
+    assert sorted(order) == sorted(K.VARIANTS)
+
+
 def test_shipped_measured_table_is_well_formed():
     for kind, table in K.measured_table().items():
         assert isinstance(kind, str) and table["entries"] is not None
