@@ -268,7 +268,8 @@ def test_every_variant_emulated_in_interpret_mode(name):
     # warpgroups (ws64_mc, ws64_mc_pt and the tiling tests), ws_mc itself on one tile.
     tiles = 1 if name == "ws_mc" else 2
     m, n = tiles * cfg.cta_m, cfg.tile_n * cfg.cluster_n
-    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles else 2)
+    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles and cfg.cluster_n > 1
+               else 2)
     if cfg.warp_specialized and cfg.persistent:
         cfg = dataclasses.replace(cfg, max_ctas=cfg.cluster_n)
     a, mask = _data(m + n + k, m, k)
@@ -317,10 +318,18 @@ def test_v1_tiling_emulated(m, n, k, tm, tn, stages, transpose_out):
     (256, 128, 384, True, dict(max_ctas=3, grid_tile_width=1)),
     (256, 128, 128, False, dict(max_ctas=2, epilogue_n=16, epilogue_slots=2)),
     (384, 192, 128, True, dict(max_ctas=4, grid_order="grouped", grid_tile_width=2)),
-    # the producer streams across 3 tiles of one CTA (START, STEADY, STOP)
+    # one pipeline across the tiles of a CTA (slot and phase carried): 3 tiles of one CTA
     (384, 64, 512, True, dict(max_ctas=1, pipeline_across_tiles=True)),
-    # 4 tiles: the grid is capped at 2 CTAs so that each has a START and a STOP tile
-    (256, 128, 256, False, dict(pipeline_across_tiles=True)),
+    # 6 tiles over 2 CTAs, 3 k-tiles per tile, 2 stages: K / 128 not a multiple of them
+    (384, 128, 384, True, dict(max_ctas=2, pipeline_across_tiles=True)),
+    # 6 tiles over 4 CTAs (2, 2, 1, 1 tiles), 5 k-tiles, 3 stages
+    (256, 192, 640, False, dict(max_ctas=4, pipeline_across_tiles=True,
+                                max_concurrent_steps=3)),
+    # one tile, one k-tile (fewer steps than stages), 128-row warpgroups
+    (256, 64, 128, True, dict(tile_m=128, max_ctas=1, pipeline_across_tiles=True)),
+    # with a cluster, Pallas' pipeline states: the grid is capped at 2 clusters so that each
+    # has a START and a STOP tile
+    (256, 256, 256, False, dict(pipeline_across_tiles=True, cluster_n=2)),
     # 1x2 clusters multicasting A: 2 clusters over 3x2 tiles, and one CTA pair alone
     (384, 256, 256, False, dict(max_ctas=4, cluster_n=2)),
     (128, 128, 256, True, dict(persistent=False, cluster_n=2)),
@@ -366,11 +375,14 @@ def test_config_shape_errors():
     assert "multiples of (256, 128, 128)" in ws.shape_error(128, 128, 128)
     mc = K.VARIANTS["ws64_mc"]
     assert "(128, 256, 128)" in mc.shape_error(128, 128, 128)
-    pt = K.VARIANTS["ws64_pt"]
-    assert pt.shape_error(256, 128, 512) is None
-    assert "multiple of max_concurrent_steps=4" in pt.shape_error(128, 128, 768)
-    assert "at least 2 output tiles" in pt.shape_error(128, 128, 512)
-    assert pt.shape_error(128, 256, 512) is None
+    pt = K.VARIANTS["ws64_mc_pt"]  # Pallas' pipeline states (with a cluster)
+    assert pt.shape_error(256, 256, 512) is None
+    assert "multiple of max_concurrent_steps=4" in pt.shape_error(256, 256, 768)
+    assert "at least 2 output tiles" in pt.shape_error(128, 256, 512)
+    for name in ("ws64_pt", "ws_pt"):  # the carried pipeline: any K, any tile count
+        cfg = K.VARIANTS[name]
+        assert cfg.shape_error(cfg.cta_m, 128, 128) is None
+        assert cfg.shape_error(cfg.cta_m, 128, 640) is None
 
 
 def test_kernel_rejects_bad_input():
@@ -402,7 +414,7 @@ def _lower(cfg, m, n, k, transpose_out=True):
     ).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("name", ["v1", "ws64_mc_pt", "ws64_n256"])
+@pytest.mark.parametrize("name", ["v1", "ws64_mc_pt", "ws64_n256", "ws_pt"])
 def test_ptx_branch_lowers_with_sparse_wgmma(name):
     cfg = K.VARIANTS[name]
     text = _lower(cfg, 2 * cfg.cta_m, 2 * cfg.tile_n * cfg.cluster_n, 1536).as_text()
