@@ -44,15 +44,17 @@ VARIANTS: dict[str, SparseMatmulConfig] = {
     "ws64": _WS64,
     # + a 1x2 cluster sharing A and metadata by TMA multicast
     "ws64_mc": dataclasses.replace(_WS64, cluster_n=2),
-    # + the producer streaming into the next tile (K a multiple of 512)
+    # + one pipeline across the CTA's tiles (slot and phase carried; any K): the producer
+    # loads the next tile during the epilogue
     "ws64_pt": dataclasses.replace(_WS64, pipeline_across_tiles=True),
+    # ws64_mc + the producer streaming into the next tile (K a multiple of 512)
     "ws64_mc_pt": dataclasses.replace(_WS64, cluster_n=2, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 128x128 (CTA 256x128, B shared), 3 stages, persistent;
     # 2 16-byte metadata loads, one arrive, 8 chained HGMMA.SP per k-tile
     "ws": _WS,
     # + a 1x2 cluster sharing A and metadata (per CTA 50 KiB per k-tile instead of 68)
     "ws_mc": dataclasses.replace(_WS, cluster_n=2),
-    # + the producer streaming into the next tile (K a multiple of 384)
+    # + one pipeline across the CTA's tiles (slot and phase carried; any K)
     "ws_pt": dataclasses.replace(_WS, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 64x256 (CTA 128x256, m64n256 instructions), 2 stages
     "ws64_n256": dataclasses.replace(_WS64, tile_n=256, max_concurrent_steps=2),
