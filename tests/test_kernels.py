@@ -627,19 +627,20 @@ def test_error_map_locates_bad_cells_nan_and_unwritten_entries():
 
 def test_bench_variants_are_the_fastest_correct_ones_that_tile_the_shape(tmp_path):
     bench = _bench_module()
-    recs = [dict(step="check", item="ws_pt", ok=True), dict(step="check", item="ws", ok=True),
+    recs = [dict(step="check", item="ws64_mc_pt", ok=True),
+            dict(step="check", item="ws", ok=True),
             dict(step="check", item="ws64", ok=False), dict(step="check", item="v1", ok=True),
             dict(step="check", item="ws64_n256", ok=True),
-            dict(step="rank", item="ws_pt", rank_ratio=1.4),
+            dict(step="rank", item="ws64_mc_pt", rank_ratio=1.4),
             dict(step="rank", item="ws", rank_ratio=1.3),
             dict(step="rank", item="v1", rank_ratio=0.8)]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     ranked = bench.ranked_variants(str(path))
-    assert ranked == ["ws_pt", "ws", "v1", "ws64_n256"]
-    # K = 4096: 32 k-tiles, not a multiple of ws_pt's 3 stages
-    assert bench.bench_variants(ranked, (8192, 8192, 4096), 3) == ["ws", "v1", "ws64_n256"]
-    assert bench.bench_variants(ranked, (3072, 8192, 768), 2) == ["ws_pt", "ws"]
+    assert ranked == ["ws64_mc_pt", "ws", "v1", "ws64_n256"]
+    # K = 768: 6 k-tiles, not a multiple of ws64_mc_pt's 4 stages
+    assert bench.bench_variants(ranked, (3072, 8192, 768), 3) == ["ws", "v1", "ws64_n256"]
+    assert bench.bench_variants(ranked, (8192, 8192, 8192), 2) == ["ws64_mc_pt", "ws"]
     assert bench.bench_variants([], (4096, 4096, 4096), 3) == ["v1"]
 
 
