@@ -1,7 +1,7 @@
 """The cuSPARSELt backend on a GPU: build, correctness, plan cache, timings, speedup table.
 
   PYTHONPATH=. python3 benchmarks/gpu_cusparselt.py OUT.jsonl [--table T.json] [--md T.md]
-      [--prebuilt LIB.so] [--quick] [--iters 20]
+      [--prebuilt LIB.so] [--quick] [--iters 20] [--append]
 
 Steps, each guarded (a failure is recorded and the next step runs), each appending one JSON
 line to OUT.jsonl as soon as it ends:
@@ -15,11 +15,15 @@ line to OUT.jsonl as soon as it ends:
 5. ``nm_dense``: forward + backward (y, dx, dw) through ``nmjax.ops.nm_dense`` with the backend
    against the reference backend (a local ``custom_vjp`` of the same contract if this
    ``nmjax.ops`` does not take a Backend value).
-6. ``layer``: ``nm_dense`` forward + backward vs dense XLA, the reference and Pallas.
-7. ``gemm``: each product vs dense XLA bf16 (and the Pallas backend where it runs) in this
+6. ``gemm``: each product vs dense XLA bf16 (and the Pallas backend where it runs) in this
    process; rewrites ``--table`` (the speedup table ``"auto"`` reads) after every shape.
+7. ``layer``: ``nm_dense`` forward + backward vs dense XLA, the reference and Pallas.
 
-Steps 6 and 7 also write one line per measurement (and refresh ``--md``) as they go.
+Steps 6 and 7 also write one line per measurement (and refresh ``--md``) as they go; the
+GEMMs come first, so a run cut short still leaves the speedup table. ``--quick`` (the GPU
+check's budget) trims the correctness cases to one per mask kind, bf16 (plus one fp16), and
+the shapes. ``--append`` adds the lines to OUT.jsonl (another script's, e.g. the GPU check's
+``results.jsonl``) with each step named ``cusparselt <step>`` instead of starting it afresh.
 
 Timing: CUPTI kernel time (``jax.experimental.mosaic.gpu.profiler.measure``, as
 ``benchmarks/kernels.py``), median of ``--iters`` runs after a warm-up (which includes the
@@ -78,19 +82,29 @@ FP16_SHAPES = [(4096, 4096, 4096), (4096, 8192, 4096)]
 LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # (rows, in, out)
 QUICK = dict(gemm=[(4096, 4096, 4096), (3072, 8192, 768)], perm=[(3072, 8192, 768)],
              fp16=[], layer=[(8192, 768, 3072)])
+QUICK_CORRECT_CASES = [  # one per mask kind, the odd-multiple shape, one fp16
+    ((24, 64, 48), ("bfloat16", "float16"), "transposable"),
+    ((256, 512, 768), ("bfloat16",), "bimask"),
+    ((512, 768, 3072), ("bfloat16",), "nm"),
+    ((128, 256, 512), ("bfloat16",), "one_of_four"),
+    ((128, 256, 512), ("bfloat16",), "zeros_kept"),
+]
 TOL = 1e-2  # relative Frobenius error of a bf16/fp16 result with fp32 accumulation
 
 
 class Recorder:
     """Appends one JSON line per step to the results file, as it goes."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, append: bool = False):
+        self.path, self.prefix = path, "cusparselt " if append else ""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        if not append:
+            path.write_text("")
         self.failed: list[str] = []
 
     def write(self, record: dict) -> None:
+        if self.prefix and "step" in record:
+            record = {**record, "step": self.prefix + record["step"]}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         print(json.dumps(record, default=str)[:2000], flush=True)
@@ -223,10 +237,10 @@ def step_build(prebuilt: str | None) -> dict:
     return out
 
 
-def step_correct() -> dict:
+def step_correct(cases=CORRECT_CASES) -> dict:
     results, worst = [], 0.0
     key = jax.random.key(0)
-    for (rows, n_in, n_out), dtypes, kind in CORRECT_CASES:
+    for (rows, n_in, n_out), dtypes, kind in cases:
         for dtype_name in dtypes:
             dtype = jnp.dtype(dtype_name)
             key, k1, k2 = jax.random.split(key, 3)
@@ -508,16 +522,19 @@ def main(argv=None) -> int:
     ap.add_argument("--prebuilt", default=None,
                     help="handler library to use if it cannot be built on this machine")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="fewer shapes (about a minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer correctness cases and shapes (under a minute)")
+    ap.add_argument("--append", action="store_true",
+                    help="append to RESULTS, steps named 'cusparselt <step>'")
     args = ap.parse_args(argv)
 
-    rec = Recorder(args.results)
+    rec = Recorder(args.results, append=args.append)
     rec.step("env", step_env)
     build = rec.step("build", step_build, args.prebuilt)
     if build is None:
         print("gpu_cusparselt: the library is not usable here; see the build record", flush=True)
         return 2
-    rec.step("correct", step_correct)
+    rec.step("correct", step_correct, QUICK_CORRECT_CASES if args.quick else CORRECT_CASES)
     rec.step("plans", step_plans)
     rec.step("nm_dense", step_nm_dense)
     table = Table(args.table)
@@ -533,8 +550,8 @@ def main(argv=None) -> int:
             args.md.write_text(markdown(build, dict(rows=so_far["gemm"]),
                                         dict(rows=so_far["layer"])))
 
-    rec.step("layer", step_layer, q["layer"], max(5, args.iters // 2), emit)
     rec.step("gemm", step_gemm, table, q["gemm"], q["perm"], q["fp16"], args.iters, emit)
+    rec.step("layer", step_layer, q["layer"], max(5, args.iters // 2), emit)
     rec.write(dict(step="done", failed=rec.failed))
     return 1 if rec.failed else 0
 

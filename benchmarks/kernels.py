@@ -4,8 +4,11 @@ Each subcommand appends one JSON record per item to ``--jsonl`` as soon as it ha
 ``--resume`` skips the items a killed run already started (a hung kernel costs one item, not
 the step): ``benchmarks/gpu_check.sh`` runs them in order under one time budget.
 
-  probe   metadata-layout probe of each metadata read path (B = identity, C decoded)
-  check   correctness of each variant (4 shapes, rel. error vs fp32 < 1e-2) and a rank timing
+  probe   metadata-layout probe of each metadata read path (B = identity, C decoded); the
+          decoded 64x8 slot map of every block that differs from the expected layout
+  check   correctness of each variant (2 shapes, rel. error vs fp32 < 1e-2), then, as separate
+          items, the error map of a failed check (per 64-row block and 128-column tile, NaN
+          and unwritten counts with a poisoned output) and the variant's rank timing
   bench   GEMM TFLOP/s of the best variants beside dense XLA, torch dense (cuBLAS) and torch's
           2:4 GEMMs (cuSPARSELt, CUTLASS), in this process; the pack costs
   layer   nm_dense forward + backward vs dense, and the sparse products with static masks
@@ -51,8 +54,12 @@ from nmjax.masks import nm_mask  # noqa: E402
 
 _NT = (((1,), (1,)), ((), ()))  # contract axis 1 of both: (N, K) x (M, K) -> (N, M)
 
-CHECK_SHAPES = [(256, 256, 1536), (768, 512, 3072), (4096, 2048, 1536), (2048, 4096, 4608)]
+# Every variant tiles both (M: 256, N: 256, K / 128 a multiple of 3 and 4); on 132 SMs each
+# is multi-CTA with CTAs looping over 2 tiles, and 12 or 36 k-tiles per tile.
+CHECK_SHAPES = [(4096, 2048, 1536), (2048, 4096, 4608)]
 RANK_SHAPE = (8192, 8192, 7680)  # every variant tiles it (K / 128 = 60 steps: 3 and 4 divide)
+ERR_TOL = 1e-2
+POISON = float(jnp.finfo(jnp.bfloat16).min)  # what a diagnostic output holds where unwritten
 BENCH_SHAPES = [  # (M, N, K) of the backend's GEMM: M = out (fwd) or in (dX), N = tokens
     (8192, 8192, 8192), (4096, 4096, 4096),
     (3072, 8192, 768),  # MLP fc1: 8192 tokens, 768 -> 3072
@@ -60,13 +67,15 @@ BENCH_SHAPES = [  # (M, N, K) of the backend's GEMM: M = out (fwd) or in (dX), N
 ]
 LAYER_SHAPES = [(8192, 4096, 4096), (8192, 768, 3072), (8192, 3072, 768)]  # rows, in, out
 PROBE_VARIANTS = ("v1", "v1_mf", "ws64", "ws", "ws64_mc")  # distinct metadata read paths
-# most promising first (by the SASS and the smem traffic per flop), v1 last: if the step's
-# time runs out, the variants that matter have been checked
-CHECK_ORDER = ("ws_pt", "ws64_pt", "ws64_mc_pt", "ws", "ws_mc", "ws64", "ws64_mc",
-               "ws64_n256", "v1_mf", "v1")
+# v1 (the one variant correct on hardware so far) and the two main warp-specialised tiles
+# first; the clusters and ws_pt last (ws_mc hangs now and then in interpret mode): if the
+# step's time runs out or one item hangs, the variants that matter have been checked
+CHECK_ORDER = ("v1", "ws64", "ws", "v1_mf", "ws64_n256", "ws64_pt", "ws64_mc", "ws64_mc_pt",
+               "ws_pt", "ws_mc")
 TIMING = dict(reps=5)
 # --smoke (CPU): the emulation branch in interpret mode on small shapes, to test this script
 KERNEL_KW: dict = {}
+FAULT = [""]  # --smoke --fault: the variant whose check reference is made wrong
 SMOKE_SHAPES = [(256, 256, 1536), (512, 256, 1536)]
 
 
@@ -222,13 +231,33 @@ def probe(name: str) -> dict:
     packed = Packed24(jnp.asarray(values, jnp.bfloat16), jnp.asarray(meta))
     b_t = jnp.eye(n, k, dtype=jnp.bfloat16)
     c = np.asarray(kernel_fn(cfg, False)(*packed, b_t), np.float32)
+    return probe_result(c, m // 64)
+
+
+def probe_result(c: np.ndarray, blocks: int) -> dict:
+    """``decodable`` and ``matches_layout`` of the probe's output ``C (64 * blocks, >= 128)``;
+    for each 64-row block that differs, its decoded slot map: ``slot_map[row][group] =
+    8 * word + nibble`` (the thread word and nibble the instruction took that row's group
+    from, if every k32 slice agrees; -1: undecodable), its mismatch count and the first 8
+    mismatches as ``[row, group, expected, found]``."""
     hyp = probe_expected()
-    ok, match = True, True
-    for b in range(m // 64):
+    ok, match, diffs = True, True, []
+    for b in range(blocks):
         dec, found = probe_decode(c[64 * b: 64 * b + 64, :128])
         ok &= dec
-        match &= bool(dec and np.array_equal(found, hyp))
-    return dict(decodable=bool(ok), matches_layout=bool(match))
+        same = bool(dec and np.array_equal(found, hyp))
+        match &= same
+        if not same:
+            rows, groups = np.nonzero(found != hyp)
+            diffs.append(dict(
+                block=b, decodable=bool(dec), mismatches=int(rows.size),
+                first=[[int(r), int(g), int(hyp[r, g]), int(found[r, g])]
+                       for r, g in zip(rows[:8], groups[:8], strict=True)],
+                slot_map=found.tolist()))
+    res = dict(decodable=bool(ok), matches_layout=bool(match))
+    if diffs:
+        res["blocks"] = diffs
+    return res
 
 
 def run_probe(args, rec: Records):
@@ -245,9 +274,7 @@ def run_probe(args, rec: Records):
 
 
 # -------------------------------------------------------------------------- check
-def run_check(args, rec: Records):
-    """Per variant: rel. error on CHECK_SHAPES (underfilled masks, the transposed output the
-    backend runs), then kernel vs dense XLA time at RANK_SHAPE."""
+def _check_cases():
     key = jax.random.key(3)
     cases = []
     for (m, n, k) in CHECK_SHAPES:
@@ -258,36 +285,125 @@ def run_check(args, rec: Records):
                                   jnp.where(mask, a, 0).astype(jnp.float32), _NT,
                                   precision=jax.lax.Precision.HIGHEST)
         cases.append(((m, n, k), packed, b_t, ref))
-    rank = None
+    return cases
+
+
+def run_check(args, rec: Records):
+    """Per variant (CHECK_ORDER), three items, each recorded before the next starts: "check"
+    (rel. error on CHECK_SHAPES with underfilled masks, the transposed output the backend
+    runs), "diag" (only after a failed check: :func:`error_map` of each failed shape, the
+    output poisoned first) and "rank" (kernel vs dense XLA time at RANK_SHAPE, correct
+    variants only)."""
+    cases = _check_cases()
+    rank = {}
+    if FAULT[0]:  # the error map's test: A's rows 64..127 x C's columns 0..127 off by 1
+        wrong = [(s, p, b, ref.at[:128, 64:128].add(1.0)) for s, p, b, ref in cases]
     order = [*CHECK_ORDER, *(v for v in VARIANTS if v not in CHECK_ORDER)]
     for name in args.variants or order:
-        if not rec.start("check", name):
-            continue
         cfg = VARIANTS[name]
-        with watchdog(args.item_timeout):
-            t0 = time.time()
-            errs, error = {}, None
-            try:
-                for (m, n, k), packed, b_t, ref in cases:
-                    if cfg.shape_error(m, n, k):
-                        continue
-                    out = kernel_fn(cfg)(packed.values, packed.meta, b_t)
-                    errs[f"{m}x{n}x{k}"] = rel_err(out, ref)
-            except Exception as e:  # noqa: BLE001
-                error = f"{type(e).__name__}: {str(e)[:400]}"
-            worst = max(errs.values(), default=float("inf"))
-            ok = error is None and len(errs) == len(cases) and worst < 1e-2
-            res = dict(step="check", item=name, ok=ok, worst_err=worst, errs=errs,
-                       error=error, check_seconds=round(time.time() - t0, 1))
-            if ok:
-                if rank is None:
-                    rank = _rank_case()
-                a_masked, packed, b_t, dense_ms = rank
-                ms = time_ms(kernel_fn(cfg), packed.values, packed.meta, b_t, iters=args.iters)
-                res.update(rank_shape=list(RANK_SHAPE), rank_ms=ms, rank_dense_ms=dense_ms,
-                           rank_ratio=dense_ms / ms,
-                           rank_tflops=2 * np.prod(RANK_SHAPE, dtype=float) / ms / 1e9)
-            rec.add(**res)
+        failed, ok = [], _previous_ok(rec.path, name)
+        if rec.start("check", name):
+            with watchdog(args.item_timeout):
+                res, failed = _check_variant(name, cfg, wrong if name == FAULT[0] else cases)
+                rec.add(**res)
+                ok = res["ok"]
+        if failed and rec.start("diag", name):
+            with watchdog(args.item_timeout):
+                rec.add(step="diag", item=name, **_diagnose(cfg, failed))
+        if ok and rec.start("rank", name):
+            with watchdog(args.item_timeout):
+                rec.add(**_rank_variant(name, cfg, rank, args.iters))
+
+
+def _previous_ok(path: str, name: str) -> bool:
+    """Whether an earlier run's check of ``name`` in ``path`` passed (for --resume)."""
+    ok = False
+    if os.path.exists(path):
+        for line in open(path):
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if r.get("step") == "check" and r.get("item") == name and "ok" in r:
+                    ok = bool(r["ok"])
+    return ok
+
+
+def _check_variant(name, cfg, cases):
+    """The check record of one variant and its failed cases ``(shape, out, ref)`` (host)."""
+    t0 = time.time()
+    errs, error, failed = {}, None, []
+    try:
+        for (m, n, k), packed, b_t, ref in cases:
+            if cfg.shape_error(m, n, k):
+                continue
+            out = kernel_fn(cfg)(packed.values, packed.meta, b_t)
+            err = rel_err(out, ref)
+            errs[f"{m}x{n}x{k}"] = err
+            if not err < ERR_TOL:
+                failed.append(((m, n, k), packed, b_t, np.asarray(out, np.float32),
+                               np.asarray(ref, np.float32)))
+    except Exception as e:  # noqa: BLE001  (record the failure, go on)
+        error = f"{type(e).__name__}: {str(e)[:400]}"
+    worst = max(errs.values(), default=float("inf"))
+    ok = error is None and len(errs) == len(cases) and worst < ERR_TOL
+    return dict(step="check", item=name, ok=ok, worst_err=worst, errs=errs, error=error,
+                check_seconds=round(time.time() - t0, 1)), failed
+
+
+def error_map(out: np.ndarray, ref: np.ndarray, poisoned: np.ndarray | None = None) -> dict:
+    """Where a kernel's ``out`` differs from ``ref`` (both ``(N, M)``, the transposed output
+    the check runs): per 64-row block of A (``M / 64``) and per 128-column tile of C
+    (``N / 128``) the worst relative error of its 64x128 cells (‖out − ref‖ / ‖ref‖ per cell;
+    ``inf`` where ``out`` is not finite), the NaN and infinity counts, and with ``poisoned``
+    (the output of a run writing into a buffer filled with POISON) the count of entries left
+    unwritten, per block and per tile."""
+    c, r = out.T.astype(np.float64), ref.T.astype(np.float64)  # (M, N): A's rows first
+    m, n = r.shape
+    cells = lambda x: x.reshape(m // 64, 64, n // 128, 128)  # noqa: E731
+    num = np.sqrt(np.nansum(cells(c - r) ** 2, axis=(1, 3)))
+    den = np.sqrt(np.sum(cells(r) ** 2, axis=(1, 3)))
+    bad = ~np.isfinite(cells(c)).all(axis=(1, 3))
+    err = np.where(bad, np.inf, num / np.maximum(den, 1e-30))
+    res = dict(shape_mn=[m, n], cell=[64, 128],
+               worst_per_row_block=[float(f"{e:.2e}") for e in err.max(axis=1)],
+               worst_per_col_tile=[float(f"{e:.2e}") for e in err.max(axis=0)],
+               bad_cells=int((err >= ERR_TOL).sum()), cells=int(err.size),
+               nan=int(np.isnan(c).sum()), inf=int(np.isinf(c).sum()))
+    if poisoned is not None:
+        left = cells(poisoned.T == POISON).sum(axis=(1, 3))
+        res.update(unwritten=int(left.sum()),
+                   unwritten_per_row_block=left.sum(axis=1).tolist(),
+                   unwritten_per_col_tile=left.sum(axis=0).tolist())
+    return res
+
+
+def _diagnose(cfg, failed) -> dict:
+    """:func:`error_map` of each failed case, with a run into a poisoned output."""
+    maps = {}
+    for (m, n, k), packed, b_t, out, ref in failed:
+        poisoned, why = None, None
+        try:
+            init = jnp.full((n, m), POISON, jnp.bfloat16)
+            poisoned = np.asarray(jax.jit(lambda v, mt, b, i: sparse_matmul_24(
+                Packed24(v, mt), b, config=cfg, transpose_out=True, out_init=i,
+                **KERNEL_KW))(packed.values, packed.meta, b_t, init), np.float32)
+        except Exception as e:  # noqa: BLE001  (the map without the unwritten count)
+            why = f"{type(e).__name__}: {str(e)[:300]}"
+        maps[f"{m}x{n}x{k}"] = dict(error_map(out, ref, poisoned), poison_error=why)
+    return dict(maps=maps)
+
+
+def _rank_variant(name, cfg, rank, iters) -> dict:
+    """Kernel vs dense XLA time at RANK_SHAPE (the dense time and operands made once)."""
+    if not rank:
+        rank.update(zip(("a_masked", "packed", "b_t", "dense_ms"), _rank_case(), strict=True))
+    try:
+        ms = time_ms(kernel_fn(cfg), rank["packed"].values, rank["packed"].meta, rank["b_t"],
+                     iters=iters)
+    except Exception as e:  # noqa: BLE001
+        return dict(step="rank", item=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+    return dict(step="rank", item=name, rank_shape=list(RANK_SHAPE), rank_ms=ms,
+                rank_dense_ms=rank["dense_ms"], rank_ratio=rank["dense_ms"] / ms,
+                rank_tflops=2 * np.prod(RANK_SHAPE, dtype=float) / ms / 1e9)
 
 
 def _rank_case():
@@ -298,16 +414,27 @@ def _rank_case():
     return a_masked, packed, b_t, time_ms(jax.jit(dense_xla), a_masked, b_t)
 
 
-def best_variants(check_jsonl: str, top: int) -> list[str]:
-    """The ``top`` correct variants by rank-shape speed (the last record of each wins)."""
-    last = {}
-    for line in open(check_jsonl):
-        r = json.loads(line)
-        if r.get("step") == "check" and "ok" in r:
-            last[r["item"]] = r
-    good = [r for r in last.values() if r["ok"] and r.get("rank_ratio")]
-    good.sort(key=lambda r: -r["rank_ratio"])
-    return [r["item"] for r in good[:top]] or ["v1"]
+def ranked_variants(check_jsonl: str) -> list[str]:
+    """The correct variants, fastest at the rank shape first (then the correct ones without a
+    rank timing, in check order); the last record of each item wins."""
+    checks, ranks = {}, {}
+    if check_jsonl and os.path.exists(check_jsonl):
+        for line in open(check_jsonl):
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if r.get("step") == "check" and "ok" in r:
+                    checks[r["item"]] = r
+                elif r.get("step") == "rank" and r.get("rank_ratio"):
+                    ranks[r["item"]] = r["rank_ratio"]
+    good = [v for v, r in checks.items() if r["ok"]]
+    return (sorted((v for v in good if v in ranks), key=lambda v: -ranks[v])
+            + [v for v in good if v not in ranks])
+
+
+def bench_variants(ranked: list[str], shape, top: int) -> list[str]:
+    """The first ``top`` of ``ranked`` that tile ``shape`` (v1 if none was checked)."""
+    fits = [v for v in ranked if VARIANTS[v].shape_error(*shape) is None]
+    return fits[:top] if ranked else ["v1"]
 
 
 # -------------------------------------------------------------------------- bench
@@ -345,16 +472,21 @@ def _torch_peers(m, n, k, iters):
         out[name] = min(timed) if timed else res[0]
 
     best("torch dense", lambda b: torch.mm(a, b))
+    packed = None
     try:
         packed = torch._cslt_compress(a)
         best("torch cuSPARSELt", lambda b: torch._cslt_sparse_mm(packed, b))
-        if hasattr(torch, "_cslt_sparse_mm_search"):
+    except Exception as e:  # noqa: BLE001
+        out["torch cuSPARSELt"] = (None, None, f"{type(e).__name__}: {str(e)[:200]}")
+    if packed is not None and hasattr(torch, "_cslt_sparse_mm_search"):
+        try:  # its own try: a failing search keeps the default timing above
             alg = torch._cslt_sparse_mm_search(packed, layouts["B row-major"])
             alg = alg[0] if isinstance(alg, tuple) else alg
             best(f"torch cuSPARSELt (alg {alg}, searched)",
                  lambda b: torch._cslt_sparse_mm(packed, b, alg_id=alg))
-    except Exception as e:  # noqa: BLE001
-        out["torch cuSPARSELt"] = (None, None, f"{type(e).__name__}: {str(e)[:200]}")
+        except Exception as e:  # noqa: BLE001
+            out["torch cuSPARSELt (searched)"] = (None, None,
+                                                  f"{type(e).__name__}: {str(e)[:200]}")
     try:
         SparseSemiStructuredTensor._FORCE_CUTLASS = True
         sp = to_sparse_semi_structured(a)
@@ -365,11 +497,12 @@ def _torch_peers(m, n, k, iters):
 
 
 def run_bench(args, rec: Records):
-    names = args.variants or best_variants(args.check_jsonl, args.top)
-    rec.add(step="bench", item="variants", variants=names)
+    ranked = args.variants or ranked_variants(args.check_jsonl)
     key = jax.random.key(1)
     for (m, n, k) in BENCH_SHAPES:
         shape = f"{m}x{n}x{k}"
+        names = bench_variants(ranked, (m, n, k), args.top)
+        rec.add(step="bench", item=f"{shape} variants", variants=names)
         key, sub = jax.random.split(key)
         a, mask, b_t = random_case(sub, m, n, k)
         a_masked = jnp.where(mask, a, 0).astype(jnp.bfloat16)
@@ -383,7 +516,7 @@ def run_bench(args, rec: Records):
                         ms=ms, tflops=flops / ms / 1e9)
         for name in names:
             cfg = VARIANTS[name]
-            if cfg.shape_error(m, n, k) or not rec.start("gemm", f"{shape} {name}"):
+            if not rec.start("gemm", f"{shape} {name}"):
                 continue
             with watchdog(args.item_timeout):
                 f = kernel_fn(cfg)
@@ -594,6 +727,8 @@ def run_table(args, _rec=None):
                   "share of the two sparse GEMMs it feeds ('sparse GEMMs (fwd + dX)')."]
     checks = [r for r in recs if r.get("step") == "check"]
     probes = [r for r in recs if r.get("step") == "probe"]
+    ranks = {r["item"]: r for r in recs if r.get("step") == "rank"}
+    diags = {r["item"]: r for r in recs if r.get("step") == "diag"}
     if checks or probes:
         lines += ["", "## Probe and correctness", "",
                   "| variant | layout probe | rel. err (worst of the check shapes) | rank shape: "
@@ -603,10 +738,12 @@ def run_table(args, _rec=None):
         for r in checks:
             p = pr.get(r["item"], {})
             ptxt = ("ok" if p.get("matches_layout") else "MISMATCH" if p else "–")
-            rank = (f"{'×'.join(map(str, r['rank_shape']))}: {r['rank_ratio']:.2f}x "
-                    f"({r['rank_tflops']:.0f})" if r.get("rank_ratio") else "–")
+            q = ranks.get(r["item"], {})
+            rank = (f"{'×'.join(map(str, q['rank_shape']))}: {q['rank_ratio']:.2f}x "
+                    f"({q['rank_tflops']:.0f})" if q.get("rank_ratio") else
+                    (q.get("error") or "–")[:40])
             lines.append(f"| {r['item']} | {ptxt} | {r.get('worst_err', float('nan')):.1e} "
-                         f"| {rank} | {(r.get('error') or '')[:80]} |")
+                         f"| {rank} | {(r.get('error') or '')[:80]}{_diag_text(diags, r)} |")
     hung = _started_unfinished(args.inputs)
     if hung:
         lines += ["", "Started but never finished (killed by the step's time limit or a hang): "
@@ -617,7 +754,20 @@ def run_table(args, _rec=None):
             f.write(text)
     print(text)
     if args.measured:
-        write_measured(args.measured, kind, date, args.command, gemm, checks)
+        write_measured(args.measured, kind, date, args.command, gemm,
+                       [{**r, **ranks.get(r["item"], {})} for r in checks])
+
+
+def _diag_text(diags, check) -> str:
+    """A failed check's error map in a few words (the full map is in the JSON lines)."""
+    d = diags.get(check["item"])
+    if not d or not d.get("maps"):
+        return ""
+    parts = []
+    for shape, e in d["maps"].items():
+        parts.append(f"{shape}: {e['bad_cells']}/{e['cells']} cells bad, {e['nan']} NaN"
+                     + (f", {e['unwritten']} unwritten" if "unwritten" in e else ""))
+    return " (" + "; ".join(parts) + ")"
 
 
 def write_measured(path, kind, date, command, gemm, checks):
@@ -670,7 +820,7 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--variants", nargs="*", default=None)
     ap.add_argument("--check-jsonl", default="", help="bench: pick the best variants from it")
-    ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--top", type=int, default=3, help="bench: variants per shape")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--item-timeout", type=float, default=60)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
@@ -682,7 +832,12 @@ def main(argv=None):
     ap.add_argument("--command", default="bash benchmarks/gpu_check.sh")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU test of this script: emulated kernels, small shapes")
+    ap.add_argument("--fault", default="", help="--smoke only: this variant's check compares "
+                    "against a reference with one 64x128 cell off (runs the error map)")
     args = ap.parse_args(argv)
+    if args.fault and not args.smoke:
+        ap.error("--fault is a test of this script: only with --smoke")
+    FAULT[0] = args.fault
     if args.smoke:
         from jax.experimental.pallas import mosaic_gpu as plgpu
 

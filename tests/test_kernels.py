@@ -25,6 +25,7 @@ from nmjax import format as nmformat
 
 _common = importlib.import_module("nmjax.kernels._common")
 _backend = importlib.import_module("nmjax.kernels._backend")
+_pack = importlib.import_module("nmjax.kernels._pack")
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])  # benchmarks/ is importable from here
 
 
@@ -97,6 +98,62 @@ def test_wgmma_meta_matches_verified_thread_map():
                             nib = pos[row, 2 * group] | (pos[row, 2 * group + 1] << 2)
                             word = int(meta[16 * w + 2 * g + q, s])
                             assert (word >> (16 * h + 4 * j)) & 0xF == nib
+
+
+def _replay_thread_reads(values, meta, cfg):
+    """A ``(cta_m, K)`` rebuilt from what the PTX branch's threads read: per k-tile, each
+    compute warpgroup's threads load their words at :func:`meta_read_index` (the kernel's own
+    indexing) and the words are decoded with the thread map verified on an H100 (lanes
+    ``4g + q``, ``q = lane & 1``: bits ``[4j, 4j+4)`` = row ``16w + g`` of the m64 block, group
+    ``4q + j`` of the k32 slice; bits ``[16+4j, ..)`` the same group of row ``+8``; lanes 2, 3
+    of a quad ignored). The values are A's compressed rows, two per group."""
+    rows, half = values.shape
+    k = 2 * half
+    wgs = cfg.compute_wgs if cfg.warp_specialized else 1
+    m64_blocks = cfg.tile_m // 64
+    meta2d = np.asarray(meta).reshape(rows // 64, 2 * k)
+    vals = np.asarray(values, np.float32)
+    out = np.full((rows, k), np.nan, np.float32)
+    for kt in range(k // 128):
+        tile = meta2d[:, kt * 256:(kt + 1) * 256]  # the k-tile's metadata in smem
+        for wg in range(wgs):
+            for mi in range(m64_blocks):
+                for warp in range(4):
+                    for lane in range(32):
+                        row, col = _pack.meta_read_index(wg, mi, warp, lane,
+                                                         m64_blocks=m64_blocks)
+                        assert col % 4 == 0  # one 16-byte aligned load of 4 words
+                        if lane & 2:
+                            continue  # sp-sel 0: lanes 2, 3 of a quad supply nothing
+                        g, q = lane >> 2, lane & 1
+                        for s in range(4):
+                            word = int(tile[row, col + s])
+                            for h in range(2):
+                                r = 64 * (wg * m64_blocks + mi) + 16 * warp + 8 * h + g
+                                for j in range(4):
+                                    nib = (word >> (16 * h + 4 * j)) & 0xF
+                                    lo, hi = nib & 3, nib >> 2
+                                    grp = 32 * s + 16 * q + 4 * j  # first K of the group
+                                    kk = kt * 128 + grp
+                                    assert np.isnan(out[r, kk:kk + 4]).all()  # read once
+                                    out[r, kk:kk + 4] = 0
+                                    v = vals[r, kk // 2: kk // 2 + 2]
+                                    out[r, kk + lo] += v[0]
+                                    out[r, kk + hi] += v[1]
+    return out
+
+
+@pytest.mark.parametrize("name", ["v1", "ws64", "ws", "ws64_n256"])
+def test_ptx_branch_metadata_reads_rebuild_a(name):
+    """Replays the PTX branch's per-thread metadata reads (its indexing function) on packed
+    operands and rebuilds A with the H100-verified thread map: every entry read exactly once,
+    equal to ``a * mask``."""
+    cfg = K.VARIANTS[name]
+    a, mask = _data(31, cfg.cta_m, 256)
+    packed = K.pack_24(a, mask)
+    got = _replay_thread_reads(packed.values, packed.meta, cfg)
+    want = np.asarray(jnp.where(mask, a, 0), np.float32)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_meta_layout_rejects_bad_shapes():
@@ -211,13 +268,34 @@ def test_every_variant_emulated_in_interpret_mode(name):
     # warpgroups (ws64_mc, ws64_mc_pt and the tiling tests), ws_mc itself on one tile.
     tiles = 1 if name == "ws_mc" else 2
     m, n = tiles * cfg.cta_m, cfg.tile_n * cfg.cluster_n
-    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles else 2)
+    k = 128 * (cfg.max_concurrent_steps if cfg.pipeline_across_tiles and cfg.cluster_n > 1
+               else 2)
     if cfg.warp_specialized and cfg.persistent:
         cfg = dataclasses.replace(cfg, max_ctas=cfg.cluster_n)
     a, mask = _data(m + n + k, m, k)
     b_t = jnp.asarray(np.random.default_rng(9).standard_normal((n, k)), jnp.bfloat16)
     packed = K.pack_24(a, mask)
     _assert_close(_emulated(packed, b_t, cfg, True), packed, b_t, True)
+
+
+@pytest.mark.parametrize("name,transpose_out", [("v1", True), ("ws64", False)])
+def test_poisoned_output_is_fully_overwritten(name, transpose_out):
+    """``out_init`` (the GPU check's unwritten-entry diagnostic): the kernel writes into the
+    given buffer, every entry of it, with the same result as a fresh output."""
+    cfg = dataclasses.replace(K.VARIANTS[name], max_ctas=1)  # one CTA loops over 4 tiles
+    m, n, k = 2 * cfg.cta_m, 2 * cfg.tile_n, 256
+    a, mask = _data(3, m, k)
+    packed = K.pack_24(a, mask)
+    b_t = jnp.asarray(np.random.default_rng(4).standard_normal((n, k)), jnp.bfloat16)
+    shape = (n, m) if transpose_out else (m, n)
+    out = K.sparse_matmul_24(packed, b_t, config=cfg, branch="emulate",
+                             interpret=plgpu.InterpretGPUParams(), transpose_out=transpose_out,
+                             out_init=jnp.full(shape, jnp.nan, jnp.bfloat16))
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    _assert_close(out, packed, b_t, transpose_out)
+    with pytest.raises(ValueError, match=r"out_init must be bf16 of the result's shape"):
+        K.sparse_matmul_24(packed, b_t, config=cfg, transpose_out=transpose_out,
+                           out_init=jnp.zeros((shape[0], shape[1] + 8), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("m,n,k,tm,tn,stages,transpose_out", [
@@ -240,10 +318,18 @@ def test_v1_tiling_emulated(m, n, k, tm, tn, stages, transpose_out):
     (256, 128, 384, True, dict(max_ctas=3, grid_tile_width=1)),
     (256, 128, 128, False, dict(max_ctas=2, epilogue_n=16, epilogue_slots=2)),
     (384, 192, 128, True, dict(max_ctas=4, grid_order="grouped", grid_tile_width=2)),
-    # the producer streams across 3 tiles of one CTA (START, STEADY, STOP)
+    # one pipeline across the tiles of a CTA (slot and phase carried): 3 tiles of one CTA
     (384, 64, 512, True, dict(max_ctas=1, pipeline_across_tiles=True)),
-    # 4 tiles: the grid is capped at 2 CTAs so that each has a START and a STOP tile
-    (256, 128, 256, False, dict(pipeline_across_tiles=True)),
+    # 6 tiles over 2 CTAs, 3 k-tiles per tile, 2 stages: K / 128 not a multiple of them
+    (384, 128, 384, True, dict(max_ctas=2, pipeline_across_tiles=True)),
+    # 6 tiles over 4 CTAs (2, 2, 1, 1 tiles), 5 k-tiles, 3 stages
+    (256, 192, 640, False, dict(max_ctas=4, pipeline_across_tiles=True,
+                                max_concurrent_steps=3)),
+    # one tile, one k-tile (fewer steps than stages), 128-row warpgroups
+    (256, 64, 128, True, dict(tile_m=128, max_ctas=1, pipeline_across_tiles=True)),
+    # with a cluster, Pallas' pipeline states: the grid is capped at 2 clusters so that each
+    # has a START and a STOP tile
+    (256, 256, 256, False, dict(pipeline_across_tiles=True, cluster_n=2)),
     # 1x2 clusters multicasting A: 2 clusters over 3x2 tiles, and one CTA pair alone
     (384, 256, 256, False, dict(max_ctas=4, cluster_n=2)),
     (128, 128, 256, True, dict(persistent=False, cluster_n=2)),
@@ -289,11 +375,14 @@ def test_config_shape_errors():
     assert "multiples of (256, 128, 128)" in ws.shape_error(128, 128, 128)
     mc = K.VARIANTS["ws64_mc"]
     assert "(128, 256, 128)" in mc.shape_error(128, 128, 128)
-    pt = K.VARIANTS["ws64_pt"]
-    assert pt.shape_error(256, 128, 512) is None
-    assert "multiple of max_concurrent_steps=4" in pt.shape_error(128, 128, 768)
-    assert "at least 2 output tiles" in pt.shape_error(128, 128, 512)
-    assert pt.shape_error(128, 256, 512) is None
+    pt = K.VARIANTS["ws64_mc_pt"]  # Pallas' pipeline states (with a cluster)
+    assert pt.shape_error(256, 256, 512) is None
+    assert "multiple of max_concurrent_steps=4" in pt.shape_error(256, 256, 768)
+    assert "at least 2 output tiles" in pt.shape_error(128, 256, 512)
+    for name in ("ws64_pt", "ws_pt"):  # the carried pipeline: any K, any tile count
+        cfg = K.VARIANTS[name]
+        assert cfg.shape_error(cfg.cta_m, 128, 128) is None
+        assert cfg.shape_error(cfg.cta_m, 128, 640) is None
 
 
 def test_kernel_rejects_bad_input():
@@ -325,7 +414,7 @@ def _lower(cfg, m, n, k, transpose_out=True):
     ).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("name", ["v1", "ws64_mc_pt", "ws64_n256"])
+@pytest.mark.parametrize("name", ["v1", "ws64_mc_pt", "ws64_n256", "ws_pt"])
 def test_ptx_branch_lowers_with_sparse_wgmma(name):
     cfg = K.VARIANTS[name]
     text = _lower(cfg, 2 * cfg.cta_m, 2 * cfg.tile_n * cfg.cluster_n, 1536).as_text()
@@ -466,6 +555,106 @@ def test_measured_table_written_by_the_gpu_script_round_trips(tmp_path, monkeypa
     assert "1.25x (344)" in md.read_text() and "WRONG" in md.read_text()
     monkeypatch.setattr(_backend, "measured_table", lambda: data)
     assert K.pallas_backend().speedup(_problem()) == pytest.approx(1.25)
+
+
+def _bench_module():
+    sys.path.insert(0, ROOT)
+    return importlib.import_module("benchmarks.kernels")
+
+
+def _simulated_probe_output(bench, thread_map):
+    """What the sparse instruction returns for the probe (A: values 1, 2 per group; B = I)
+    when thread word ``thread_map(row, slice_group)`` supplies the (row, group) nibble:
+    ``C (64, 128)`` with a 1 and a 2 at the two positions of each group."""
+    words = bench.probe_words()[0, 0]
+    c = np.zeros((64, 128), np.float32)
+    for r in range(64):
+        for grp in range(8):  # group of a k32 slice: 4q + j
+            t, shift = thread_map(r, grp)
+            for s in range(4):
+                nib = (int(words[t, s]) >> shift) & 0xF
+                c[r, 32 * s + 4 * grp + (nib & 3)] = 1
+                c[r, 32 * s + 4 * grp + (nib >> 2)] = 2
+    return c
+
+
+def _h100_map(r, grp):
+    """The thread map verified on an H100: row 16w + 8h + g, group 4q + j <- word 16w + 2g + q,
+    bits 16h + 4j."""
+    w, h, g, q, j = r // 16, (r % 16) // 8, r % 8, grp // 4, grp % 4
+    return 16 * w + 2 * g + q, 16 * h + 4 * j
+
+
+def test_probe_decodes_the_verified_layout_and_reports_a_wrong_one():
+    bench = _bench_module()
+    assert bench.probe_result(_simulated_probe_output(bench, _h100_map), 1) == dict(
+        decodable=True, matches_layout=True)
+    # an instruction taking rows g and g + 8 from the other half-word: the decoded slot map
+    swapped = lambda r, grp: (_h100_map(r, grp)[0], _h100_map(r ^ 8, grp)[1])  # noqa: E731
+    c = _simulated_probe_output(bench, swapped)
+    res = bench.probe_result(np.concatenate([_simulated_probe_output(bench, _h100_map), c]), 2)
+    assert res["decodable"] and not res["matches_layout"]
+    (blk,) = res["blocks"]
+    assert blk["block"] == 1 and blk["mismatches"] == 64 * 8
+    found = np.array(blk["slot_map"])
+    want = bench.probe_expected()
+    np.testing.assert_array_equal(found, want[np.arange(64) ^ 8])
+    r, g, exp, got = blk["first"][0]
+    assert (exp, got) == (want[r, g], want[r ^ 8, g])
+
+
+def test_error_map_locates_bad_cells_nan_and_unwritten_entries():
+    bench = _bench_module()
+    m, n = 256, 384  # A rows (4 blocks of 64) x C columns (3 tiles of 128)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((n, m)).astype(np.float32)  # (N, M) as the check runs
+    out = ref.copy()
+    out[130:140, 70:80] += 1.0  # column tile 1, row block 1
+    out[5, 200] = np.nan  # column tile 0, row block 3
+    poisoned = out.copy()
+    poisoned[256:384, 0:64] = bench.POISON  # tile 2 of row block 0 left unwritten
+    e = bench.error_map(out, ref, poisoned)
+    assert e["shape_mn"] == [m, n] and e["cells"] == 12 and e["bad_cells"] == 2
+    assert e["nan"] == 1 and e["inf"] == 0
+    assert [x == np.inf for x in e["worst_per_row_block"]] == [False, False, False, True]
+    assert e["worst_per_row_block"][1] > 1e-2 > e["worst_per_row_block"][0]
+    assert e["worst_per_col_tile"][0] == np.inf and e["worst_per_col_tile"][1] > 1e-2
+    assert e["worst_per_col_tile"][2] < 1e-2
+    assert e["unwritten"] == 128 * 64
+    assert e["unwritten_per_row_block"] == [128 * 64, 0, 0, 0]
+    assert e["unwritten_per_col_tile"] == [0, 0, 128 * 64]
+
+
+def test_bench_variants_are_the_fastest_correct_ones_that_tile_the_shape(tmp_path):
+    bench = _bench_module()
+    recs = [dict(step="check", item="ws64_mc_pt", ok=True),
+            dict(step="check", item="ws", ok=True),
+            dict(step="check", item="ws64", ok=False), dict(step="check", item="v1", ok=True),
+            dict(step="check", item="ws64_n256", ok=True),
+            dict(step="rank", item="ws64_mc_pt", rank_ratio=1.4),
+            dict(step="rank", item="ws", rank_ratio=1.3),
+            dict(step="rank", item="v1", rank_ratio=0.8)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ranked = bench.ranked_variants(str(path))
+    assert ranked == ["ws64_mc_pt", "ws", "v1", "ws64_n256"]
+    # K = 768: 6 k-tiles, not a multiple of ws64_mc_pt's 4 stages
+    assert bench.bench_variants(ranked, (3072, 8192, 768), 3) == ["ws", "v1", "ws64_n256"]
+    assert bench.bench_variants(ranked, (8192, 8192, 8192), 2) == ["ws64_mc_pt", "ws"]
+    assert bench.bench_variants([], (4096, 4096, 4096), 3) == ["v1"]
+
+
+def test_check_shapes_tile_every_variant_with_several_tiles_per_cta():
+    bench = _bench_module()
+    assert len(bench.CHECK_SHAPES) == 2
+    for name, cfg in K.VARIANTS.items():
+        for m, n, k in bench.CHECK_SHAPES:
+            assert cfg.shape_error(m, n, k) is None, (name, (m, n, k))
+            units = (m // cfg.cta_m) * (n // (cfg.tile_n * cfg.cluster_n))
+            assert units > 132 // cfg.cluster_n and k // 128 > cfg.max_concurrent_steps
+    order = list(bench.CHECK_ORDER)
+    assert order[:3] == ["v1", "ws64", "ws"] and order[-2:] == ["ws_pt", "ws_mc"]
+    assert sorted(order) == sorted(K.VARIANTS)
 
 
 def test_shipped_measured_table_is_well_formed():

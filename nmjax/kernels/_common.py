@@ -55,10 +55,13 @@ class SparseMatmulConfig:
       cluster_n: CTAs per cluster along N (1 or 2); with 2 the pair shares its A tile and
         metadata through TMA multicast (each loads half and writes both CTAs' smem).
       pipeline_across_tiles: persistent warp-specialised kernels only: the producer runs on
-        into the next tile's loads while the consumers finish the current tile (Pallas'
-        pipeline states START / STEADY / STOP) instead of draining the pipeline at every
-        tile; needs the k-steps per tile to be a multiple of ``max_concurrent_steps``, and
-        the grid is capped so that every CTA runs at least 2 tiles.
+        into the next tile's loads while the consumers finish the current tile and its
+        epilogue, instead of draining the pipeline at every tile. Without a cluster, one
+        pipeline spans all of a CTA's (tile, k-tile) steps (slot and barrier phase carried
+        across tiles, as CUTLASS's ``PipelineState``), at any K. With ``cluster_n=2`` it uses
+        Pallas' pipeline states START / STEADY / STOP: the k-steps per tile must be a
+        multiple of ``max_concurrent_steps``, and the grid is capped so that every CTA runs
+        at least 2 tiles.
     """
 
     tile_m: int = 128
@@ -159,11 +162,12 @@ class SparseMatmulConfig:
         if m % cm or n % cn or k % self.tile_k:
             return (f"(M, N, K)=({m}, {n}, {k}) must be multiples of ({cm}, {cn}, "
                     f"{self.tile_k}) for this config")
-        if self.pipeline_across_tiles and (k // self.tile_k) % self.max_concurrent_steps:
+        staged = self.pipeline_across_tiles and self.cluster_n > 1  # Pallas' pipeline states
+        if staged and (k // self.tile_k) % self.max_concurrent_steps:
             return (f"pipeline_across_tiles needs K / {self.tile_k} = {k // self.tile_k} "
                     f"k-steps to be a multiple of max_concurrent_steps="
                     f"{self.max_concurrent_steps}")
-        if self.pipeline_across_tiles and (m // cm) * (n // cn) < 2:
+        if staged and (m // cm) * (n // cn) < 2:
             # Pallas' pipeline states need a START and a STOP tile in every CTA.
             return f"pipeline_across_tiles needs at least 2 output tiles, got (M, N)=({m}, {n})"
         return None
@@ -220,17 +224,21 @@ def epilogue_shape(config: SparseMatmulConfig, transpose: bool) -> tuple[int, in
 
 
 def launch(kernel, *, out_shape, grid, grid_names, scratch=(), num_threads=None,
-           cluster: int = 1, interpret=False):
+           cluster: int = 1, interpret=False, out_init=None):
     """``plgpu.kernel`` in Lane semantics (the inline sparse wgmma and its 32-bit accumulator
-    layout are written for it; jax >= 0.12 defaults to Warpgroup semantics)."""
+    layout are written for it; jax >= 0.12 defaults to Warpgroup semantics).
+
+    With ``out_init`` (bf16 ``out_shape``) the kernel writes into a mutable copy of it, which
+    the returned function gives back: entries the kernel never writes keep their value."""
     extra = {}
     if num_threads is not None:
         extra.update(num_threads=num_threads, thread_name="wg")
     if cluster > 1:
         extra.update(cluster=(cluster,), cluster_names=("cluster",))
-    return plgpu.kernel(
+    out_type = jax.ShapeDtypeStruct(out_shape, jnp.bfloat16)
+    f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
+        out_type=out_type if out_init is None else (),
         scratch_types=list(scratch),
         grid=grid,
         grid_names=grid_names,
@@ -238,6 +246,18 @@ def launch(kernel, *, out_shape, grid, grid_names, scratch=(), num_threads=None,
         interpret=interpret or None,
         **extra,
     )
+    if out_init is None:
+        return f
+    if (tuple(out_init.shape), out_init.dtype) != (tuple(out_shape), out_type.dtype):
+        raise ValueError(f"out_init must be bf16 of shape {tuple(out_shape)}, got "
+                         f"{out_init.dtype} {tuple(out_init.shape)}")
+
+    def run(*args):
+        out = jax.new_ref(out_init)  # the output operand, aliased: written in place
+        f(*args, out)
+        return out[...]
+
+    return run
 
 
 def num_sms() -> int:

@@ -44,15 +44,17 @@ VARIANTS: dict[str, SparseMatmulConfig] = {
     "ws64": _WS64,
     # + a 1x2 cluster sharing A and metadata by TMA multicast
     "ws64_mc": dataclasses.replace(_WS64, cluster_n=2),
-    # + the producer streaming into the next tile (K a multiple of 512)
+    # + one pipeline across the CTA's tiles (slot and phase carried; any K): the producer
+    # loads the next tile during the epilogue
     "ws64_pt": dataclasses.replace(_WS64, pipeline_across_tiles=True),
+    # ws64_mc + the producer streaming into the next tile (K a multiple of 512)
     "ws64_mc_pt": dataclasses.replace(_WS64, cluster_n=2, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 128x128 (CTA 256x128, B shared), 3 stages, persistent;
     # 2 16-byte metadata loads, one arrive, 8 chained HGMMA.SP per k-tile
     "ws": _WS,
     # + a 1x2 cluster sharing A and metadata (per CTA 50 KiB per k-tile instead of 68)
     "ws_mc": dataclasses.replace(_WS, cluster_n=2),
-    # + the producer streaming into the next tile (K a multiple of 384)
+    # + one pipeline across the CTA's tiles (slot and phase carried; any K)
     "ws_pt": dataclasses.replace(_WS, pipeline_across_tiles=True),
     # 2 consumer warpgroups x 64x256 (CTA 128x256, m64n256 instructions), 2 stages
     "ws64_n256": dataclasses.replace(_WS64, tile_n=256, max_concurrent_steps=2),
@@ -83,6 +85,7 @@ def sparse_matmul_24(
     transpose_out: bool = False,
     branch: Branch = "ptx",
     interpret: bool | object = False,
+    out_init: jax.Array | None = None,
 ) -> jax.Array:
     """``C = A @ b_t.T`` with A 2:4 sparse along K (packed), on Hopper's sparse tensor cores.
 
@@ -101,14 +104,17 @@ def sparse_matmul_24(
       branch: ``"ptx"`` (sparse tensor cores, sm_90a) or ``"emulate"`` (decompress + dense
         product; for interpret-mode tests).
       interpret: passed to :func:`plgpu.kernel` (e.g. ``plgpu.InterpretGPUParams()``).
+      out_init: bf16 of the result's shape for the kernel to write into; entries it does
+        not write keep these values (a diagnostic: poison it to find unwritten tiles).
+        ``None``: a fresh output.
 
     Returns:
       bf16 ``(M, N)`` (or ``(N, M)``), f32 accumulation.
 
     Raises:
       TypeError: ``a`` not a :class:`Packed24`, or ``config`` not a SparseMatmulConfig.
-      ValueError: dtypes other than bf16 / uint32, mismatched shapes, or shapes the
-        config's tiles do not divide.
+      ValueError: dtypes other than bf16 / uint32, mismatched shapes, shapes the
+        config's tiles do not divide, or ``out_init`` not bf16 of the result's shape.
     """
     config = SparseMatmulConfig() if config is None else config
     if not isinstance(config, SparseMatmulConfig):
@@ -136,8 +142,15 @@ def sparse_matmul_24(
     config.check(m, n, k)
     meta2d = meta.reshape(m // 64, 2 * k)
     t_kernel = transpose_out and config.transpose_in_kernel
+    if out_init is not None:
+        want = (n, m) if transpose_out else (m, n)
+        if tuple(out_init.shape) != want or out_init.dtype != jnp.bfloat16:
+            raise ValueError(f"out_init must be bf16 of the result's shape {want}, got "
+                             f"{out_init.dtype} {tuple(out_init.shape)}")
+        if transpose_out and not t_kernel:  # the kernel writes C, XLA transposes
+            out_init = out_init.T
     run = _ws.sparse_matmul_ws if config.warp_specialized else _v1.sparse_matmul_v1
     c = run(values, meta2d, b_t, config=config, transpose=t_kernel, branch=branch,
-            interpret=interpret)
+            interpret=interpret, out_init=out_init)
     return c.T if transpose_out and not t_kernel else c
 

@@ -111,6 +111,57 @@ def wgmma_to_canonical_meta(meta: jax.Array) -> jax.Array:
     return canon.transpose(0, 2, 5, 3, 1, 4).reshape(64 * blocks, 4 * tiles)
 
 
+class _IntOps:
+    """Plain Python ints for :func:`meta_read_index` (the kernel passes MLIR ``arith`` ops)."""
+
+    @staticmethod
+    def add(x, y):
+        return x + y
+
+    @staticmethod
+    def mul(x, y):
+        return x * y
+
+    @staticmethod
+    def shr(x, y):
+        return x >> y
+
+    @staticmethod
+    def band(x, y):
+        return x & y
+
+
+def meta_read_index(wg, mi, warp, lane, *, m64_blocks: int, ops=_IntOps):
+    """Where a thread of the sparse-wgmma kernel reads its metadata: ``(row, col)`` into one
+    k-tile's metadata ``uint32 (rows/64, 256)`` (``[block, 4 * thread word + slice]``); the
+    thread's word of slice ``s`` is at ``(row, col + s)``, so the four words of a k-tile are
+    one 16-byte load.
+
+    The one definition of the PTX branch's metadata indexing: the kernel calls it with MLIR
+    ``arith`` operations as ``ops`` (values in registers), the tests with Python ints, so a
+    change to the kernel's indexing is a change here and is tested without a GPU.
+
+    >>> meta_read_index(1, 0, 3, 6, m64_blocks=2)     # warpgroup 1, warp 3, lane 6 (g=1, q=0)
+    (2, 200)
+
+    Args:
+      wg: the thread's consumer warpgroup (0 when one warpgroup holds the whole tile).
+      mi: the m64 block within the warpgroup's ``tile_m`` rows.
+      warp: the warp within the warpgroup (0..3): rows ``16 * warp ..`` of the block.
+      lane: the lane (0..31): ``g = lane >> 2``, ``q = lane & 1``; lanes ``4g + 2 + q`` read
+        the same word as ``4g + q`` (ignored by the instruction with sp-sel 0).
+      m64_blocks: m64 blocks per warpgroup (``tile_m / 64``).
+      ops: ``add``, ``mul``, ``shr``, ``band`` on the argument type (ints by default).
+
+    Returns:
+      ``(row, col)``: metadata block ``wg * m64_blocks + mi``, column ``4 * (16 * warp +
+      2 * g + q)``.
+    """
+    word = ops.add(ops.add(ops.mul(warp, 16), ops.mul(ops.shr(lane, 2), 2)), ops.band(lane, 1))
+    row = ops.add(ops.mul(wg, m64_blocks), mi)
+    return row, ops.mul(word, SLICES_PER_TILE)
+
+
 def _canonical(values: jax.Array, meta: jax.Array) -> _format.PackedNM:
     rows, half = values.shape
     return _format.PackedNM(values, wgmma_to_canonical_meta(meta), 2, 4, 1, (rows, 2 * half))

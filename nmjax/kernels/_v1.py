@@ -18,7 +18,7 @@ from nmjax.kernels._wgmma_sp import TRANSFORMS, mma_functions
 
 
 def sparse_matmul_v1(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
-                     transpose: bool, branch: _common.Branch, interpret):
+                     transpose: bool, branch: _common.Branch, interpret, out_init=None):
     """``C = A @ b_t.T`` (or ``Cᵀ`` with ``transpose``); arguments as validated by
     :func:`nmjax.kernels.sparse_matmul_24` (``meta2d``: ``(M/64, 2K)`` uint32)."""
     m, n = values.shape[0], b_t.shape[0]
@@ -80,5 +80,5 @@ def sparse_matmul_v1(values, meta2d, b_t, *, config: _common.SparseMatmulConfig,
         kernel, out_shape=(n, m) if transpose else (m, n), grid=(m // tm, n // tn),
         grid_names=("m", "n"),
         scratch=[plgpu.SMEM(_common.epilogue_shape(config, transpose), jnp.bfloat16)],
-        interpret=interpret)
+        interpret=interpret, out_init=out_init)
     return f(values, meta2d, b_t)

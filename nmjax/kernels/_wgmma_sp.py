@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nmjax.kernels._pack import K_PER_INSTR, K_PER_TILE, SLICES_PER_TILE, THREAD_WORDS
+from nmjax.kernels._pack import (
+    K_PER_INSTR,
+    K_PER_TILE,
+    SLICES_PER_TILE,
+    THREAD_WORDS,
+    meta_read_index,
+)
 
 SWIZZLE = 128
 SWIZZLE_ELEMS = SWIZZLE // 2  # bf16 per 128-byte swizzle row
@@ -45,6 +51,35 @@ def sparse_wgmma_ptx(n: int) -> tuple[str, str, int]:
     instr = (f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.bf16.bf16 "
              f"{acc}, {a_desc}, {b_desc}, {meta}, 0, 1, 1, 1, 0, 0;")
     return instr, constraints, num_acc
+
+
+class _ArithOps:
+    """:func:`meta_read_index`'s operations on ``i32`` MLIR values (ints folded in Python)."""
+
+    def __init__(self, c32):
+        from jaxlib.mlir.dialects import arith
+
+        self._arith, self._c32 = arith, c32
+
+    def as_value(self, x):
+        return self._c32(x) if isinstance(x, int) else x
+
+    def _op(self, py, name, x, y):
+        if isinstance(x, int) and isinstance(y, int):
+            return py(x, y)
+        return getattr(self._arith, name)(self.as_value(x), self.as_value(y))
+
+    def add(self, x, y):
+        return x if isinstance(y, int) and y == 0 else self._op(int.__add__, "addi", x, y)
+
+    def mul(self, x, y):
+        return self._op(int.__mul__, "muli", x, y)
+
+    def shr(self, x, y):
+        return self._op(int.__rshift__, "shrui", x, y)
+
+    def band(self, x, y):
+        return self._op(int.__and__, "andi", x, y)
 
 
 def _object_array(values, shape):
@@ -110,9 +145,8 @@ def mma_functions(*, tile_m: int, tile_n: int, in_flight: int, meta_before_fence
             wg = mgpu.utils.warpgroup_idx(sync=True)
             a_ptr = mgpu.utils.getelementptr(
                 a_ptr, [arith.muli(wg, c32(m64_blocks * a_m64_bytes))], i8)
-            meta_block0 = arith.muli(wg, c32(m64_blocks))
         else:
-            meta_block0 = c32(0)
+            wg = 0
         a_desc0 = mma_utils.encode_descriptor(
             a_ptr, leading_byte_offset=0, stride_byte_offset=2 * a_strides[0],
             swizzle=SWIZZLE)
@@ -124,24 +158,21 @@ def mma_functions(*, tile_m: int, tile_n: int, in_flight: int, meta_before_fence
         tid = mgpu.thread_idx()
         lane = arith.andi(tid, c32(31))
         warp = arith.andi(arith.shrui(tid, c32(5)), c32(3))
-        word = arith.addi(  # 16 w + 2 g + q: lanes 4g+q and 4g+2+q read the same word
-            arith.muli(warp, c32(16)),
-            arith.addi(arith.muli(arith.shrui(lane, c32(2)), c32(2)),
-                       arith.andi(lane, c32(1))))
+        ops = _ArithOps(c32)
 
-        def meta_offset(mi):  # in uint32 elements: [block, 4 * word + slice]
-            block = arith.addi(meta_block0, c32(mi))
-            return arith.addi(arith.muli(block, c32(META_TILE_WORDS)),
-                              arith.muli(word, c32(SLICES_PER_TILE)))
+        def meta_index(mi):  # [block, 4 * word]: the thread's k-tile words (shared with tests)
+            return meta_read_index(wg, mi, warp, lane, m64_blocks=m64_blocks, ops=ops)
 
         def load_meta_scalar(mi, s):
-            row = arith.index_cast(idx, arith.addi(meta_block0, c32(mi)))
-            col = arith.addi(arith.muli(word, c32(SLICES_PER_TILE)), c32(s))
-            return memref.load(meta_ref, [row, arith.index_cast(idx, col)])
+            row, col = meta_index(mi)
+            return memref.load(meta_ref, [arith.index_cast(idx, ops.as_value(row)),
+                                          arith.index_cast(idx, ops.add(col, s))])
 
         def load_meta_vector(mi):
             # One 16-byte load: the 4 slices' words are contiguous and 16-byte aligned.
-            ptr = mgpu.utils.getelementptr(meta_ptr, [meta_offset(mi)], i32)
+            row, col = meta_index(mi)
+            offset = ops.add(ops.mul(row, META_TILE_WORDS), col)  # in uint32 elements
+            ptr = mgpu.utils.getelementptr(meta_ptr, [ops.as_value(offset)], i32)
             vec = llvm.load(ir.VectorType.get((SLICES_PER_TILE,), i32), ptr, alignment=16)
             return [llvm.extractelement(vec, c32(s)) for s in range(SLICES_PER_TILE)]
 
