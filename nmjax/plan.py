@@ -327,6 +327,8 @@ def _take(rules: Sequence[MaskRule], path: str, leaf: Any, found: Layout | str |
     hits = [r for r in rules if _matches(r, path, leaf)]
     if not hits:
         return (path, "excluded by the rule") if isinstance(found, Layout) else None
+    if found is None:
+        return None  # used by no product and not a kernel: biases, norms, embeddings
     patterns = {r.pattern for r in hits}
     if len(patterns) > 1:
         raise ValueError(f"parameter {path!r} is selected by {len(hits)} rules with different "
@@ -334,8 +336,6 @@ def _take(rules: Sequence[MaskRule], path: str, leaf: Any, found: Layout | str |
                          "it from all but one")
     rule = hits[0]
     if not isinstance(found, Layout):
-        if found is None:
-            return None  # used by no product and not a kernel: biases, norms, embeddings
         if rule.include is None:
             return (path, found)
         raise ValueError(f"rule {rule.label!r} selects {path!r} (shape {tuple(leaf.shape)}), "

@@ -174,12 +174,14 @@ class SparseModel:
         return out
 
     def init(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> dict:
-        """The dense model's ``init``; in static mode plus the ``"nm_masks"`` collection."""
+        """The dense model's ``init``; in static mode plus the ``"nm_masks"`` collection.
+        Rules are resolved here too, so a rule that selects nothing (or a parameter that
+        cannot be sparse) is refused at init."""
         variables = dict(self.model.init(rngs, *args, method=method, **kwargs))
+        plan = self.resolve(variables["params"], *args, method=method, **kwargs)
         if self.sparsity.mode == "static":
             from nmjax.nn.linen import to_collection
 
-            plan = self.resolve(variables["params"], *args, method=method, **kwargs)
             variables[MASKS] = to_collection(plan.masks(variables["params"]))
         return variables
 
@@ -290,6 +292,27 @@ def sparsify_nnx(model: nnx.Module, target: Plan | tuple, sp: Sparsity) -> nnx.M
         params = nnx.to_pure_dict(nnx.state(new, nnx.Param))
         set_nnx_masks(new, masks_by_path(target.masks(params)))
     return new
+
+
+def refresh_nnx(model: nnx.Module, key: jax.Array | None = None) -> None:
+    """Static masks of an op-level sparse NNX model recomputed from its weights (with
+    ``key``: Bi-Mask permutations searched first, warm-started from the stored ones)."""
+    from nmjax.plan import layout_search
+
+    plan = nnx_plan(model)
+    if plan is None or model._nm_config.sparsity.mode != "static":
+        raise ValueError("refreshing masks needs a model sparsified with a plan in static "
+                         "mode: nmjax.nn.sparsify(model, plan, mode='static')")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    stored = _nnx_masks(model) or {}
+    perms = {path: m.perm for path, m in stored.items() if m.perm is not None}
+    if key is not None:
+        flat = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+        bimask = [leaf for leaf in plan.leaves if isinstance(leaf.pattern, BiMask)]
+        for leaf, k in zip(bimask, jax.random.split(key, max(len(bimask), 1)), strict=False):
+            perms[leaf.path] = layout_search(leaf.pattern, flat[leaf.path], leaf.layout, k,
+                                             init=perms.get(leaf.path))
+    set_nnx_masks(model, masks_by_path(plan.masks(params, perms=perms)))
 
 
 def nnx_plan(model: nnx.Module) -> Plan | None:

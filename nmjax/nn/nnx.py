@@ -185,6 +185,11 @@ def search_perms(model: nnx.Module, key: jax.Array) -> None:
     their forward and backward masks from the weights at every call, the backward one in
     the stored permutation's order; static layers also refresh their masks here.
     """
+    from nmjax.nn import _sparsify
+
+    if _sparsify.is_sparse_nnx(model):
+        _sparsify.refresh_nnx(model, key)
+        return
     layers = [node for _, node in sparse_layers(model)
               if isinstance(node.sparsity.pattern, BiMask)]
     for layer, k in zip(layers, jax.random.split(key, max(len(layers), 1)), strict=False):
@@ -196,8 +201,15 @@ def search_perms(model: nnx.Module, key: jax.Array) -> None:
 
 
 def refresh_masks(model: nnx.Module) -> None:
-    """Recomputes the static masks of every sparse layer in ``model`` from its current kernel
-    (in place, the NNX way). Dynamic layers need no refresh."""
+    """Recomputes the static masks of ``model`` from its current weights (in place, the NNX
+    way): a model from :func:`nmjax.nn.sparsify` with a plan (``mode="static"``; a stored
+    Bi-Mask permutation is kept), or every static sparse layer of a model built from
+    :class:`SparseLinear`/:class:`SparseConv`. Dynamic models need no refresh."""
+    from nmjax.nn import _sparsify
+
+    if _sparsify.is_sparse_nnx(model):
+        _sparsify.refresh_nnx(model)
+        return
     for _, node in sparse_layers(model):
         if node.sparsity.mode == "static":
             refresh_layer(node)
