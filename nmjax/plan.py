@@ -15,7 +15,7 @@ path            op           shape  contract  out   pattern  density
 --------------  -----------  -----  --------  ----  -------  -------
 Dense_0/kernel  dot_general  8x32   (0,)      (1,)  2:4 nm     0.500
 proj            dot_general  16x32  (1,)      (0,)  2:4 nm     0.500
-2 parameters sparse (768 of 1,056 weights: density 0.636 kept)
+2 parameters sparse (384 of 768 weights: density 0.500 kept)
 
 :func:`resolve` traces a model (Linen, NNX, or a plain function of its parameters) once,
 abstractly, and follows each parameter to the ``dot_general``/``einsum``/``conv`` that uses

@@ -467,3 +467,41 @@ def test_plain_function_and_summary_axes():
     assert np_nm(masks["proj"].fwd, 2, 4, 1, exact=True)
     table = str(nmjax.tree.summarize(params, masks, plan))
     assert "(1,)" in table and "(0,)" in table
+
+
+class Experts(nn.Module):
+    """Per-expert kernels (a dot_general batch axis) and a kernel used as the left operand."""
+
+    @nn.compact
+    def __call__(self, x):                                          # x: (experts, tokens, d)
+        w = self.param("experts", nn.initializers.lecun_normal(), (2, 16, 32))   # (e, in, out)
+        h = jnp.einsum("etd,edf->etf", x, w)
+        v = self.param("left", nn.initializers.lecun_normal(), (8, 32))          # (out, in)
+        return jnp.einsum("oi,eti->eot", v, h)                       # kernel on the left
+
+
+@pytest.mark.parametrize("pattern", ["2:4 transposable", "2:4 bimask"])
+def test_batch_axes_and_kernel_on_the_left(pattern):
+    x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+    params = Experts().init(jax.random.key(1), x)["params"]
+    plan = nmjax.resolve(Experts(), pattern, x)
+    experts, left = plan.by_path["experts"].layout, plan.by_path["left"].layout
+    assert (experts.stack, experts.contract, experts.out) == ((0,), (1,), (2,))
+    assert (left.contract, left.out) == ((1,), (0,))
+    masks = nmjax.tree.build_masks(params, plan)
+    for e in range(2):
+        m = masks["experts"]
+        check_masks(type(m)(m.fwd[e], m.bwd[e], None if m.perm is None else m.perm[e]),
+                    pattern, 0, 1)
+    check_masks(masks["left"], pattern, 1, 0)
+    sparse = nmjax.nn.sparsify(Experts(), plan)
+    got = sparse.apply({"params": params}, x)
+    want = Experts().apply({"params": apply_masks(params, masks)}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Straight-through weight gradients, the dense model's on the masked weights.
+    if "transposable" in pattern:
+        g = jax.grad(lambda p: sparse.apply({"params": p}, x).sum())(params)
+        gd = jax.grad(lambda p: Experts().apply({"params": p}, x).sum())(apply_masks(params,
+                                                                                   masks))
+        for k in ("experts", "left"):
+            np.testing.assert_allclose(g[k], gd[k], rtol=1e-4, atol=1e-5)

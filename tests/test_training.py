@@ -18,8 +18,7 @@ from flax import nnx
 
 import nmjax
 from nmjax.masks import Transposable, is_nm, is_transposable
-from nmjax.nn import USED_MASKS, linen_masks, sparsify
-from nmjax.nn import nnx as nx
+from nmjax.nn import USED_MASKS, linen_masks, model_masks, sparsify
 from nmjax.tree import MaskRule
 
 datasets = pytest.importorskip("sklearn.datasets")  # in the "dev" extra; shipped, no download
@@ -86,7 +85,7 @@ def _valid(masks, rule) -> jax.Array:
     ok = jnp.array(True)
     for m in masks:
         ok &= jnp.all(m.bwd == m.fwd)
-        if isinstance(rule.pattern, Transposable):
+        if isinstance(rule.patterns[0], Transposable):
             ok &= is_transposable(m.fwd, 2, 4, axes=(-2, -1)) & (m.fwd.mean() > 0.45)
         else:
             ok &= is_nm(m.fwd, 2, 4, axis=m.fwd.ndim - 2, exact=True)
@@ -117,6 +116,7 @@ def _train_linen(model, prep, mode, rule):
     """Returns (final train loss, test accuracy, number of masked layers, all steps valid)."""
     x_train, x_test = prep(X_TRAIN), prep(X_TEST)
     params = model.init(_key(0), x_train[:1])["params"]
+    rule = nmjax.resolve(model, rule, x_train[:1])                 # the plan: axes from ops
     net = model if mode == "dense" else sparsify(model, rule, mode=mode, decay=2e-4)
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)
@@ -176,21 +176,17 @@ class NCNN(nnx.Module):
         return self.head(nnx.relu(self.fc(x.reshape(x.shape[0], -1))))
 
 
-def _sparse_layers(model):
-    return [node for _, node in nnx.iter_graph(model)
-            if isinstance(node, nx.SparseLinear | nx.SparseConv)]
-
-
 def _train_nnx(cls, prep, mode, rule):
     x_train, x_test = prep(X_TRAIN), prep(X_TEST)
     model = cls(nnx.Rngs(_key(0)))
     if mode != "dense":
+        rule = nmjax.resolve(model, rule, x_train[:1])
         model = sparsify(model, rule, mode=mode, decay=2e-4)
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, x, y):
-        used = [layer.masks() for layer in _sparse_layers(model)]  # what this step's calls use
+        used = list(model_masks(model).values()) if mode != "dense" else []  # this step's
         (loss, logits), grads = nnx.value_and_grad(
             lambda m: (lambda z: (_loss(z, y), z))(m(x)), has_aux=True)(model)
         opt.update(model, grads)

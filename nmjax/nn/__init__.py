@@ -15,7 +15,7 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
-from nmjax.nn._sparsify import SparseModel
+from nmjax.nn._sparsify import SparseModel, model_masks
 from nmjax.nn.linen import SparseDense, linen_masks, linen_perms, to_collection
 from nmjax.nn.nnx import (
     NMDecay,
@@ -116,6 +116,7 @@ __all__ = [
     "linen",
     "linen_masks",
     "linen_perms",
+    "model_masks",
     "nnx",
     "refresh_masks",
     "search_perms",

@@ -17,7 +17,7 @@ from flax import nnx
 
 from nmjax import _graph, ops
 from nmjax.masks import BiMask, Masks
-from nmjax.nn._core import MASKS, Sparsity
+from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
 from nmjax.nn.nnx import NMMask
 from nmjax.plan import Plan, Traced, _build, _classify, _split_args, as_rules, layout_masks
 from nmjax.tree import is_masks_leaf, path_str
@@ -45,8 +45,9 @@ def _plan_of(target: Plan | tuple, closed: Any, flat: list, name: str) -> Plan:
 
 
 def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, name: str
-               ) -> tuple[Any, Plan]:
-    """Runs ``traced`` with the planned products sparse: ``(outputs, plan)``.
+               ) -> tuple[Any, Plan, dict[str, Masks]]:
+    """Runs ``traced`` with the planned products sparse: ``(outputs, plan, {path: the
+    Masks the products used})``.
 
     ``target``: a :class:`~nmjax.plan.Plan`, or rules to resolve on this trace. ``masks``:
     ``{path: Masks}`` (static mode) or ``None`` (computed from the weights: dynamic mode;
@@ -60,6 +61,7 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     invars = closed.jaxpr.invars
     lives: dict[Any, _graph.Live] = {}
+    used: dict[str, Masks] = {}
     for k, leaf in enumerate(plan.leaves):
         w = flat[index[leaf.path]][1]
         given = (masks or {}).get(leaf.path)
@@ -76,6 +78,7 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
             perm = given.perm if isinstance(given, Masks) else given
             m = layout_masks(leaf.pattern, w, leaf.layout,
                              perm if isinstance(leaf.pattern, BiMask) else None)
+        used[leaf.path] = m
         bwd = None if leaf.pattern.same_masks else m.bwd
         lives[invars[index[leaf.path]]] = _graph.Live(
             k, _graph.leaf_dims(leaf.shape), m.fwd, bwd, m.perm, leaf.layout.stack)
@@ -83,7 +86,7 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
     outs = _graph.Rewriter(product).run(closed.jaxpr, closed.consts,
                                          jax.tree.leaves((traced.params, traced.arrays)),
                                          lives)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), plan
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), plan, used
 
 
 def _check_shapes(masks: Masks, leaf: Any) -> None:
@@ -168,10 +171,14 @@ class SparseModel:
             raise ValueError(f"variables must hold 'params' (got {sorted(variables)})")
         masks = variables.get(MASKS)
         masks = masks_by_path(masks) if masks is not None else None
+        report, mutable = _wants_used(mutable)
         traced = self._traced(variables, args, kwargs, method, rngs, mutable)
-        out, _ = run_sparse(traced, self.target, self.sparsity, masks,
-                            type(self.model).__name__)
-        return out
+        out, _, used = run_sparse(traced, self.target, self.sparsity, masks,
+                                  type(self.model).__name__)
+        if not report:
+            return out
+        y, updates = out if mutable else (out, {})
+        return y, {**updates, USED_MASKS: nest(used)}
 
     def init(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> dict:
         """The dense model's ``init``; in static mode plus the ``"nm_masks"`` collection.
@@ -196,6 +203,29 @@ class SparseModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a sparsified Linen model is used through apply(variables, ...), like "
                         "the dense one; it cannot be called inside another module")
+
+
+def _wants_used(mutable: Any) -> tuple[bool, Any]:
+    """Whether ``mutable`` asks for the ``"nm_used_masks"`` report, and ``mutable`` without
+    it (the dense model never has that collection)."""
+    if isinstance(mutable, str):
+        mutable = [mutable]
+    if isinstance(mutable, list | tuple) and USED_MASKS in mutable:
+        rest = [c for c in mutable if c != USED_MASKS]
+        return True, rest if rest else False
+    return False, mutable
+
+
+def nest(by_path: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b/kernel": x}`` as ``{"a": {"b": {"kernel": x}}}``."""
+    out: dict[str, Any] = {}
+    for path, value in by_path.items():
+        *parents, name = path.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------- NNX
@@ -267,7 +297,7 @@ def _nnx_call(self, *args, **kwargs):
         return out, nnx.split(m, nnx.Param, ...)[2]
 
     traced = Traced(fn, params, [*arrays, rest])
-    (out, new_rest), _ = run_sparse(traced, config.target, config.sparsity, _nnx_masks(self),
+    (out, new_rest), _, _ = run_sparse(traced, config.target, config.sparsity, _nnx_masks(self),
                                        base.__name__)
     nnx.update(self, new_rest)
     return out
@@ -313,6 +343,22 @@ def refresh_nnx(model: nnx.Module, key: jax.Array | None = None) -> None:
             perms[leaf.path] = layout_search(leaf.pattern, flat[leaf.path], leaf.layout, k,
                                              init=perms.get(leaf.path))
     set_nnx_masks(model, masks_by_path(plan.masks(params, perms=perms)))
+
+
+def model_masks(model: nnx.Module) -> dict[str, Masks]:
+    """``{parameter path: Masks}`` the next call of an op-level sparse NNX model uses: the
+    stored ones (static), or the ones computed from the current weights (dynamic; needs a
+    plan)."""
+    plan = nnx_plan(model)
+    if model._nm_config.sparsity.mode == "static":
+        return _nnx_masks(model) or {}
+    if plan is None:
+        raise ValueError("a model sparsified with a rule resolves its plan at each call; "
+                         "sparsify it with a plan (nmjax.resolve) to read its masks")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    stored = _nnx_masks(model) or {}
+    perms = {path: m.perm for path, m in stored.items() if m.perm is not None}
+    return masks_by_path(plan.masks(params, perms=perms))
 
 
 def nnx_plan(model: nnx.Module) -> Plan | None:
