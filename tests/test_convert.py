@@ -16,6 +16,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
+import nmjax
 from nmjax import _convert_solve
 from nmjax._convert_capture import conv_geometry
 from nmjax.convert import (
@@ -254,8 +255,9 @@ def test_nnx_model_converts_like_its_linen_twin():
             linen.layers[i].fit_error_adaprune, rel=1e-4)
     # The returned model is static-sparse, holds the masks, and computes with the params.
     sparse_model = conv.model
-    assert type(sparse_model.layers[0]).__name__ == "SparseLinear"
-    np.testing.assert_array_equal(sparse_model.layers[0].fwd_mask.get_value(),
+    assert type(sparse_model.layers[0]) is nnx.Linear         # the model's own layers
+    assert conv.plan.paths == ("layers/0/kernel", "layers/1/kernel")
+    np.testing.assert_array_equal(nmjax.nn.model_masks(sparse_model)["layers/0/kernel"].fwd,
                                   conv.masks["layers"][0]["kernel"].fwd)
     linen_out = linen.model.apply({"params": linen.params, "nm_masks": linen.collection}, X)
     np.testing.assert_allclose(sparse_model(X), linen_out, atol=1e-4)
@@ -525,10 +527,13 @@ def test_finetuning_goes_straight_on_from_the_conversion():
         params, state = step(params, state)
     assert loss(params, linen_collection(state)) < first
 
-    # NNX: the returned sparse model trains with an nnx.Optimizer around the same wrapper.
+    # NNX: the returned sparse model trains with an nnx.Optimizer around the conversion's
+    # plan (a bare rule cannot know an NNX kernel's layout: refused, never guessed).
     nconv = adaprune(nnx_twin(PARAMS), X, rule, solver="lstsq", progress=False)
     model = nconv.model
-    optimizer = nnx.Optimizer(model, sparse(optax.adam(1e-3), rule, refresh_every=1000),
+    with pytest.raises(ValueError, match="cannot be known from the parameters alone"):
+        nnx.Optimizer(model, sparse(optax.adam(1e-3), rule), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, sparse(optax.adam(1e-3), nconv.plan, refresh_every=1000),
                               wrt=nnx.Param)
     np.testing.assert_array_equal(
         masks_of(optimizer.opt_state)["layers"][0]["kernel"].fwd,
