@@ -119,8 +119,10 @@ def train_dense(data, *, epochs, batch=128, lr=1e-3, seed=0, limit=None):
 def finetune(conv, rule, data, *, params, steps, batch=128, lr=3e-4, seed=1):
     """``steps`` of Adam through :func:`nmjax.optim.sparse` on the static sparse model, the
     masks those of the conversion (``params`` is the converted or the magnitude model).
-    Returns the parameters with the masks applied."""
-    tx = sparse(optax.adam(lr), rule, refresh_every=steps + 1)
+    Returns the parameters with the masks applied. (``rule``: the conversion's; its plan,
+    ``conv.plan``, is what the optimizer and ``conv.model`` share.)"""
+    del rule
+    tx = sparse(optax.adam(lr), conv.plan, refresh_every=steps + 1)
     state = tx.init(params)
     for path, masks in jax.tree_util.tree_flatten_with_path(
             conv.masks, is_leaf=lambda m: m is None or hasattr(m, "fwd"))[0]:

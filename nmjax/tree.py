@@ -1,11 +1,13 @@
-"""Masks for whole parameter pytrees: which leaves, which axis, which pattern.
+"""Masks for whole parameter pytrees: which leaves, which pattern.
 
-A :class:`MaskRule` selects leaves (Dense/Linear and Conv kernels by default; never biases,
-norm scales, embeddings or einsum kernels unless asked), names each selected leaf's
-contraction axis (Dense ``(in, out)`` -> axis 0; Conv ``HWIO`` -> the ``I`` axis) and holds
-the pattern spec to apply (:mod:`nmjax.masks`). :func:`build_masks` returns a pytree of the
-parameters' structure with a :class:`~nmjax.masks.Masks` at each selected leaf and ``None``
-elsewhere. Works on Linen variable dicts and NNX ``State``s.
+A :class:`MaskRule` says which parameters (regexes on their paths, a predicate) get which
+pattern spec (:mod:`nmjax.masks`). Each parameter's axes come from the op that consumes it:
+:func:`nmjax.resolve` turns a rule and a model into a :class:`nmjax.plan.Plan`, which
+:func:`build_masks` (and the optimizer, and :func:`nmjax.nn.sparsify`) take. Without a model,
+only layouts the tree itself shows are taken (Linen auto-named ``Dense_<i>`` ``(in, out)``
+and ``Conv_<i>`` ``HWIO`` kernels, or ``MaskRule(axis=...)``). :func:`build_masks` returns
+a pytree of the parameters' structure with a :class:`~nmjax.masks.Masks` at each sparse
+leaf and ``None`` elsewhere. Works on Linen variable dicts and NNX ``State``s.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def path_str(key_path: Sequence[Any]) -> Path:
 
 def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
     """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or
-    ``(None, None)`` from its path and rank alone.
+    ``(None, None)`` from its path and rank alone (:meth:`MaskRule.select` with
+    ``kind="infer"``; the AdaPrune converter passes the layer types it captured instead).
 
     * A ``kernel`` under a Linen auto-named layer (``Dense_0``, ``Conv_1``, ``Einsum_0``)
       has a known class: ``Dense`` (rank 2) is dense, ``Conv`` (rank 3-5) a conv, any
@@ -62,12 +65,12 @@ def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
     * Under any other layer name (``head``, an NNX attribute ``fc1``) the class is unknown:
       a rank-2 ``kernel`` is taken as Dense ``(in, out)``, a rank 3-5 ``kernel`` as a conv
       only when the layer's name contains "conv" (``conv1``).
-    * Everything else is not selected: biases, scales, embeddings, and kernels whose
-      contraction axes cannot be told from the path (DESIGN §2: no guessing).
+    * Everything else is not selected.
 
-    Where the layer types are known (a model, not only its parameters), pass them instead:
-    ``build_masks(params, rule, kinds=nmjax.nn.layer_kinds(model, x))``; :func:`nmjax.nn.sparsify`
-    does this itself, so it and :func:`build_masks` with ``kinds`` agree on every layer.
+    This is a guess, kept for the converter's helpers; masks for training come from a
+    :class:`nmjax.plan.Plan` (:func:`nmjax.resolve`), which reads each kernel's axes from
+    the op that uses it, and a rule without a model (:func:`nmjax.plan.plan_for_params`)
+    takes only the Linen auto-named layouts and refuses the rest.
     """
     parts = path.rsplit("/", 2)
     ndim = getattr(leaf, "ndim", 0)
