@@ -1,8 +1,8 @@
 """What AdaPrune needs from a model: its layers in forward order, and each layer's inputs.
 
 Linen: the model runs under ``nn.intercept_methods``, which sees every module call with
-the module itself, so the path, type, settings and inputs of each ``nn.Dense``/``nn.Conv`` call are read where they happen, whatever the
-model's structure, without changing it.
+the module itself, so the path, type, settings and inputs of each ``nn.Dense``/``nn.Conv``
+call are read where they happen, whatever the model's structure, without changing it.
 
 NNX has no forward hooks. Inside the traced function (never on the caller's model) the
 model is rebuilt from its state with ``nnx.merge`` and every ``nnx.Linear``/``nnx.Conv`` is
