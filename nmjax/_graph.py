@@ -302,9 +302,8 @@ class Analysis:
                                                        else (None, found))))
             return
         if name in _CALLS or name in _REMAT:
-            sub, consts = _sub_jaxpr(eqn)
-            inner = {v: t for v, t in zip(sub.invars[len(consts):], tracks, strict=True)
-                     if t is not None}
+            sub, _ = _sub_jaxpr(eqn)  # a closed jaxpr's consts are constvars, not invars
+            inner = {v: t for v, t in zip(sub.invars, tracks, strict=True) if t is not None}
             outs = self.run(sub, inner)
             for v, t in zip(eqn.outvars, outs, strict=True):
                 if t is not None:

@@ -388,10 +388,10 @@ def sparse(
 
     Example (Linen)::
 
-      rule = MaskRule("2:4 transposable", exclude="head")
-      tx = nmjax.optim.sparse(optax.adam(1e-3), rule, refresh_every=100, decay=2e-4)
+      plan = nmjax.resolve(Model(), MaskRule("2:4 transposable", exclude="head"), x)
+      tx = nmjax.optim.sparse(optax.adam(1e-3), plan, refresh_every=100, decay=2e-4)
       opt_state = tx.init(params)
-      model = nmjax.nn.sparsify(Model(), rule, mode="static")
+      model = nmjax.nn.sparsify(Model(), plan, mode="static")   # the same plan
 
       @jax.jit
       def step(params, opt_state, x, y):
@@ -402,10 +402,12 @@ def sparse(
 
     Args:
       inner: any optax transformation (``optax.adam(1e-3)``, a chain, ...).
-      rule: which parameters are sparse and their pattern (a :class:`~nmjax.tree.MaskRule`,
-        a pattern spec or a shorthand such as ``"2:4"``), or a sequence of them (e.g. one per
-        N from :func:`nmjax.convert.rules_for_density`; a leaf two rules with different
-        patterns select is an error).
+      rule: a :class:`~nmjax.plan.Plan` (:func:`nmjax.resolve`: each parameter's axes read
+        from the op that uses it; the model's :func:`nmjax.nn.sparsify` takes the same plan),
+        or rules (a :class:`~nmjax.tree.MaskRule`, a pattern spec, ``"2:4"``, or a sequence
+        of them) for trees whose layouts are known without the model (Linen auto-named
+        ``Dense_<i>``/``Conv_<i>`` layers, ``MaskRule(axis=...)``); any other kernel a rule
+        selects is refused at ``init``, with the fix.
       refresh_every: steps between mask refreshes (>= 1; may be traced, e.g. under
         ``optax.inject_hyperparams``).
       perm_every: steps between Bi-Mask permutation searches (the paper: 100); ``None``

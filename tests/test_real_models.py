@@ -334,8 +334,8 @@ class Layer(nn.Module):
 class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=3)
+        stack = nn.scan(nn.remat(Layer), variable_axes={"params": 0},   # as MaxText stacks
+                        split_rngs={"params": True}, length=3)
         x, _ = stack(name="layers")(x, None)
         return nn.Dense(4, name="head")(x)
 
@@ -505,3 +505,68 @@ def test_batch_axes_and_kernel_on_the_left(pattern):
                                                                                    masks))
         for k in ("experts", "left"):
             np.testing.assert_allclose(g[k], gd[k], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------- MaxText's layers
+
+
+def _maxtext_model():
+    linears = pytest.importorskip("maxtext.layers.linears")
+    from maxtext.common.common_types import ShardMode
+
+    class Config:                # the fields MlpBlock and DenseGeneral read, nothing else
+        weight_dtype = dtype = jnp.float32
+        fused_mlp = mlp_bias = dense_fsdp_use_two_stage_all_gather = False
+        debug_sharding = activations_in_float32 = False
+        dropout_rate, matmul_precision, weight_block_size = 0.0, "default", None
+        shard_mode = ShardMode.AUTO
+
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("fsdp",))
+
+    class Block(nnx.Module):
+        """MaxText's attention projections (DenseGeneral over heads) and its MLP block."""
+
+        def __init__(self, rngs):
+            self.query = linears.DenseGeneral(32, (4, 8), rngs=rngs)
+            self.out = linears.DenseGeneral((4, 8), 32, axis=(-2, -1), rngs=rngs)
+            self.mlp = linears.MlpBlock(Config(), mesh, in_features=32, intermediate_dim=64,
+                                        activations=("silu", "linear"),
+                                        intermediate_dropout_rate=0.0, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.out(self.query(x))
+            return x + self.mlp(x, deterministic=True)
+
+    return Block(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("pattern", ["2:4 transposable", "2:4 bimask"])
+def test_maxtext_dense_general_and_mlp_block(pattern):
+    model = _maxtext_model()
+    x = jax.random.normal(jax.random.key(1), (2, 4, 32))
+    plan = nmjax.resolve(model, pattern, x)
+    axes = {leaf.path: (leaf.layout.contract, leaf.layout.out) for leaf in plan.leaves}
+    assert axes == {"query/kernel": ((0,), (1, 2)), "out/kernel": ((0, 1), (2,)),
+                    "mlp/wi_0/kernel": ((0,), (1,)), "mlp/wi_1/kernel": ((0,), (1,)),
+                    "mlp/wo/kernel": ((0,), (1,))}
+    sparse = nmjax.nn.sparsify(model, plan, mode="static")
+    optimizer = nnx.Optimizer(sparse, nmjax.optim.sparse(optax.adam(3e-3), plan), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
+        optimizer.update(model, grads)
+        nmjax.optim.sync_nnx(model, optimizer)
+        return loss
+
+    losses = [float(step(sparse, optimizer)) for _ in range(20)]
+    assert losses[-1] < losses[0]
+    masks = nmjax.nn._sparsify.masks_by_path(nmjax.optim.masks_of(optimizer.opt_state))
+    for path in ("mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"):
+        check_masks(masks[path], pattern, 0, 1)
+    out = masks["out/kernel"]                   # (heads, d, embed): groups along heads x d
+    check_masks(type(out)(out.fwd.reshape(32, 32), out.bwd.reshape(32, 32), out.perm),
+                pattern, 0, 1)
+    q = masks["query/kernel"]                   # (embed, heads, d): output heads x d
+    check_masks(type(q)(q.fwd.reshape(32, 32), q.bwd.reshape(32, 32), q.perm), pattern, 0, 1)
+    assert bool(plan.valid(nmjax.optim.masks_of(optimizer.opt_state)))
