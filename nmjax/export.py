@@ -1,0 +1,313 @@
+"""Packed N:M checkpoints: every masked leaf held in :mod:`nmjax.format`'s packed form.
+
+:func:`pack_params` turns ``(params, masks)`` (masks as :func:`nmjax.tree.build_masks`
+returns them) into a tree of the same structure with a :class:`PackedLeaf` at each masked
+leaf; :func:`unpack_params` gives back the masked dense parameters bit-exactly and
+:func:`unpack_masks` the masks. :func:`save` / :func:`restore` write and read the packed tree
+with orbax. Export to other formats: :mod:`nmjax.hf` (compressed-tensors).
+
+A leaf's grouping axis (the contraction axis of the op that consumes it) is read from its
+forward mask: the one axis along which the mask is N:M at the least storage cost. A mask
+that is N:M along several axes at the same cost (a transposable mask, a tiny matrix) names
+none; pass ``axes=`` for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nmjax import _checks
+from nmjax import format as nmf
+from nmjax._layout import to_groups
+from nmjax.masks import Masks
+from nmjax.tree import check_structure, is_masks_leaf, path_str
+
+__all__ = ["PackedLeaf", "pack_params", "unpack_params", "unpack_masks", "restore", "save",
+           "nbytes"]
+
+# The checkpoint key holding a packed leaf's static layout: int32 [n, m, axis, *shape].
+_LAYOUT = "nm_layout"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLeaf:
+    """One masked parameter, packed.
+
+    Attributes:
+      weight: :class:`nmjax.format.PackedNM`: the kept values and their in-group indices
+        along the grouped axis.
+      kept: ``uint32`` flags (:func:`nmjax.format.pack_flags`, along the grouped axis), one
+        per value slot: whether the slot holds a kept entry of the forward mask. ``None``
+        when every group keeps exactly ``n`` (every slot is kept).
+      bwd: ``uint32`` flags, one per value slot: whether the entry is in the backward mask
+        (``bwd ⊆ fwd``). ``None`` when the backward mask is the forward one.
+      perm: Bi-Mask's ``(out,)`` int32 permutation, or ``None``.
+    """
+
+    weight: nmf.PackedNM
+    kept: jax.Array | None = None
+    bwd: jax.Array | None = None
+    perm: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.weight.values.dtype
+
+
+def is_packed(x: Any) -> bool:
+    """``is_leaf`` for packed trees: a :class:`PackedLeaf` is one leaf."""
+    return isinstance(x, PackedLeaf)
+
+
+def _cost(n: int, m: int, value_bits: int) -> float:
+    """Stored bits per dense weight: values plus in-group indices."""
+    return n / m * (value_bits + nmf.index_bits(m))
+
+
+def _candidates(fwd: np.ndarray, axis: int, value_bits: int,
+                nm: tuple[int, int] | None) -> list[tuple[float, int, int, int]]:
+    """``[(cost, axis, n, m)]`` under which ``fwd`` packs along ``axis`` (fewer than m of
+    every m kept)."""
+    k = fwd.shape[axis]
+    ms = [nm[1]] if nm is not None else range(2, min(k, nmf.MAX_M) + 1)
+    out = []
+    for m in ms:
+        if k % m:
+            continue
+        n = max(int(to_groups(fwd, axis, m, xp=np).sum(-1).max()), 1)
+        if nm is not None and n > nm[0]:
+            continue
+        n = nm[0] if nm is not None else n
+        if n < m:
+            out.append((_cost(n, m, value_bits), axis, n, m))
+    return out
+
+
+def _layout(path: str, fwd: np.ndarray, value_bits: int, axis: int | None,
+            nm: tuple[int, int] | None) -> tuple[int, int, int]:
+    """``(axis, n, m)`` for one leaf: the cheapest N:M its forward mask satisfies."""
+    axes = range(fwd.ndim) if axis is None else [axis]
+    found = [c for a in axes for c in _candidates(fwd, a, value_bits, nm)]
+    want = f"{nm[0]}:{nm[1]}" if nm is not None else "N:M (m <= 16)"
+    where = "any axis" if axis is None else f"axis {axis}"
+    if not found:
+        raise ValueError(f"the forward mask of {path!r} (shape {fwd.shape}) is not {want} "
+                         f"along {where}; it cannot be packed")
+    best = min(c[0] for c in found)
+    ties = sorted({(a, n, m) for cost, a, n, m in found if cost == best}, key=lambda t: t[2])
+    if len({a for a, _, _ in ties}) > 1:
+        options = ", ".join(f"{n}:{m} along axis {a}" for a, n, m in ties)
+        raise ValueError(
+            f"the forward mask of {path!r} (shape {fwd.shape}) is as compact {options}: its "
+            "grouping (contraction) axis cannot be told from the mask; pass "
+            f"axes={{{path!r}: axis}} (or axes=axis for every leaf)")
+    return ties[0]
+
+
+def _pack_leaf(path: str, w: Any, masks: Masks, axis: int | None,
+               nm: tuple[int, int] | None) -> PackedLeaf:
+    w = jnp.asarray(w)
+    fwd = np.asarray(_checks.check_mask(masks.fwd, f"forward mask of {path!r}"))
+    if fwd.shape != w.shape:
+        raise ValueError(f"the forward mask of {path!r} has shape {fwd.shape}, the leaf "
+                         f"{tuple(w.shape)}")
+    if axis is not None:
+        axis = _checks.check_axis(axis, w.ndim, f"axes[{path!r}]")
+    axis, n, m = _layout(path, fwd, 8 * w.dtype.itemsize, axis, nm)
+    weight = nmf.pack(w, jnp.asarray(fwd), n, m, axis)
+    slots_kept = nmf.gather_slots(weight, jnp.asarray(fwd))
+    full = bool(to_groups(fwd, axis, m, xp=np).sum(-1).min() == n)
+    kept = None if full else nmf.pack_flags(slots_kept, axis)
+    bwd = None
+    if masks.bwd is not masks.fwd:
+        bwd_mask = np.asarray(_checks.check_mask(masks.bwd, f"backward mask of {path!r}"))
+        if bwd_mask.shape != fwd.shape:
+            raise ValueError(f"the backward mask of {path!r} has shape {bwd_mask.shape}, the "
+                             f"leaf {fwd.shape}")
+        if (bwd_mask & ~fwd).any():
+            raise ValueError(f"the backward mask of {path!r} keeps entries its forward mask "
+                             "drops (bwd must be a subset of fwd to be packed)")
+        if not np.array_equal(bwd_mask, fwd):
+            bwd = nmf.pack_flags(nmf.gather_slots(weight, jnp.asarray(bwd_mask)), axis)
+    perm = None
+    if masks.perm is not None:
+        perm = _checks.check_perm(masks.perm, w.shape[-1], f"perm of {path!r}")
+    return PackedLeaf(weight, kept, bwd, perm)
+
+
+def _axis_for(axes: int | Mapping[str, int] | None, path: str) -> int | None:
+    if axes is None or isinstance(axes, int | np.integer) and not isinstance(axes, bool):
+        return axes
+    if isinstance(axes, Mapping):
+        return axes.get(path)
+    raise TypeError(f"axes must be None, an int or a mapping {{leaf path: axis}}, got {axes!r}")
+
+
+def pack_params(params: Any, masks: Any, *, axes: int | Mapping[str, int] | None = None,
+                nm: tuple[int, int] | None = None) -> Any:
+    """Packs every masked leaf of ``params``: a :class:`PackedLeaf` per :class:`Masks`.
+
+    Values outside a leaf's forward mask are dropped: :func:`unpack_params` returns
+    ``nmjax.tree.apply_masks(params, masks)`` bit-exactly (the weights the forward uses).
+    Leaves whose mask is ``None`` stay as they are.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax.tree import MaskRule, apply_masks, build_masks
+    >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 8)),
+    ...                       "bias": jnp.zeros(8)}}
+    >>> masks = build_masks(params, MaskRule("2:4"))
+    >>> packed = pack_params(params, masks)
+    >>> leaf = packed["Dense_0"]["kernel"]
+    >>> (leaf.weight.n, leaf.weight.m, leaf.weight.axis), leaf.weight.values.shape
+    ((2, 4, 0), (8, 8))
+    >>> same = jax.tree.map(jnp.array_equal, unpack_params(packed), apply_masks(params, masks))
+    >>> all(jax.tree.leaves(same))
+    True
+
+    Args:
+      params: parameter pytree (concrete arrays; call outside ``jit``).
+      masks: a mask tree of ``params``' structure: a :class:`~nmjax.masks.Masks` or
+        ``None`` per leaf (:func:`nmjax.tree.build_masks`).
+      axes: the grouping axis of the masked leaves: one int for all, or ``{leaf path:
+        axis}`` (paths as :func:`nmjax.tree.path_str` writes them, ``"Dense_0/kernel"``);
+        a leaf not named is read from its mask (see the module docstring).
+      nm: ``(n, m)`` to pack every masked leaf with; ``None`` (default) takes, per leaf, the
+        N:M (``m <= 16``, ``n`` the most kept in a group) that stores it in the fewest bits.
+
+    Returns:
+      A pytree of ``params``' structure.
+
+    Raises:
+      ValueError: the trees differ, a mask's shape differs from its leaf's, a mask is not
+        N:M along the given axis (or along any), its axis is ambiguous and not given, or a
+        backward mask keeps what the forward mask drops.
+    """
+    check_structure(params, masks)
+    if nm is not None:
+        nm = _checks.check_nm(*nm, max_m=nmf.MAX_M)
+    flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masks_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for (key_path, leaf), leaf_masks in zip(leaves, flat_masks, strict=True):
+        if leaf_masks is None:
+            out.append(leaf)
+            continue
+        if not isinstance(leaf_masks, Masks):
+            raise TypeError(f"masks for {path_str(key_path)!r} must be an nmjax.masks.Masks "
+                            f"or None, got {type(leaf_masks).__name__}")
+        path = path_str(key_path)
+        out.append(_pack_leaf(path, leaf, leaf_masks, _axis_for(axes, path), nm))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _scatter(weight: nmf.PackedNM, slot_flags: jax.Array) -> jax.Array:
+    return nmf.unpack(dataclasses.replace(weight, values=slot_flags))
+
+
+def _slot_flags(weight: nmf.PackedNM, words: jax.Array | None) -> jax.Array:
+    count = weight.values.shape[weight.axis]
+    if words is None:
+        return jnp.ones(weight.values.shape, bool)
+    return nmf.unpack_flags(words, count, weight.axis)
+
+
+def unpack_leaf(leaf: PackedLeaf) -> jax.Array:
+    """The dense masked weight (``leaf.shape``, its dtype); jit-able."""
+    return nmf.unpack(leaf.weight)
+
+
+def leaf_masks(leaf: PackedLeaf) -> Masks:
+    """The leaf's :class:`~nmjax.masks.Masks` (``bwd is fwd`` where they are one mask)."""
+    fwd = _scatter(leaf.weight, _slot_flags(leaf.weight, leaf.kept))
+    bwd = fwd if leaf.bwd is None else _scatter(leaf.weight, _slot_flags(leaf.weight, leaf.bwd))
+    return Masks(fwd, bwd, leaf.perm)
+
+
+def unpack_params(packed: Any) -> Any:
+    """Inverse of :func:`pack_params`: the dense masked parameters, bit-exactly; jit-able
+    (unpack inside a jitted forward to keep only the packed arrays resident)."""
+    return jax.tree_util.tree_map(lambda x: unpack_leaf(x) if is_packed(x) else x, packed,
+                                  is_leaf=is_packed)
+
+
+def unpack_masks(packed: Any) -> Any:
+    """The mask tree :func:`pack_params` was given (``Masks`` or ``None`` per leaf)."""
+    return jax.tree_util.tree_map(lambda x: leaf_masks(x) if is_packed(x) else None, packed,
+                                  is_leaf=is_packed)
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of all arrays in ``tree`` (packed or dense)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def _to_checkpoint(packed: Any) -> Any:
+    """Packed leaves as plain dicts of arrays (what orbax stores without a target)."""
+
+    def one(x):
+        if not is_packed(x):
+            return x
+        w = x.weight
+        entry = {"values": w.values, "meta": w.meta,
+                 _LAYOUT: jnp.asarray([w.n, w.m, w.axis, *w.shape], jnp.int32)}
+        for name in ("kept", "bwd", "perm"):
+            if getattr(x, name) is not None:
+                entry[name] = getattr(x, name)
+        return entry
+
+    return jax.tree_util.tree_map(one, packed, is_leaf=is_packed)
+
+
+def _from_checkpoint(tree: Any) -> Any:
+    if isinstance(tree, Mapping) and _LAYOUT in tree:
+        n, m, axis, *shape = (int(v) for v in np.asarray(tree[_LAYOUT]))
+        weight = nmf.PackedNM(jnp.asarray(tree["values"]), jnp.asarray(tree["meta"]), n, m,
+                              axis, tuple(shape))
+        return PackedLeaf(weight, *(None if tree.get(k) is None else jnp.asarray(tree[k])
+                                    for k in ("kept", "bwd", "perm")))
+    if isinstance(tree, Mapping):
+        return {k: _from_checkpoint(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_from_checkpoint(v) for v in tree)
+    return tree
+
+
+def save(directory: str | os.PathLike, packed: Any) -> None:
+    """Writes a packed tree (or any tree of arrays) to ``directory`` with orbax.
+
+    ``directory`` must not exist. Containers must be dicts, lists or tuples (a Linen
+    ``variables`` dict; for NNX, ``nnx.state(model).to_pure_dict()``).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise ValueError(f"directory {directory!r} exists; save writes a new checkpoint")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(directory, _to_checkpoint(packed))
+
+
+def restore(directory: str | os.PathLike) -> Any:
+    """Reads a tree written by :func:`save`; packed leaves come back as :class:`PackedLeaf`.
+
+    Containers come back as orbax restores them (dicts, lists).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(directory)
+    return _from_checkpoint(tree)
