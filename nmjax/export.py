@@ -4,7 +4,8 @@
 returns them) into a tree of the same structure with a :class:`PackedLeaf` at each masked
 leaf; :func:`unpack_params` gives back the masked dense parameters bit-exactly and
 :func:`unpack_masks` the masks. :func:`save` / :func:`restore` write and read the packed tree
-with orbax. Export to other formats: :mod:`nmjax.hf` (compressed-tensors).
+with orbax. :func:`save_compressed_tensors` writes a Hugging Face checkpoint folder in
+compressed-tensors' ``sparse-24-bitmask`` format (PyTorch names and layouts).
 
 A leaf's grouping axis (the contraction axis of the op that consumes it) is read from its
 forward mask: the one axis along which the mask is N:M at the least storage cost. A mask
@@ -29,8 +30,8 @@ from nmjax._layout import to_groups
 from nmjax.masks import Masks
 from nmjax.tree import check_structure, is_masks_leaf, path_str
 
-__all__ = ["PackedLeaf", "pack_params", "unpack_params", "unpack_masks", "restore", "save",
-           "nbytes"]
+__all__ = ["PackedLeaf", "is_packed", "leaf_masks", "nbytes", "pack_params", "restore", "save",
+           "save_compressed_tensors", "unpack_leaf", "unpack_masks", "unpack_params"]
 
 # The checkpoint key holding a packed leaf's static layout: int32 [n, m, axis, *shape].
 _LAYOUT = "nm_layout"
@@ -311,3 +312,51 @@ def restore(directory: str | os.PathLike) -> Any:
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(directory)
     return _from_checkpoint(tree)
+
+
+def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: Any,
+                            config: Any, *, architecture: str | None = None,
+                            axes: int | Mapping[str, int] | None = None) -> list[str]:
+    """Writes a Hugging Face checkpoint folder (``model.safetensors`` + ``config.json``) in
+    compressed-tensors' ``sparse-24-bitmask`` format, the 2:4 format vLLM loaded.
+
+    Example (a Flax GPT-2 whose ``FlaxConv1D`` kernels are ``(out, in)``; masks 2:4 along
+    ``in``, axis 1)::
+
+      masks = build_masks(model.params, MaskRule("2:4", include=r"c_(attn|proj|fc)/kernel$",
+                                                 axis=1))
+      save_compressed_tensors("gpt2-24", model.params, masks, model.config,
+                              architecture="GPT2LMHeadModel")
+
+    Names and layouts are PyTorch's, mapped with the rules of transformers' own
+    Flax-to-PyTorch loader (a ``kernel`` becomes ``weight`` transposed: GPT-2's ``Conv1D``
+    weight is ``(in, out)`` in PyTorch too, ``nn.Linear``'s ``(out, in)``). Each masked
+    leaf is stored as ``.compressed`` (the kept values, ``(rows, cols // 2)``),
+    ``.bitmask`` (one bit per weight) and ``.shape``; decompressing gives
+    ``apply_masks(params, masks)`` bit-exactly, whichever axis the 2:4 groups run along.
+    Row-wise 2:4 kernels (vLLM's) need the groups along the PyTorch weight's last axis:
+    true of ``nn.Linear`` layers pruned along ``in`` (Llama) and of transposable masks; a
+    GPT-2 ``Conv1D`` pruned along ``in`` has them along its axis 0.
+
+    Args:
+      directory: a new folder.
+      params: the Flax model's parameters (``model.params``: ``{"transformer": ...}``).
+      masks: their mask tree (:func:`nmjax.tree.build_masks`); every mask must be at most
+        2:4 along its axis, every masked leaf rank 2.
+      config: the model's ``transformers`` config (``model.config``) or a dict.
+      architecture: the PyTorch class for ``config.json``'s ``architectures``
+        (``"GPT2LMHeadModel"``); ``None`` keeps the config's.
+      axes: as in :func:`pack_params`.
+
+    Returns:
+      The names of the compressed modules (``"transformer.h.0.attn.c_attn"``).
+    """
+    from nmjax import _compressed_tensors
+
+    packed = pack_params(params, masks, axes=axes, nm=(2, 4))
+    if hasattr(config, "to_diff_dict"):  # what save_pretrained writes
+        config = config.to_diff_dict()
+    config = dict(config)
+    if architecture is not None:
+        config["architectures"] = [architecture]
+    return _compressed_tensors.write(os.fspath(directory), packed, config)
