@@ -59,9 +59,14 @@ def check_logits(folder: Path, state: dict, tokens: np.ndarray, flax_logits: np.
           "the Flax model on masked weights")
 
 
-def write_fixture(path: Path) -> None:
+def write_fixture(path: Path, gpt2_folder: Path) -> None:
     """A small nn.Linear-layout state dict, 2:4 along the last axis, compressed by the
-    library itself; the dense input and the library's config are stored beside it."""
+    library itself; the dense input, the library's config and the names and shapes of
+    transformers' PyTorch GPT2LMHeadModel (the check's tiny config) are stored beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config.from_pretrained(str(gpt2_folder)))
+    gpt2_names = {k: list(v.shape) for k, v in gpt2.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     dense = {
         "model.layers.0.mlp.up_proj.weight": torch.randn(16, 32, generator=gen),
@@ -70,7 +75,7 @@ def write_fixture(path: Path) -> None:
         "model.norm.weight": torch.randn(32, generator=gen),
     }
     for name in list(dense)[:2]:
-        dense[name] = dense[name] * get_24_bytemasks(dense[name])
+        dense[name] = torch.where(get_24_bytemasks(dense[name]), dense[name], 0)
     targets = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"]
     config = Sparse24BitMaskConfig(targets=targets, ignore=[], global_sparsity=0.0)
     compressed = Sparse24BitMaskCompressor(config=config).compress(
@@ -79,7 +84,9 @@ def write_fixture(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in compressed.items()}, str(path),
               metadata={"compressed_tensors": compressed_tensors.__version__,
                         "torch": torch.__version__,
-                        "config": json.dumps(config.model_dump())})
+                        "config": json.dumps(config.model_dump()),
+                        "gpt2_state_dict": json.dumps(gpt2_names),
+                        "gpt2_config": (gpt2_folder / "config.json").read_text()})
     save_file(dense, str(path.with_name(path.stem + "_input.safetensors")))
     print(f"wrote {path} ({len(compressed)} tensors) with compressed-tensors "
           f"{compressed_tensors.__version__}")
@@ -99,7 +106,7 @@ def main() -> None:
                          np.load(args.folder / "tokens.npy"),
                          np.load(args.folder / "flax_logits.npy"))
     if args.fixture is not None:
-        write_fixture(args.fixture)
+        write_fixture(args.fixture, Path(info["f32"]["folder"]))
     return 0
 
 

@@ -126,8 +126,8 @@ def write(directory: str | os.PathLike, packed: Any, config: Mapping[str, Any]) 
         "version": FORMAT_VERSION,
         "quant_method": "compressed-tensors",
         "sparsity_config": {
-            "format": FORMAT, "targets": targets, "ignore": [],
-            "global_sparsity": sparsity, "sparsity_structure": "2:4",
+            "format": FORMAT, "registry_requires_subclass": False, "targets": targets,
+            "ignore": [], "global_sparsity": sparsity, "sparsity_structure": "2:4",
         },
         "transform_config": {},
     }

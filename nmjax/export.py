@@ -225,8 +225,12 @@ def _slot_flags(weight: nmf.PackedNM, words: jax.Array | None) -> jax.Array:
 
 
 def unpack_leaf(leaf: PackedLeaf) -> jax.Array:
-    """The dense masked weight (``leaf.shape``, its dtype); jit-able."""
-    return nmf.unpack(leaf.weight)
+    """The dense masked weight (``leaf.shape``, its dtype); jit-able.
+
+    Under ``jit`` the result is materialised (an optimization barrier), so the product
+    that consumes it compiles as it does on a dense weight and gives the same bits.
+    """
+    return jax.lax.optimization_barrier(nmf.unpack(leaf.weight))
 
 
 def leaf_masks(leaf: PackedLeaf) -> Masks:
