@@ -33,10 +33,6 @@ from nmjax.tree import check_structure, is_masks_leaf, path_str
 __all__ = ["PackedLeaf", "is_packed", "leaf_masks", "nbytes", "pack_params", "restore", "save",
            "save_compressed_tensors", "unpack_leaf", "unpack_masks", "unpack_params"]
 
-# The checkpoint key holding a packed leaf's static layout: int32 [n, m, axis, *shape].
-_LAYOUT = "nm_layout"
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedLeaf:
@@ -144,7 +140,10 @@ def _pack_leaf(path: str, w: Any, masks: Masks, axis: int | None,
             bwd = nmf.pack_flags(nmf.gather_slots(weight, jnp.asarray(bwd_mask)), axis)
     perm = None
     if masks.perm is not None:
-        perm = _checks.check_perm(masks.perm, w.shape[-1], f"perm of {path!r}")
+        perm = _checks.check_perm(masks.perm, None, f"perm of {path!r}")
+        if perm.shape[0] not in w.shape:
+            raise ValueError(f"perm of {path!r} has {perm.shape[0]} entries; no axis of the "
+                             f"leaf {tuple(w.shape)} has that length")
     return PackedLeaf(weight, kept, bwd, perm)
 
 
@@ -259,63 +258,94 @@ def nbytes(tree: Any) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def _to_checkpoint(packed: Any) -> Any:
-    """Packed leaves as plain dicts of arrays (what orbax stores without a target)."""
+def _to_checkpoint(tree: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
+    """``(arrays, layout)``: the tree as nested dicts of arrays (a packed leaf becomes a dict
+    of its arrays, a list a dict keyed by index) and, by path, every array's shape and dtype
+    and every packed leaf's static layout (JSON)."""
+    if is_packed(tree):
+        w = tree.weight
+        entry = {"values": w.values, "meta": w.meta}
+        entry.update({k: getattr(tree, k) for k in ("kept", "bwd", "perm")
+                      if getattr(tree, k) is not None})
+        arrays, layout = _to_checkpoint(entry, path)
+        layout["packed"][path] = [w.n, w.m, w.axis, list(w.shape)]
+        return arrays, layout
+    items = (tree.items() if isinstance(tree, Mapping)
+             else enumerate(tree) if isinstance(tree, list | tuple) else None)
+    if items is None:
+        if not hasattr(tree, "shape") or not hasattr(tree, "dtype"):
+            raise TypeError(f"save stores dicts, lists and arrays; {path or 'the tree'!r} is a "
+                            f"{type(tree).__name__}")
+        return tree, {"arrays": {path: [list(tree.shape), np.dtype(tree.dtype).name]},
+                      "packed": {}}
+    arrays, layout = {}, {"arrays": {}, "packed": {}}
+    for key, value in items:
+        key = str(key)
+        if "/" in key:
+            raise ValueError(f"save cannot store the key {key!r} (it holds a '/')")
+        arrays[key], sub = _to_checkpoint(value, f"{path}/{key}" if path else key)
+        layout["arrays"].update(sub["arrays"])
+        layout["packed"].update(sub["packed"])
+    return arrays, layout
 
-    def one(x):
-        if not is_packed(x):
-            return x
-        w = x.weight
-        entry = {"values": w.values, "meta": w.meta,
-                 _LAYOUT: jnp.asarray([w.n, w.m, w.axis, *w.shape], jnp.int32)}
-        for name in ("kept", "bwd", "perm"):
-            if getattr(x, name) is not None:
-                entry[name] = getattr(x, name)
-        return entry
 
-    return jax.tree_util.tree_map(one, packed, is_leaf=is_packed)
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *head, last = path.split("/")
+        node = out
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
-def _from_checkpoint(tree: Any) -> Any:
-    if isinstance(tree, Mapping) and _LAYOUT in tree:
-        n, m, axis, *shape = (int(v) for v in np.asarray(tree[_LAYOUT]))
-        weight = nmf.PackedNM(jnp.asarray(tree["values"]), jnp.asarray(tree["meta"]), n, m,
-                              axis, tuple(shape))
-        return PackedLeaf(weight, *(None if tree.get(k) is None else jnp.asarray(tree[k])
-                                    for k in ("kept", "bwd", "perm")))
-    if isinstance(tree, Mapping):
-        return {k: _from_checkpoint(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_from_checkpoint(v) for v in tree)
-    return tree
+def _from_checkpoint(arrays: Any, packed: Mapping[str, Any], path: str = "") -> Any:
+    if path in packed:
+        n, m, axis, shape = packed[path]
+        weight = nmf.PackedNM(arrays["values"], arrays["meta"], n, m, axis, tuple(shape))
+        return PackedLeaf(weight, *(arrays.get(k) for k in ("kept", "bwd", "perm")))
+    if isinstance(arrays, Mapping):
+        return {k: _from_checkpoint(v, packed, f"{path}/{k}" if path else k)
+                for k, v in arrays.items()}
+    return arrays
 
 
 def save(directory: str | os.PathLike, packed: Any) -> None:
-    """Writes a packed tree (or any tree of arrays) to ``directory`` with orbax.
+    """Writes a packed tree (or any tree of arrays) to a new ``directory`` with orbax: the
+    arrays, and a JSON layout (shapes, dtypes, packed leaves' N:M and axis) that lets
+    :func:`restore` read them back without a target.
 
-    ``directory`` must not exist. Containers must be dicts, lists or tuples (a Linen
-    ``variables`` dict; for NNX, ``nnx.state(model).to_pure_dict()``).
+    Containers must be dicts (string keys), lists or tuples: a Linen ``variables`` dict, a
+    Hugging Face ``model.params``; for NNX, ``nnx.state(model).to_pure_dict()``.
     """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         raise ValueError(f"directory {directory!r} exists; save writes a new checkpoint")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(directory, _to_checkpoint(packed))
+    arrays, layout = _to_checkpoint(packed)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(directory, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
+                                                 layout=ocp.args.JsonSave(layout)))
 
 
 def restore(directory: str | os.PathLike) -> Any:
-    """Reads a tree written by :func:`save`; packed leaves come back as :class:`PackedLeaf`.
-
-    Containers come back as orbax restores them (dicts, lists).
-    """
+    """Reads a tree written by :func:`save` onto the default device; packed leaves come
+    back as :class:`PackedLeaf`, lists and tuples as dicts keyed by index."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(directory)
-    return _from_checkpoint(tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        layout = ckptr.restore(directory, ocp.args.Composite(layout=ocp.args.JsonRestore()))
+        layout = layout["layout"]
+        target = _nest({path: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
+                                                   sharding=sharding)
+                        for path, (shape, dtype) in layout["arrays"].items()})
+        arrays = ckptr.restore(directory, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+    return _from_checkpoint(arrays["arrays"], layout["packed"])
 
 
 def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: Any,
