@@ -123,7 +123,10 @@ class PackedLinear(nnx.Module):
         self.precision = precision
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel = export.unpack_leaf(self.kernel.get_value())
+        # Unpack only once the inputs exist, so that XLA does not unpack every layer's kernel
+        # up front (6 layers 512x512 f32: 2 MiB of temporaries instead of 9).
+        packed, inputs = jax.lax.optimization_barrier((self.kernel.get_value(), inputs))
+        kernel = export.unpack_leaf(packed)
         bias = self.bias.get_value() if self.bias is not None else None
         inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
