@@ -181,10 +181,10 @@ def unpack(packed: PackedNM) -> jax.Array:
     n, m, axis = packed.n, packed.m, packed.axis
     vals = to_groups(packed.values, axis, n)  # (..., G, n)
     idx = to_groups(slot_indices(packed), axis, n)
-    onehot = idx[..., :, None] == jnp.arange(m)  # (..., G, n, m)
-    src = jnp.argmax(onehot, axis=-2)  # (..., G, m): the slot holding each entry, if any
-    picked = jnp.take_along_axis(vals, src, axis=-1)
-    dense = jnp.where(onehot.any(-2), picked, jnp.zeros((), vals.dtype))
+    pos = jnp.arange(m, dtype=idx.dtype)
+    dense = jnp.zeros((*vals.shape[:-1], m), vals.dtype)
+    for slot in range(n):  # a group's indices are distinct: each entry is written once
+        dense = jnp.where(idx[..., slot, None] == pos, vals[..., slot, None], dense)
     return from_groups(dense, axis)
 
 
