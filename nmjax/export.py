@@ -139,23 +139,28 @@ def _pack_leaf(path: str, w: Any, masks: Masks, axis: int | None,
         if not np.array_equal(bwd_mask, fwd):
             bwd = nmf.pack_flags(nmf.gather_slots(weight, jnp.asarray(bwd_mask)), axis)
     perm = None
-    if masks.perm is not None:
-        perm = _checks.check_perm(masks.perm, None, f"perm of {path!r}")
-        if perm.shape[0] not in w.shape:
-            raise ValueError(f"perm of {path!r} has {perm.shape[0]} entries; no axis of the "
-                             f"leaf {tuple(w.shape)} has that length")
+    if masks.perm is not None:  # (out,), or (stack..., out) for stacked kernels: kept as is
+        perm = jnp.asarray(masks.perm)
+        if perm.dtype == jnp.bool_ or not jnp.issubdtype(perm.dtype, jnp.integer):
+            raise TypeError(f"perm of {path!r} must be an integer array, got {perm.dtype}")
     return PackedLeaf(weight, kept, bwd, perm)
 
 
-def _axis_for(axes: int | Mapping[str, int] | None, path: str) -> int | None:
+def _axis_for(axes: Any, path: str) -> int | None:
     if axes is None or isinstance(axes, int | np.integer) and not isinstance(axes, bool):
         return axes
     if isinstance(axes, Mapping):
         return axes.get(path)
-    raise TypeError(f"axes must be None, an int or a mapping {{leaf path: axis}}, got {axes!r}")
+    by_path = getattr(axes, "by_path", None)  # an nmjax.plan.Plan
+    if isinstance(by_path, Mapping):
+        leaf = by_path.get(path)
+        # The forward groups run along the flattened contraction, innermost axis last.
+        return None if leaf is None else leaf.layout.contract[-1]
+    raise TypeError(f"axes must be None, an int, a mapping {{leaf path: axis}} or an "
+                    f"nmjax.plan.Plan, got {axes!r}")
 
 
-def pack_params(params: Any, masks: Any, *, axes: int | Mapping[str, int] | None = None,
+def pack_params(params: Any, masks: Any, *, axes: Any = None,
                 nm: tuple[int, int] | None = None) -> Any:
     """Packs every masked leaf of ``params``: a :class:`PackedLeaf` per :class:`Masks`.
 
@@ -180,9 +185,11 @@ def pack_params(params: Any, masks: Any, *, axes: int | Mapping[str, int] | None
       params: parameter pytree (concrete arrays; call outside ``jit``).
       masks: a mask tree of ``params``' structure: a :class:`~nmjax.masks.Masks` or
         ``None`` per leaf (:func:`nmjax.tree.build_masks`).
-      axes: the grouping axis of the masked leaves: one int for all, or ``{leaf path:
-        axis}`` (paths as :func:`nmjax.tree.path_str` writes them, ``"Dense_0/kernel"``);
-        a leaf not named is read from its mask (see the module docstring).
+      axes: the grouping axis of the masked leaves: the :class:`nmjax.plan.Plan` the masks
+        were built with (each leaf's innermost contraction axis), one int for all, or
+        ``{leaf path: axis}`` (paths as :func:`nmjax.tree.path_str` writes them,
+        ``"Dense_0/kernel"``); a leaf not named is read from its mask (see the module
+        docstring).
       nm: ``(n, m)`` to pack every masked leaf with; ``None`` (default) takes, per leaf, the
         N:M (``m <= 16``, ``n`` the most kept in a group) that stores it in the fewest bits.
 
@@ -350,16 +357,18 @@ def restore(directory: str | os.PathLike) -> Any:
 
 def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: Any,
                             config: Any, *, architecture: str | None = None,
-                            axes: int | Mapping[str, int] | None = None) -> list[str]:
+                            axes: Any = None) -> list[str]:
     """Writes a Hugging Face checkpoint folder (``model.safetensors`` + ``config.json``) in
     compressed-tensors' ``sparse-24-bitmask`` format, the 2:4 format vLLM loaded.
 
-    Example (a Flax GPT-2 whose ``FlaxConv1D`` kernels are ``(out, in)``; masks 2:4 along
-    ``in``, axis 1)::
+    Example (a Flax GPT-2; the plan finds that its ``FlaxConv1D`` kernels are ``(out, in)``
+    and groups them along ``in``)::
 
-      masks = build_masks(model.params, MaskRule("2:4", include=r"c_(attn|proj|fc)/kernel$",
-                                                 axis=1))
-      save_compressed_tensors("gpt2-24", model.params, masks, model.config,
+      plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"c_(attn|proj|fc)"),
+                           params=model.params, input_ids=ids, attention_mask=mask,
+                           position_ids=positions)
+      masks = build_masks(model.params, plan)
+      save_compressed_tensors("gpt2-24", model.params, masks, model.config, axes=plan,
                               architecture="GPT2LMHeadModel")
 
     Names and layouts are PyTorch's, mapped with the rules of transformers' own

@@ -12,11 +12,12 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
+import nmjax
 from nmjax import _compressed_tensors as ct
 from nmjax import export
 from nmjax import format as nmf
 from nmjax.masks import NM, BiMask, Masks, Transposable, is_nm
-from nmjax.nn import pack_model, packed_variables, sparsify
+from nmjax.nn import SparseDense, SparseLinear, Sparsity, pack_model, packed_variables
 from nmjax.tree import MaskRule, apply_masks, build_masks, is_masks_leaf
 
 FIXTURE = Path(__file__).parent / "data" / "ct_sparse24_fixture.safetensors"
@@ -199,30 +200,41 @@ def test_size_on_disk(tmp_path):
     assert directory_bytes(tmp_path / "packed") / directory_bytes(tmp_path / "dense") <= 0.57
 
 
+class SparseMLP(nn.Module):
+    """MLP with its first layer a SparseDense (same parameter names and shapes)."""
+
+    mode: str
+
+    @nn.compact
+    def __call__(self, x):
+        sparsity = Sparsity("2:4", mode=self.mode)
+        x = nn.relu(SparseDense(256, param_dtype=jnp.bfloat16, sparsity=sparsity,
+                                name="Dense_0")(x))
+        return nn.Dense(x.shape[-1] // 2, param_dtype=jnp.bfloat16, name="Dense_1")(x)
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_linen_packed_inference(mode, mlp_params):
     x = jax.random.normal(jax.random.key(2), (4, 128))
-    rule = MaskRule("2:4", exclude="Dense_1")
-    masks = build_masks(mlp_params, rule)
+    masks = build_masks(mlp_params, MaskRule("2:4", exclude="Dense_1"))
     packed = export.pack_params(mlp_params, masks)
-    model = sparsify(MLP(), rule, mode=mode)
-    logits = jax.jit(model.apply)(packed_variables(packed), x)
     dense = jax.jit(MLP().apply)({"params": apply_masks(mlp_params, masks)}, x)
-    np.testing.assert_array_equal(logits, dense)
-    if mode == "dynamic":  # the compiled forward's arguments are the packed parameters
-        args = (packed_variables(packed), x)
-        packed_mem = jax.jit(model.apply).lower(*args).compile().memory_analysis()
-        dense_mem = jax.jit(MLP().apply).lower({"params": mlp_params}, x).compile() \
-            .memory_analysis()
-        saved = export.nbytes(mlp_params) - export.nbytes(packed)
-        assert saved > 0
-        assert (dense_mem.argument_size_in_bytes - packed_mem.argument_size_in_bytes
-                == saved)
+    for model in (SparseMLP(mode), MLP()):  # static SparseDense reads the boxed masks
+        logits = jax.jit(model.apply)(packed_variables(packed), x)
+        np.testing.assert_array_equal(logits, dense)
+    # The compiled forward's arguments are the packed parameters.
+    packed_mem = jax.jit(MLP().apply).lower(packed_variables(packed), x).compile() \
+        .memory_analysis()
+    dense_mem = jax.jit(MLP().apply).lower({"params": mlp_params}, x).compile() \
+        .memory_analysis()
+    saved = export.nbytes(mlp_params) - export.nbytes(packed)
+    assert saved > 0
+    assert dense_mem.argument_size_in_bytes - packed_mem.argument_size_in_bytes == saved
 
 
 class NNXMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.body = nnx.Linear(64, 128, rngs=rngs)
+    def __init__(self, sparsity, rngs):
+        self.body = SparseLinear(64, 128, sparsity=sparsity, rngs=rngs)
         self.head = nnx.Linear(128, 16, rngs=rngs)
 
     def __call__(self, x):
@@ -231,22 +243,24 @@ class NNXMLP(nnx.Module):
 
 @pytest.mark.parametrize("pattern", ["2:4", "2:4 bimask"])
 def test_nnx_packed_inference(pattern):
-    model = NNXMLP(nnx.Rngs(0))
-    sparse = sparsify(model, MaskRule(pattern), mode="static")
+    sparse = NNXMLP(Sparsity(pattern, mode="static"), nnx.Rngs(0))
     packed = pack_model(sparse)
     assert type(packed.body).__name__ == "PackedLinear"
-    dense = nnx.clone(model)
-    for name in ("body", "head"):
-        layer = getattr(dense, name)
-        layer.kernel.set_value(jnp.where(getattr(sparse, name).masks().fwd,
-                                         layer.kernel.get_value(), 0))
+    dense = nnx.clone(sparse)
+    dense.body.kernel.set_value(jnp.where(sparse.body.masks().fwd,
+                                          sparse.body.kernel.get_value(), 0))
+    dense.body.sparsity = Sparsity(pattern, mode="dynamic")  # masks of masked weights
+    reference = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    reference.kernel.set_value(dense.body.kernel.get_value())
+    reference.bias.set_value(dense.body.bias.get_value())
     x = jax.random.normal(jax.random.key(3), (4, 64))
     forward = nnx.jit(lambda mdl, x: mdl(x))
-    np.testing.assert_array_equal(forward(packed, x), forward(dense, x))
+    want = forward(sparse.head, nnx.relu(forward(reference, x)))
+    np.testing.assert_array_equal(forward(packed, x), want)
     params_bytes = export.nbytes(nnx.state(packed, nnx.Param))
-    assert params_bytes < export.nbytes(nnx.state(model, nnx.Param))
+    assert params_bytes < export.nbytes(nnx.state(sparse, nnx.Param))
     with pytest.raises(ValueError, match="no SparseLinear"):
-        pack_model(model)
+        pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
@@ -255,15 +269,19 @@ def tiny_gpt2():
     config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2,
                                      n_head=2)
     model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
-    # FlaxConv1D kernels are (out, in): groups along in = axis 1.
-    masks = build_masks(model.params,
-                        MaskRule("2:4", include=r"c_(attn|proj|fc)/kernel$", axis=1))
-    return model, config, model.params, masks
+    ids = jnp.arange(16).reshape(2, 8) % 128
+    plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"c_(attn|proj|fc)/kernel$"),
+                         params=model.params, input_ids=ids,
+                         attention_mask=jnp.ones((2, 8), jnp.int32),
+                         position_ids=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    # FlaxConv1D kernels are (out, in): the plan groups them along in (axis 1).
+    assert {leaf.layout.contract for leaf in plan.leaves} == {(1,)}
+    return model, config, model.params, build_masks(model.params, plan), plan
 
 
 def test_hf_gpt2_packed_inference(tiny_gpt2):
-    model, _, params, masks = tiny_gpt2
-    packed = export.pack_params(params, masks)
+    model, _, params, masks, plan = tiny_gpt2
+    packed = export.pack_params(params, masks, axes=plan)
     tokens = jnp.arange(16).reshape(2, 8) % 128
     logits = jax.jit(lambda p: model(tokens, params=p).logits)
     got = logits(packed_variables(packed)["params"])
@@ -312,10 +330,10 @@ def test_writer_matches_the_compressed_tensors_fixture():
 
 def test_gpt2_export_decompresses_to_pytorch_names_and_layouts(tmp_path, tiny_gpt2):
     meta = load_fixture()[2]
-    _, config, params, masks = tiny_gpt2
+    _, config, params, masks, plan = tiny_gpt2
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     targets = export.save_compressed_tensors(tmp_path / "gpt2", params, masks, config,
-                                             architecture="GPT2LMHeadModel")
+                                             architecture="GPT2LMHeadModel", axes=plan)
     assert len(targets) == 8
     from safetensors.numpy import load_file
 
