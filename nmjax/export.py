@@ -160,6 +160,13 @@ def _axis_for(axes: Any, path: str) -> int | None:
                     f"nmjax.plan.Plan, got {axes!r}")
 
 
+def _plan_nm(axes: Any, path: str) -> tuple[int, int] | None:
+    """The N:M a plan's pattern gives the leaf's forward mask (``None``: read the mask)."""
+    by_path = getattr(axes, "by_path", None)
+    leaf = by_path.get(path) if isinstance(by_path, Mapping) else None
+    return None if leaf is None else leaf.pattern.fwd_nm
+
+
 def pack_params(params: Any, masks: Any, *, axes: Any = None,
                 nm: tuple[int, int] | None = None) -> Any:
     """Packs every masked leaf of ``params``: a :class:`PackedLeaf` per :class:`Masks`.
@@ -190,8 +197,9 @@ def pack_params(params: Any, masks: Any, *, axes: Any = None,
         ``{leaf path: axis}`` (paths as :func:`nmjax.tree.path_str` writes them,
         ``"Dense_0/kernel"``); a leaf not named is read from its mask (see the module
         docstring).
-      nm: ``(n, m)`` to pack every masked leaf with; ``None`` (default) takes, per leaf, the
-        N:M (``m <= 16``, ``n`` the most kept in a group) that stores it in the fewest bits.
+      nm: ``(n, m)`` to pack every masked leaf with; ``None`` (default) takes the plan's
+        pattern where ``axes`` is a plan, else, per leaf, the N:M (``m <= 16``, ``n`` the
+        most kept in a group) that stores it in the fewest bits.
 
     Returns:
       A pytree of ``params``' structure.
@@ -215,7 +223,8 @@ def pack_params(params: Any, masks: Any, *, axes: Any = None,
             raise TypeError(f"masks for {path_str(key_path)!r} must be an nmjax.masks.Masks "
                             f"or None, got {type(leaf_masks).__name__}")
         path = path_str(key_path)
-        out.append(_pack_leaf(path, leaf, leaf_masks, _axis_for(axes, path), nm))
+        out.append(_pack_leaf(path, leaf, leaf_masks, _axis_for(axes, path),
+                              nm if nm is not None else _plan_nm(axes, path)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -137,6 +137,22 @@ def test_refuses_what_it_cannot_tell():
         export.pack_params({"k": w}, {"k": Masks(fwd, fwd)}, axes="0")
 
 
+def test_axes_from_a_plan():
+    model = MLP(width=64)
+    x = jnp.ones((2, 32), jnp.bfloat16)
+    params = model.init(jax.random.key(0), x)["params"]
+    plan = nmjax.resolve(model, "2:4 transposable", x, params=params)
+    masks = build_masks(params, plan)
+    with pytest.raises(ValueError, match="axes="):  # N:M along both axes
+        export.pack_params(params, masks)
+    packed = export.pack_params(params, masks, axes=plan)
+    for leaf in plan.leaves:
+        *layer, name = leaf.path.split("/")
+        weight = packed[layer[0]][name].weight
+        assert (weight.axis, weight.n, weight.m) == (leaf.layout.contract[-1], 2, 4)
+    assert_same_tree(export.unpack_params(packed), apply_masks(params, masks))
+
+
 def test_orbax_save_restore(tmp_path):
     params = small_params()
     bimask = BiMask(2, 4)(params["Dense_0"]["kernel"], key=jax.random.key(1))
