@@ -3,7 +3,8 @@
 ``nmjax.masks``, ``nmjax.tree``, ``nmjax.format``, ``nmjax.backends`` and ``nmjax.ops`` need
 only JAX; ``nmjax.plan`` (:func:`nmjax.resolve`: a rule resolved against a model's ops),
 ``nmjax.nn`` (Flax layers, ``sparsify``), ``nmjax.optim`` (the optax wrapper),
-``nmjax.convert`` and ``nmjax.kernels`` load on first access.
+``nmjax.convert``, ``nmjax.kernels`` and ``nmjax.export`` (packed checkpoints) load on first
+access.
 """
 
 import importlib
@@ -12,7 +13,7 @@ from nmjax import backends, format, masks, ops, tree  # noqa: A004
 
 __version__ = "0.1.0"
 
-_LAZY = ("plan", "nn", "optim", "convert", "kernels", "datasets")
+_LAZY = ("plan", "nn", "optim", "convert", "kernels", "datasets", "export")
 
 __all__ = ["backends", "format", "masks", "ops", "resolve", "tree", *_LAZY]
 

@@ -173,13 +173,62 @@ def slot_indices(packed: PackedNM) -> jax.Array:
 
 @jax.jit
 def unpack(packed: PackedNM) -> jax.Array:
-    """Dense array of ``packed.shape``: the kept values in place, zeros elsewhere."""
+    """Dense array of ``packed.shape``: the kept values in place, zeros elsewhere.
+
+    Bit-exact: every stored value is copied, not summed (a kept ``-0.0`` stays ``-0.0``).
+    ``values`` may have any dtype, ``bool`` included (see :func:`gather_slots`).
+    """
     n, m, axis = packed.n, packed.m, packed.axis
     vals = to_groups(packed.values, axis, n)  # (..., G, n)
     idx = to_groups(slot_indices(packed), axis, n)
-    onehot = idx[..., :, None] == jnp.arange(m)  # (..., G, n, m)
-    dense = jnp.where(onehot, vals[..., :, None], jnp.zeros((), vals.dtype)).sum(-2)
-    return from_groups(dense.astype(vals.dtype), axis)
+    pos = jnp.arange(m, dtype=idx.dtype)
+    dense = jnp.zeros((*vals.shape[:-1], m), vals.dtype)
+    for slot in range(n):  # a group's indices are distinct: each entry is written once
+        dense = jnp.where(idx[..., slot, None] == pos, vals[..., slot, None], dense)
+    return from_groups(dense, axis)
+
+
+@jax.jit
+def gather_slots(packed: PackedNM, x: jax.Array) -> jax.Array:
+    """``x`` (``packed.shape``, any dtype) read at every value slot: ``packed.values.shape``.
+
+    With a boolean mask, says which slots hold kept entries (the rest are fillers);
+    ``unpack(dataclasses.replace(packed, values=gather_slots(packed, mask)))`` scatters it
+    back (``mask`` restricted to the slots).
+    """
+    idx = to_groups(slot_indices(packed), packed.axis, packed.n)
+    picked = jnp.take_along_axis(to_groups(x, packed.axis, packed.m), idx, axis=-1)
+    return from_groups(picked, packed.axis)
+
+
+def pack_flags(flags: Any, axis: int = 0) -> jax.Array:
+    """Bit-packs a boolean array along ``axis``: ``uint32`` words, one bit per entry, entry
+    ``t`` in word ``t // 32`` at bit ``t % 32`` (the layout of ``meta`` with 1-bit fields).
+
+    >>> import jax.numpy as jnp
+    >>> flags = jnp.array([True, False, True] + [False] * 30 + [True])   # 34 entries
+    >>> words = pack_flags(flags)
+    >>> words.shape, int(words[0]), int(words[1])
+    ((2,), 5, 2)
+    >>> bool((unpack_flags(words, 34) == flags).all())
+    True
+    """
+    flags = _checks.check_mask(flags, "flags")
+    axis = _checks.check_axis(axis, flags.ndim)
+    return jnp.moveaxis(_pack_bits(jnp.moveaxis(flags, axis, -1), 1), -1, axis)
+
+
+def unpack_flags(words: Any, count: int, axis: int = 0) -> jax.Array:
+    """Inverse of :func:`pack_flags`: ``count`` booleans along ``axis``."""
+    words = jnp.asarray(words)
+    if words.dtype != jnp.uint32:
+        raise TypeError(f"words must be uint32, got {words.dtype}")
+    axis = _checks.check_axis(axis, words.ndim)
+    if not 0 <= count <= 32 * words.shape[axis]:
+        raise ValueError(f"count={count} does not fit {words.shape[axis]} words along axis "
+                         f"{axis} (32 flags each)")
+    bits = _unpack_bits(jnp.moveaxis(words, axis, -1), 1, count)
+    return jnp.moveaxis(bits.astype(bool), -1, axis)
 
 
 def unpack_mask(packed: PackedNM) -> jax.Array:

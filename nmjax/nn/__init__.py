@@ -15,6 +15,7 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
+from nmjax.nn._packed import PackedLinear, pack_model, packed_variables
 from nmjax.nn._sparsify import SparseModel, model_masks
 from nmjax.nn.linen import SparseDense, linen_masks, linen_perms, to_collection
 from nmjax.nn.nnx import (
@@ -109,6 +110,7 @@ __all__ = [
     "USED_MASKS",
     "NMDecay",
     "NMMask",
+    "PackedLinear",
     "SparseDense",
     "SparseLinear",
     "SparseModel",
@@ -118,6 +120,8 @@ __all__ = [
     "linen_perms",
     "model_masks",
     "nnx",
+    "pack_model",
+    "packed_variables",
     "refresh_masks",
     "search_perms",
     "set_masks",

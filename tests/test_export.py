@@ -1,0 +1,382 @@
+"""Packed checkpoints (nmjax.export): bit-exact round trips for every pattern, orbax, sizes,
+packed inference (Linen, NNX, a Hugging Face Flax GPT-2) and the compressed-tensors writer."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import nmjax
+from nmjax import _compressed_tensors as ct
+from nmjax import export
+from nmjax import format as nmf
+from nmjax.masks import NM, BiMask, Masks, Transposable, is_nm
+from nmjax.nn import SparseDense, SparseLinear, Sparsity, pack_model, packed_variables
+from nmjax.tree import MaskRule, apply_masks, build_masks, is_masks_leaf
+
+FIXTURE = Path(__file__).parent / "data" / "ct_sparse24_fixture.safetensors"
+
+
+def bits(x):
+    """The raw bytes of an array: bit-exact comparison (tells -0.0 from 0.0)."""
+    x = np.asarray(x)
+    return x.view(np.uint8) if x.dtype != bool else x
+
+
+def assert_same_tree(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+def assert_same_masks(got, want):
+    got = jax.tree_util.tree_leaves(got, is_leaf=is_masks_leaf)
+    want = jax.tree_util.tree_leaves(want, is_leaf=is_masks_leaf)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if w is None:
+            continue
+        np.testing.assert_array_equal(g.fwd, w.fwd)
+        np.testing.assert_array_equal(g.bwd, w.bwd)
+        assert (g.perm is None) == (w.perm is None)
+        if w.perm is not None:
+            np.testing.assert_array_equal(g.perm, w.perm)
+
+
+def small_params():
+    keys = jax.random.split(jax.random.key(0), 2)
+    return {
+        "Dense_0": {"kernel": jax.random.normal(keys[0], (32, 16)).astype(jnp.bfloat16),
+                    "bias": jnp.arange(16.0)},
+        "Conv_0": {"kernel": jax.random.normal(keys[1], (3, 3, 8, 16))},
+    }
+
+
+AXES = {"Dense_0/kernel": 0, "Conv_0/kernel": 2}
+PATTERNS = [
+    NM(2, 4), NM(4, 8), NM(1, 4),
+    Transposable(2, 4), Transposable(4, 8, method="greedy"),  # greedy: under-filled groups
+    BiMask(2, 4),
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: f"{p.label}-{p.fwd_nm}")
+def test_round_trip_every_pattern(pattern):
+    params = small_params()
+    if isinstance(pattern, BiMask):  # a searched, non-identity permutation
+        masks = {name: {"kernel": pattern(leaf["kernel"], AXES[f"{name}/kernel"],
+                                          key=jax.random.key(1))}
+                 for name, leaf in params.items()}
+        masks["Dense_0"]["bias"] = None
+        assert not np.array_equal(masks["Dense_0"]["kernel"].perm, np.arange(16))
+    else:
+        masks = build_masks(params, MaskRule(pattern))
+    packed = export.pack_params(params, masks, axes=AXES)
+    assert_same_tree(export.unpack_params(packed), apply_masks(params, masks))
+    assert_same_masks(export.unpack_masks(packed), masks)
+    n, m = pattern.fwd_nm
+    for path, axis in AXES.items():
+        weight = packed[path.split("/")[0]]["kernel"].weight
+        assert (weight.n, weight.m, weight.axis) == (n, m, axis)
+    assert packed["Dense_0"]["bias"] is params["Dense_0"]["bias"]
+    if isinstance(pattern, Transposable) and pattern.method == "greedy":
+        assert packed["Dense_0"]["kernel"].kept is not None
+
+
+def test_underfilled_groups_and_negative_zero_are_exact():
+    w = jnp.asarray([[-0.0, 1.0], [2.0, -0.0], [3.0, 0.0], [4.0, 5.0]] * 2, jnp.float32)
+    fwd = jnp.asarray([[True, True], [True, True], [False, False], [False, False],
+                       [True, False], [False, True], [False, True], [False, False]])
+    params = {"kernel": w}
+    masks = {"kernel": Masks(fwd, fwd)}
+    packed = export.pack_params(params, masks, nm=(2, 4))
+    assert packed["kernel"].kept is not None  # groups with fewer than 2: flags stored
+    out = export.unpack_params(packed)["kernel"]
+    np.testing.assert_array_equal(bits(out), bits(jnp.where(fwd, w, 0.0)))
+    assert np.signbit(np.asarray(out)[0, 0])  # a kept -0.0 stays -0.0
+    np.testing.assert_array_equal(export.unpack_masks(packed)["kernel"].fwd, fwd)
+
+
+def test_axis_read_from_the_mask():
+    # GPT-2 FlaxConv1D kernels are (out, in): their 2:4 groups run along axis 1.
+    w = jax.random.normal(jax.random.key(0), (24, 64))
+    mask = NM(2, 4)(w, axis=1).fwd
+    packed = export.pack_params({"kernel": w}, {"kernel": Masks(mask, mask)})
+    assert (packed["kernel"].weight.axis, packed["kernel"].weight.m) == (1, 4)
+    np.testing.assert_array_equal(export.unpack_params(packed)["kernel"],
+                                  jnp.where(mask, w, 0))
+
+
+def test_refuses_what_it_cannot_tell():
+    w = jax.random.normal(jax.random.key(0), (16, 16))
+    t = Transposable(2, 4)(w)
+    with pytest.raises(ValueError, match=r"cannot be told.*axes="):
+        export.pack_params({"k": w}, {"k": t})  # N:M along both axes
+    assert export.pack_params({"k": w}, {"k": t}, axes=0)["k"].weight.axis == 0
+    dense = jnp.ones((16, 16), bool)
+    with pytest.raises(ValueError, match="is not N:M"):
+        export.pack_params({"k": w}, {"k": Masks(dense, dense)})
+    fwd = NM(2, 4)(w).fwd
+    with pytest.raises(ValueError, match="is not 2:4 along axis 1"):
+        export.pack_params({"k": w}, {"k": Masks(fwd, fwd)}, axes={"k": 1}, nm=(2, 4))
+    with pytest.raises(ValueError, match="subset"):
+        export.pack_params({"k": w}, {"k": Masks(fwd, ~fwd)}, axes=0)
+    with pytest.raises(ValueError, match="do not match"):
+        export.pack_params({"k": w, "b": w}, {"k": Masks(fwd, fwd)})
+    with pytest.raises(TypeError, match="axes must be"):
+        export.pack_params({"k": w}, {"k": Masks(fwd, fwd)}, axes="0")
+
+
+def test_axes_from_a_plan():
+    model = MLP(width=64)
+    x = jnp.ones((2, 32), jnp.bfloat16)
+    params = model.init(jax.random.key(0), x)["params"]
+    plan = nmjax.resolve(model, "2:4 transposable", x, params=params)
+    masks = build_masks(params, plan)
+    with pytest.raises(ValueError, match="axes="):  # N:M along both axes
+        export.pack_params(params, masks)
+    packed = export.pack_params(params, masks, axes=plan)
+    for leaf in plan.leaves:
+        *layer, name = leaf.path.split("/")
+        weight = packed[layer[0]][name].weight
+        assert (weight.axis, weight.n, weight.m) == (leaf.layout.contract[-1], 2, 4)
+    assert_same_tree(export.unpack_params(packed), apply_masks(params, masks))
+
+
+def test_orbax_save_restore(tmp_path):
+    params = small_params()
+    bimask = BiMask(2, 4)(params["Dense_0"]["kernel"], key=jax.random.key(1))
+    greedy = Transposable(4, 8, method="greedy")
+    masks = {"Dense_0": {"kernel": bimask, "bias": None},
+             "Conv_0": {"kernel": greedy(params["Conv_0"]["kernel"], 2)}}
+    packed = export.pack_params(params, masks, axes=AXES)
+    assert packed["Conv_0"]["kernel"].kept is not None
+    export.save(tmp_path / "ckpt", packed)
+    restored = export.restore(tmp_path / "ckpt")
+    assert isinstance(restored["Dense_0"]["kernel"], export.PackedLeaf)
+    assert_same_tree(restored, packed)
+    assert_same_tree(export.unpack_params(restored), apply_masks(params, masks))
+    assert_same_masks(export.unpack_masks(restored), masks)
+    with pytest.raises(ValueError, match="exists"):
+        export.save(tmp_path / "ckpt", packed)
+
+
+def directory_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+class MLP(nn.Module):
+    width: int = 256
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.width, param_dtype=jnp.bfloat16)(x))
+        return nn.Dense(x.shape[-1] // 2, param_dtype=jnp.bfloat16)(x)
+
+
+# (pattern, bound on packed / dense bytes): values n/m, indices n/m * index_bits(m) bits
+# per weight, and 1/32 for kept flags where a group can be under-filled.
+SIZE_TARGETS = [
+    (NM(2, 4), 0.57),                 # 0.5 + 1 bit / 16 = 0.5625
+    (NM(4, 8), 0.63),                 # 0.5 + 2 bits / 16 = 0.625
+    (Transposable(2, 4), 0.57),
+    (Transposable(4, 8, method="greedy"), 0.66),  # + kept flags
+]
+
+
+@pytest.fixture(scope="module")
+def mlp_params():
+    return MLP().init(jax.random.key(0), jnp.ones((1, 128)))["params"]
+
+
+@pytest.mark.parametrize("pattern, target", SIZE_TARGETS, ids=lambda x: getattr(x, "label", ""))
+def test_size_targets(pattern, target, mlp_params):
+    masks = build_masks(mlp_params, MaskRule(pattern))
+    packed = export.pack_params(mlp_params, masks, axes=0)
+    assert export.nbytes(packed) / export.nbytes(mlp_params) <= target
+
+
+def test_size_on_disk(tmp_path):
+    """The orbax checkpoint of a packed 2:4 bf16 model against the dense checkpoint of the
+    same model (orbax compresses both)."""
+    params = MLP(width=512).init(jax.random.key(0), jnp.ones((1, 256)))["params"]
+    packed = export.pack_params(params, build_masks(params, MaskRule("2:4")))
+    export.save(tmp_path / "packed", packed)
+    export.save(tmp_path / "dense", params)
+    assert directory_bytes(tmp_path / "packed") / directory_bytes(tmp_path / "dense") <= 0.57
+
+
+class SparseMLP(nn.Module):
+    """MLP with its first layer a SparseDense (same parameter names and shapes)."""
+
+    mode: str
+
+    @nn.compact
+    def __call__(self, x):
+        sparsity = Sparsity("2:4", mode=self.mode)
+        x = nn.relu(SparseDense(256, param_dtype=jnp.bfloat16, sparsity=sparsity,
+                                name="Dense_0")(x))
+        return nn.Dense(x.shape[-1] // 2, param_dtype=jnp.bfloat16, name="Dense_1")(x)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_linen_packed_inference(mode, mlp_params):
+    x = jax.random.normal(jax.random.key(2), (4, 128))
+    masks = build_masks(mlp_params, MaskRule("2:4", exclude="Dense_1"))
+    packed = export.pack_params(mlp_params, masks)
+    dense = jax.jit(MLP().apply)({"params": apply_masks(mlp_params, masks)}, x)
+    for model in (SparseMLP(mode), MLP()):  # static SparseDense reads the boxed masks
+        logits = jax.jit(model.apply)(packed_variables(packed), x)
+        np.testing.assert_array_equal(logits, dense)
+    # The compiled forward's arguments are the packed parameters.
+    packed_mem = jax.jit(MLP().apply).lower(packed_variables(packed), x).compile() \
+        .memory_analysis()
+    dense_mem = jax.jit(MLP().apply).lower({"params": mlp_params}, x).compile() \
+        .memory_analysis()
+    saved = export.nbytes(mlp_params) - export.nbytes(packed)
+    assert saved > 0
+    assert dense_mem.argument_size_in_bytes - packed_mem.argument_size_in_bytes == saved
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, sparsity, rngs):
+        self.body = SparseLinear(64, 128, sparsity=sparsity, rngs=rngs)
+        self.head = nnx.Linear(128, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "2:4 bimask"])
+def test_nnx_packed_inference(pattern):
+    sparse = NNXMLP(Sparsity(pattern, mode="static"), nnx.Rngs(0))
+    packed = pack_model(sparse)
+    assert type(packed.body).__name__ == "PackedLinear"
+    dense = nnx.clone(sparse)
+    dense.body.kernel.set_value(jnp.where(sparse.body.masks().fwd,
+                                          sparse.body.kernel.get_value(), 0))
+    dense.body.sparsity = Sparsity(pattern, mode="dynamic")  # masks of masked weights
+    reference = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    reference.kernel.set_value(dense.body.kernel.get_value())
+    reference.bias.set_value(dense.body.bias.get_value())
+    x = jax.random.normal(jax.random.key(3), (4, 64))
+    forward = nnx.jit(lambda mdl, x: mdl(x))
+    want = forward(sparse.head, nnx.relu(forward(reference, x)))
+    np.testing.assert_array_equal(forward(packed, x), want)
+    params_bytes = export.nbytes(nnx.state(packed, nnx.Param))
+    assert params_bytes < export.nbytes(nnx.state(sparse, nnx.Param))
+    with pytest.raises(ValueError, match="no SparseLinear"):
+        pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2,
+                                     n_head=2)
+    model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+    ids = jnp.arange(16).reshape(2, 8) % 128
+    plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"c_(attn|proj|fc)/kernel$"),
+                         params=model.params, input_ids=ids,
+                         attention_mask=jnp.ones((2, 8), jnp.int32),
+                         position_ids=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    # FlaxConv1D kernels are (out, in): the plan groups them along in (axis 1).
+    assert {leaf.layout.contract for leaf in plan.leaves} == {(1,)}
+    return model, config, model.params, build_masks(model.params, plan), plan
+
+
+def test_hf_gpt2_packed_inference(tiny_gpt2):
+    model, _, params, masks, plan = tiny_gpt2
+    packed = export.pack_params(params, masks, axes=plan)
+    tokens = jnp.arange(16).reshape(2, 8) % 128
+    logits = jax.jit(lambda p: model(tokens, params=p).logits)
+    got = logits(packed_variables(packed)["params"])
+    np.testing.assert_array_equal(got, logits(apply_masks(params, masks)))
+
+
+def load_fixture():
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+
+    with safetensors.safe_open(str(FIXTURE), "np") as f:
+        meta = f.metadata()
+    dense = load_file(str(FIXTURE.with_name(FIXTURE.stem + "_input.safetensors")))
+    return load_file(str(FIXTURE)), dense, meta
+
+
+def test_writer_matches_the_compressed_tensors_fixture():
+    """The fixture was written by compressed-tensors 0.14.0.1 itself
+    (benchmarks/compressed_tensors_check.py --write-fixture): the library's compressor on
+    nn.Linear (out, in) weights, 2:4 along in."""
+    library, dense, meta = load_fixture()
+    for name, value in ct.decompress(library).items():  # our reader, the library's file
+        np.testing.assert_array_equal(bits(value), bits(dense[name]))
+    # The same weights as a Flax tree: Dense kernels (in, out), masks along in (axis 0).
+    params, masks = {}, {}
+    for name, value in dense.items():
+        *layer, leaf = name.split(".")
+        node, mnode = params, masks
+        for part in layer:
+            node, mnode = node.setdefault(part, {}), mnode.setdefault(part, {})
+        if value.ndim == 2:
+            kernel = jnp.asarray(value.T)
+            node["kernel"] = kernel
+            mnode["kernel"] = Masks(kernel != 0, kernel != 0)
+            assert bool(is_nm(kernel != 0, 2, 4, axis=0))
+        else:
+            node[leaf], mnode[leaf] = jnp.asarray(value), None
+    tensors, targets, _ = ct.state_dict(export.pack_params(params, masks, nm=(2, 4)))
+    assert sorted(tensors) == sorted(library)
+    for name, value in library.items():
+        assert tensors[name].dtype == value.dtype and tensors[name].shape == value.shape, name
+        np.testing.assert_array_equal(bits(tensors[name]), bits(value))
+    library_config = json.loads(meta["config"])
+    assert sorted(targets) == sorted(library_config["targets"])
+
+
+def test_gpt2_export_decompresses_to_pytorch_names_and_layouts(tmp_path, tiny_gpt2):
+    meta = load_fixture()[2]
+    _, config, params, masks, plan = tiny_gpt2
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    targets = export.save_compressed_tensors(tmp_path / "gpt2", params, masks, config,
+                                             architecture="GPT2LMHeadModel", axes=plan)
+    assert len(targets) == 8
+    from safetensors.numpy import load_file
+
+    state = ct.decompress(load_file(str(tmp_path / "gpt2" / "model.safetensors")))
+    # Names and shapes of transformers' PyTorch GPT2LMHeadModel (recorded in the fixture by
+    # the real library run); lm_head.weight is tied to wte and not stored.
+    torch_shapes = json.loads(meta["gpt2_state_dict"])
+    assert set(torch_shapes) - set(state) == {"lm_head.weight"}
+    assert {k: list(v.shape) for k, v in state.items()} == \
+        {k: v for k, v in torch_shapes.items() if k != "lm_head.weight"}
+    masked = apply_masks(params, masks)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(masked)[0]:
+        name, axes = ct.torch_name_and_axes(ct._key_parts(kp), leaf.ndim)
+        np.testing.assert_array_equal(bits(state[name]), bits(np.transpose(leaf, axes)))
+    config_json = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    sparsity = config_json["quantization_config"]["sparsity_config"]
+    assert sparsity["format"] == "sparse-24-bitmask" and sorted(sparsity["targets"]) == \
+        sorted(targets)
+    assert set(sparsity) == set(json.loads(meta["config"]))
+    assert config_json["architectures"] == ["GPT2LMHeadModel"]
+    with pytest.raises(ValueError, match="2:4"):
+        four_eight = build_masks(params, MaskRule("4:8", include=r"c_fc/kernel$", axis=1))
+        export.save_compressed_tensors(tmp_path / "x", params, four_eight, config)
+
+
+def test_flags_round_trip():
+    flags = jax.random.bernoulli(jax.random.key(0), 0.3, (5, 70))
+    words = nmf.pack_flags(flags, axis=1)
+    assert words.shape == (5, 3) and words.dtype == jnp.uint32
+    np.testing.assert_array_equal(nmf.unpack_flags(words, 70, axis=1), flags)
