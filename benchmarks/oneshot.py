@@ -312,7 +312,8 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.UTC)
     if args.memory:
         dims = ((1024, 1024, 4096),) if args.fast else (
-            (4096, 4096, 16384), (8192, 8192, 16384), (16384, 4096, 16384))
+            (4096, 4096, 16384), (8192, 8192, 16384), (16384, 4096, 16384),
+            (32768, 8192, 16384), (40960, 8192, 16384))
         body = memory(dims)
     else:
         body = run(s)

@@ -41,14 +41,6 @@ def select(pattern: Pattern, scores: jax.Array, axis: int) -> jax.Array:
     return nm_mask(scores, n, m, axis)
 
 
-def hessian_entries(d: int, block: int) -> int:
-    """Float32 entries of the largest arrays :func:`sparsegpt` holds at once for a layer of
-    row length ``d``: the ``(d + 1)²`` Gram matrix, the Cholesky factor, the inverse and its
-    factor, with ``d`` padded to a multiple of ``block``."""
-    padded = -(-d // block) * block
-    return (d + 1) ** 2 + 3 * padded ** 2
-
-
 @functools.partial(jax.jit, static_argnames=("geom", "pattern", "block", "progress"))
 def sparsegpt(geom: solve.Geometry, inputs: tuple[jax.Array, ...], w: jax.Array,
               damping: jax.Array, *, pattern: Pattern, block: int, progress: bool

@@ -689,19 +689,22 @@ def _one_shot(setup: _Setup, method: str, layer_fn: Callable, *, sequential: boo
     order, its inputs (from the model converted so far with ``sequential``), then
     ``layer_fn(index, chosen, inputs, w (d, out)) -> (new (d, out), Masks)``, the errors, the
     report."""
-    dense_leaves = _leaves_by_path(setup.adapter.params)
-    current = setup.adapter.params
+    adapter = setup.adapter
+    dense_leaves = _leaves_by_path(adapter.params)
+    current = adapter.params
     masks_by_path: dict[str, Masks] = {}
     magnitude_by_path: dict[str, Masks] = {}
     reports = []
-    fit_inputs = held_inputs = None
     with _bars(progress) as bars:
         for index, c in enumerate(setup.chosen):
             t0 = time.perf_counter()
-            if fit_inputs is None or sequential:
-                fit_inputs = setup.capture(current, setup.args)
-                held_inputs = (setup.capture(current, setup.held)
-                               if setup.held is not None else None)
+            # Only this layer's inputs are captured (a program per layer): memory for one
+            # layer's calibration rows, not every selected layer's.
+            program = _capture_program(adapter.kind, adapter.static, frozenset({c.path}))
+            source = current if sequential else adapter.params
+            inputs = program(source, adapter.extra, setup.args)[c.path]
+            held_inputs = (program(source, adapter.extra, setup.held)[c.path]
+                           if setup.held is not None else None)
             geom = c.layer.geometry
             d, out = geom.d, geom.out
             kernel = jnp.asarray(c.leaf)
@@ -711,7 +714,6 @@ def _one_shot(setup: _Setup, method: str, layer_fn: Callable, *, sequential: boo
             has_bias = bias_leaf is not None and tuple(bias_leaf.shape) == (out,)
             b = bias_leaf if has_bias else np.zeros((out,), np.float32)
             w, magnitude, _ = solve.prepare(kernel, magnitude_masks.fwd, b, axis=c.axis, m=0)
-            inputs = fit_inputs[c.path]
             label = f"{c.path} {c.rule.label} [{method}]"
             task = None
             if bars is not None:
@@ -733,7 +735,7 @@ def _one_shot(setup: _Setup, method: str, layer_fn: Callable, *, sequential: boo
             fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
             held_err = fit_err
             if held_inputs is not None:
-                ref_h, errs_h = solve.output_errors(geom, held_inputs[c.path], w, candidates)
+                ref_h, errs_h = solve.output_errors(geom, held_inputs, w, candidates)
                 held_err = np.sqrt(solve.as_numpy(errs_h) / max(float(ref_h), 1e-30))
             current = _replace(current, {c.path: jnp.asarray(
                 new2_host.reshape(kernel.shape), kernel.dtype)})
@@ -824,11 +826,12 @@ def sparsegpt(
     are grouped along ``I`` (the reference flattens PyTorch's ``OIHW``, grouping spatial
     positions); the transposable and Bi-Mask variants are nmjax's.
 
-    Memory: per layer ``H`` and three more ``d × d`` float32 arrays (its Cholesky factor, the
-    inverse, the inverse's factor) next to a few copies of the ``d × out`` kernel; the
-    inputs become rows chunk by chunk. ``d = 32768`` holds ``4 · 4 GiB = 16 GiB`` of Hessians,
-    so fits in 24 GiB with a kernel up to a few GiB; ``benchmarks/oneshot.py --memory``
-    reads XLA's own peak for given shapes.
+    Memory: one layer at a time: its captured calibration inputs (``rows × d`` float32), the
+    ``d × out`` kernel and three ``d × d`` float32 temporaries (``H``, its Cholesky factor,
+    the inverse's factor), as XLA's CPU buffer assignment counts them
+    (``benchmarks/oneshot.py --memory``): a layer with ``in = 32768`` (``out = 8192``,
+    16384 calibration rows) peaks at 16.3 GiB, so fits in 24 GiB; ``in = 40960`` needs
+    26.6 GiB.
 
     Args:
       model: as :func:`adaprune`: an NNX module, or ``(apply_fn, params)`` for Linen.
