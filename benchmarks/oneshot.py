@@ -93,17 +93,17 @@ class Bench:
         return lm._evaluate(self.predict, params, None, self.data.val, self.cfg.context,
                             self.cfg.eval_windows)
 
-    def _tx(self, rule, lr, init_masks=None):
+    def _tx(self, rule, plan, lr, init_masks=None):
         steps = self.s["finetune_steps"]
         extra = {"perm_every": steps + 1} if isinstance(rule.pattern, BiMask) else {}
-        return sparse(optax.adam(lr), rule, refresh_every=steps + 1, init_masks=init_masks,
+        return sparse(optax.adam(lr), plan, refresh_every=steps + 1, init_masks=init_masks,
                       **extra)
 
-    def _step(self, rule, lr):
+    def _step(self, rule, plan, lr):
         """One jitted step per pattern (the masks are data in the optimizer state)."""
         if rule not in self.steps:
-            tx = self._tx(rule, lr)
-            net = nmjax.nn.sparsify(self.model, rule, mode="static")
+            tx = self._tx(rule, plan, lr)
+            net = nmjax.nn.sparsify(self.model, plan, mode="static")
 
             @jax.jit
             def step(params, state, windows):
@@ -126,11 +126,12 @@ class Bench:
                                   self.cfg.batch)
             yield lm._windows(self.data.train, starts, self.cfg.context)
 
-    def finetune(self, rule, params, masks, lr=3e-4):
-        """``finetune_steps`` of Adam through :func:`nmjax.optim.sparse`, masks fixed to
-        ``masks``; the same batches for every model. Returns the masked parameters."""
-        step = self._step(rule, lr)
-        state = self._tx(rule, lr, init_masks=masks).init(params)
+    def finetune(self, rule, plan, params, masks, lr=3e-4):
+        """``finetune_steps`` of Adam through :func:`nmjax.optim.sparse` on the conversion's
+        ``plan``, masks fixed to ``masks``; the same batches for every model. Returns the
+        masked parameters."""
+        step = self._step(rule, plan, lr)
+        state = self._tx(rule, plan, lr, init_masks=masks).init(params)
         for windows in self._batches():
             params, state = step(params, state, windows)
         return apply_masks(params, masks_of(state))
@@ -182,11 +183,12 @@ def run(s) -> str:
         magnitude = convs["wanda"].magnitude_params
         losses = {"magnitude": bench.loss(magnitude), **losses}
         by_pattern[pattern] = losses
-        starts = {"magnitude": (magnitude, build_masks(bench.params, rule)),
+        plan = convs["wanda"].plan          # the layers and axes every conversion resolved
+        starts = {"magnitude": (magnitude, build_masks(bench.params, plan)),
                   **{k: (c.params, c.masks) for k, c in convs.items()}}
         t0 = time.perf_counter()
         for method, (params, masks) in starts.items():
-            tuned[method] = bench.loss(bench.finetune(rule, params, masks))
+            tuned[method] = bench.loss(bench.finetune(rule, plan, params, masks))
         tune_s = time.perf_counter() - t0
         log(f"{pattern} fine-tuned: {tuned} ({tune_s:.0f} s)")
         order = ("magnitude", *METHODS)
