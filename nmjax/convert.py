@@ -1,4 +1,4 @@
-"""Converting trained models to N:M: AdaPrune, N per layer from unstructured sparsity, a report.
+"""Converting trained models to N:M: AdaPrune, SparseGPT, Wanda, N per layer from density.
 
 :func:`adaprune` (Hubara et al., 2021) takes a trained Linen or NNX model, a calibration
 batch and a :class:`~nmjax.tree.MaskRule`, and converts each selected Dense/Conv layer, in
@@ -7,6 +7,12 @@ magnitude mask, then the kept weights (optionally the bias) optimised so the lay
 on its calibration inputs matches the dense layer's, ``min ‖X·W − X·Ŵ‖²``. The result holds
 the converted parameters and their masks in the form the static-mode sparse layers and
 :func:`nmjax.optim.sparse` read, so fine-tuning goes straight on.
+
+:func:`sparsegpt` (Frantar & Alistarh, 2023) and :func:`wanda` (Sun et al., 2024) prune a
+dense model in one shot, layer by layer on the same captured inputs: SparseGPT chooses each
+group's mask by OBS saliency and updates the remaining weights to compensate, Wanda scores
+``|w| · ‖x‖`` and keeps the weights; both take N:M, transposable N:M and Bi-Mask patterns and
+return the same :class:`Conversion`.
 
 :func:`choose_n` is the paper's rule for the N of a layer that is already unstructured
 sparse; :func:`rules_for_density` applies it to every layer of a model, and
@@ -31,10 +37,10 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from nmjax import _checks
+from nmjax import _checks, _oneshot
 from nmjax import _convert_solve as solve
 from nmjax._convert_capture import RUN, Layer, LinenModel, NNXModel
-from nmjax.masks import Custom, Masks, Pattern, as_pattern
+from nmjax.masks import NM, BiMask, Custom, Masks, Pattern, Transposable, as_pattern
 from nmjax.plan import LeafPlan, Plan, from_axis
 from nmjax.tree import MaskRule, apply_masks, path_str
 
@@ -51,12 +57,14 @@ class LayerReport(NamedTuple):
       path: the kernel's path (``"Dense_0/kernel"``).
       shape: the kernel's shape.
       pattern: the pattern's label (``"2:4 transposable"``).
-      solver: ``"lstsq"`` or ``"adam"`` (what ``solver="auto"`` picked).
+      solver: AdaPrune's ``"lstsq"`` or ``"adam"`` (what ``solver="auto"`` picked), or
+        ``"sparsegpt"``, ``"wanda"`` (:func:`sparsegpt`, :func:`wanda`).
       density: the kernel's nonzero fraction before conversion (1.0 for a dense model).
       kept: the mask's kept fraction.
       error_magnitude, error_adaprune: relative output error ``‖Y − Ŷ‖_F / ‖Y‖_F`` of the
-        layer (bias included) against the dense layer, after magnitude N:M and after
-        AdaPrune, on the held-out batch (on the calibration batch when none was given).
+        layer (bias included) against the dense layer, after magnitude N:M and after the
+        conversion (AdaPrune, or the ``solver`` named), on the held-out batch (on the
+        calibration batch when none was given).
       fit_error_magnitude, fit_error_adaprune: the same on the calibration batch.
       seconds: wall time of the layer's conversion (capture, solve, errors; compilation
         included).
@@ -73,6 +81,10 @@ class LayerReport(NamedTuple):
     fit_error_magnitude: float
     fit_error_adaprune: float
     seconds: float
+
+
+_METHOD_NAMES = {"lstsq": "AdaPrune", "adam": "AdaPrune", "sparsegpt": "SparseGPT",
+                 "wanda": "Wanda"}
 
 
 def _table(head: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> list[str]:
@@ -106,8 +118,10 @@ class ConversionReport:
 
     def __str__(self) -> str:
         where = "held-out" if self.held_out else "calibration"
+        method = "/".join(dict.fromkeys(_METHOD_NAMES.get(r.solver, r.solver)
+                                        for r in self.layers)) or "AdaPrune"
         head = ("layer", "shape", "pattern", "solver", "density", f"err mag ({where})",
-                "err AdaPrune", "fit err mag", "fit err AdaPrune", "s")
+                f"err {method}", "fit err mag", f"fit err {method}", "s")
         body = [(r.path, "x".join(map(str, r.shape)), r.pattern, r.solver, f"{r.density:.3f}",
                  f"{r.error_magnitude:.4f}", f"{r.error_adaprune:.4f}",
                  f"{r.fit_error_magnitude:.4f}", f"{r.fit_error_adaprune:.4f}",
@@ -123,7 +137,7 @@ class ConversionReport:
 
 @dataclasses.dataclass(frozen=True)
 class Conversion:
-    """What :func:`adaprune` returns.
+    """What :func:`adaprune`, :func:`sparsegpt` and :func:`wanda` return.
 
     Attributes:
       params: the converted parameters, in the input's form (a Linen ``params`` dict, or the
@@ -132,8 +146,8 @@ class Conversion:
       masks: the parameters' tree with a :class:`~nmjax.masks.Masks` at each converted
         kernel and ``None`` elsewhere (what :func:`nmjax.tree.apply_masks` and
         :func:`nmjax.optim.sparse`'s state hold).
-      magnitude_params: the plain magnitude N:M parameters (the dense ones masked), the
-        baseline.
+      magnitude_params: the plain magnitude N:M parameters (the dense ones under the
+        pattern's magnitude masks), the baseline.
       layers: one :class:`LayerReport` per converted layer, in forward order.
       rules: the rules the layers were converted with.
       model: NNX: a copy of the model with the converted parameters whose selected layers
@@ -280,7 +294,7 @@ def _discover(adapter: Any, args: tuple[jax.Array, ...], name: str
     return layers, order
 
 
-def _check_chosen(chosen, layers, order, samples, rules) -> list[_Chosen]:
+def _check_chosen(chosen, layers, order, samples, rules, method) -> list[_Chosen]:
     if not chosen:
         kernels = [p for p, layer in layers.items() if layer.kind is not None]
         raise ValueError(f"rule {', '.join(repr(r.label) for r in rules)} selects no layer of "
@@ -294,7 +308,7 @@ def _check_chosen(chosen, layers, order, samples, rules) -> list[_Chosen]:
                              "that layer on calibration_batch; exclude it from the rule")
         if layer.kind is None or layer.unsupported is not None:
             why = layer.unsupported or "not a Dense/Linear or Conv layer"
-            raise ValueError(f"rule {rule.label!r} selects {path!r}, which is {why}; AdaPrune "
+            raise ValueError(f"rule {rule.label!r} selects {path!r}, which is {why}; {method} "
                              "converts Dense/Linear and Conv layers: exclude it from the rule")
         geom = layer.geometry
         if tuple(geom.kernel_shape) != tuple(leaf.shape):
@@ -304,7 +318,7 @@ def _check_chosen(chosen, layers, order, samples, rules) -> list[_Chosen]:
             if len(shape) < 2 + geom.spatial or shape[0] != samples:
                 raise ValueError(
                     f"layer {path!r} received inputs of shape {shape}, whose axis 0 is not "
-                    f"calibration_batch's {samples} samples; AdaPrune draws samples along "
+                    f"calibration_batch's {samples} samples; {method} draws samples along "
                     "axis 0 of every selected layer's input")
         out.append(_Chosen(path, leaf, axis, rule, layer))
     return sorted(out, key=lambda c: order.index(c.path))
@@ -363,6 +377,66 @@ def _bars(enabled: bool):
                      rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
                      console=Console(file=sys.stderr)) as bars:
         yield bars
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+class _Setup(NamedTuple):
+    """What every conversion starts from: the checked batches, the model, its chosen layers
+    in forward order and the jitted capture of their inputs."""
+
+    rules: tuple[MaskRule, ...]
+    args: tuple[jax.Array, ...]
+    held: tuple[jax.Array, ...] | None
+    samples: int
+    adapter: Any
+    chosen: list[_Chosen]
+    capture: Callable
+
+
+def _check_bools(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _setup(model: Any, calibration_batch: Any, rule: Any, held_out: Any, collections: Any,
+           call_kwargs: Any, method: str) -> _Setup:
+    rules = _as_rules(rule)
+    args = _as_args(calibration_batch, "calibration_batch")
+    samples = args[0].shape[0]
+    held = None
+    if held_out is not None:
+        held = _as_args(held_out, "held_out")
+        if len(held) != len(args) or any(h.shape[1:] != a.shape[1:] or h.dtype != a.dtype
+                                         for h, a in zip(held, args, strict=False)):
+            raise ValueError(f"held_out of shape {_shapes(held)} must match calibration_batch "
+                             f"of shape {_shapes(args)} except along axis 0 (and in dtype)")
+    call_kwargs = {} if call_kwargs is None else dict(call_kwargs)
+    if isinstance(model, nnx.Module):
+        if collections:
+            raise ValueError("collections applies to Linen models; an NNX model holds its "
+                             "own state")
+        adapter: Any = NNXModel(model, call_kwargs)
+    elif isinstance(model, tuple) and len(model) == 2:
+        adapter = LinenModel(model[0], model[1], collections or {}, call_kwargs)
+    elif isinstance(model, nn.Module):
+        raise TypeError("a Linen module needs its parameters: pass (module, params)")
+    else:
+        raise TypeError(f"model must be an NNX module or a pair (apply_fn, params), got "
+                        f"{type(model).__name__}")
+
+    layers, order = _discover(adapter, args, "calibration_batch")
+    if held is not None:
+        _discover(adapter, held, "held_out")
+    kinds = {path: layer.kind for path, layer in layers.items()}
+    chosen = _check_chosen(_select(adapter.params, rules, kinds), layers, order, samples, rules,
+                           method)
+    program = _capture_program(adapter.kind, adapter.static,
+                               frozenset(c.path for c in chosen))
+    capture = lambda params, batch_args: program(params, adapter.extra, batch_args)  # noqa: E731
+    return _Setup(rules, args, held, samples, adapter, chosen, capture)
 
 
 # ------------------------------------------------------------------------------ adaprune
@@ -473,58 +547,27 @@ def adaprune(
         is not a plain Dense/Conv or is never called, ``batch`` above the calibration
         size, a least-squares system that is singular (``damping=0``).
     """
-    rules = _as_rules(rule)
-    args = _as_args(calibration_batch, "calibration_batch")
-    samples = args[0].shape[0]
-    held = None
-    if held_out is not None:
-        held = _as_args(held_out, "held_out")
-        if len(held) != len(args) or any(h.shape[1:] != a.shape[1:] or h.dtype != a.dtype
-                                         for h, a in zip(held, args, strict=False)):
-            raise ValueError(f"held_out of shape {_shapes(held)} must match calibration_batch "
-                             f"of shape {_shapes(args)} except along axis 0 (and in dtype)")
     _checks.check_choice(solver, "solver", SOLVERS)
     iters = _checks.check_count(iters, "iters", 1)
     batch = _checks.check_count(batch, "batch", 1)
     lr, bias_lr = _check_positive(lr, "lr"), _check_positive(bias_lr, "bias_lr")
     damping = _check_positive(damping, "damping", zero=True)
-    for name, value in (("bias", bias), ("absorb_mean", absorb_mean),
-                        ("sequential", sequential), ("progress", progress)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+    _check_bools(bias=bias, absorb_mean=absorb_mean, sequential=sequential, progress=progress)
+    key = _check_key(key)
+    setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs,
+                   "AdaPrune")
+    adapter, args, held, samples, chosen = (setup.adapter, setup.args, setup.held,
+                                            setup.samples, setup.chosen)
     if solver == "adam" and batch > samples:
         raise ValueError(f"batch={batch} exceeds calibration_batch's {samples} samples "
                          f"(shape {_shapes(args)}); lower batch or pass more samples")
-    key = _check_key(key)
-    call_kwargs = {} if call_kwargs is None else dict(call_kwargs)
-
-    if isinstance(model, nnx.Module):
-        if collections:
-            raise ValueError("collections applies to Linen models; an NNX model holds its "
-                             "own state")
-        adapter: Any = NNXModel(model, call_kwargs)
-    elif isinstance(model, tuple) and len(model) == 2:
-        adapter = LinenModel(model[0], model[1], collections or {}, call_kwargs)
-    elif isinstance(model, nn.Module):
-        raise TypeError("a Linen module needs its parameters: pass (module, params)")
-    else:
-        raise TypeError(f"model must be an NNX module or a pair (apply_fn, params), got "
-                        f"{type(model).__name__}")
-
-    layers, order = _discover(adapter, args, "calibration_batch")
-    if held is not None:
-        _discover(adapter, held, "held_out")
-    kinds = {path: layer.kind for path, layer in layers.items()}
-    chosen = _check_chosen(_select(adapter.params, rules, kinds), layers, order, samples, rules)
     if absorb_mean:
         for c in chosen:
             if c.rule.pattern.fwd_nm is None:
                 raise ValueError(f"absorb_mean needs an N:M pattern; rule {c.rule.label!r} "
                                  "declares no fwd_nm")
 
-    program = _capture_program(adapter.kind, adapter.static,
-                               frozenset(c.path for c in chosen))
-    capture = lambda params, batch_args: program(params, adapter.extra, batch_args)  # noqa: E731
+    capture = setup.capture
     dense = adapter.params
     dense_leaves = _leaves_by_path(dense)
     current = dense
@@ -607,12 +650,312 @@ def adaprune(
                             description=f"{c.path} {c.rule.label} [{picked}] rel. error "
                                         f"{held_err[0]:.3f} -> {held_err[1]:.3f}")
 
-    masks_tree = jax.tree_util.tree_map_with_path(
-        lambda kp, _: masks_by_path.get(path_str(kp)), dense)
-    used = tuple(dict.fromkeys(c.rule for c in chosen))
-    return Conversion(current, masks_tree, apply_masks(dense, masks_tree), tuple(reports),
-                      used, _sparse_model(adapter, current, masks_by_path, chosen),
-                      held is not None, _conversion_plan(chosen))
+    return _conversion(setup, current, masks_by_path, masks_by_path, reports)
+
+
+def _conversion(setup: _Setup, params: Any, masks: Mapping[str, Masks],
+                magnitude: Mapping[str, Masks], reports: list[LayerReport]) -> Conversion:
+    """The :class:`Conversion` of ``params`` with ``masks`` (by kernel path); the baseline is
+    the dense model under the ``magnitude`` masks."""
+    dense = setup.adapter.params
+    tree = lambda by_path: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda kp, _: by_path.get(path_str(kp)), dense)
+    used = tuple(dict.fromkeys(c.rule for c in setup.chosen))
+    return Conversion(params, tree(masks), apply_masks(dense, tree(magnitude)), tuple(reports),
+                      used, _sparse_model(setup.adapter, params, masks, setup.chosen),
+                      setup.held is not None, _conversion_plan(setup.chosen))
+
+
+# ------------------------------------------------------------------------------ one-shot
+
+
+def _check_one_shot(chosen: list[_Chosen], method: str) -> None:
+    for c in chosen:
+        pattern = c.rule.pattern
+        if not isinstance(pattern, NM | Transposable | BiMask):
+            raise ValueError(f"{method} takes N:M, transposable N:M and Bi-Mask patterns; "
+                             f"rule {c.rule.label!r} has a {type(pattern).__name__} pattern")
+        ndim = len(c.leaf.shape)
+        if c.axis != ndim - 2:
+            raise ValueError(f"{method} groups a kernel along the axis next to its output axis "
+                             f"(Dense (in, out): 0; conv (..., I, O): I); rule {c.rule.label!r} "
+                             f"groups {c.path!r} of shape {tuple(c.leaf.shape)} along axis "
+                             f"{c.axis}")
+
+
+def _one_shot(setup: _Setup, method: str, layer_fn: Callable, *, sequential: bool,
+              progress: bool, total: Callable[[_Chosen], int]) -> Conversion:
+    """The layer loop of :func:`sparsegpt` and :func:`wanda`: for each chosen layer in forward
+    order, its inputs (from the model converted so far with ``sequential``), then
+    ``layer_fn(index, chosen, inputs, w (d, out)) -> (new (d, out), Masks)``, the errors, the
+    report."""
+    adapter = setup.adapter
+    dense_leaves = _leaves_by_path(adapter.params)
+    current = adapter.params
+    masks_by_path: dict[str, Masks] = {}
+    magnitude_by_path: dict[str, Masks] = {}
+    reports = []
+    with _bars(progress) as bars:
+        for index, c in enumerate(setup.chosen):
+            t0 = time.perf_counter()
+            # Only this layer's inputs are captured (a program per layer): memory for one
+            # layer's calibration rows, not every selected layer's.
+            program = _capture_program(adapter.kind, adapter.static, frozenset({c.path}))
+            source = current if sequential else adapter.params
+            inputs = program(source, adapter.extra, setup.args)[c.path]
+            held_inputs = (program(source, adapter.extra, setup.held)[c.path]
+                           if setup.held is not None else None)
+            geom = c.layer.geometry
+            d, out = geom.d, geom.out
+            kernel = jnp.asarray(c.leaf)
+            magnitude_masks = c.rule.masks(kernel, c.axis)
+            magnitude_by_path[c.path] = magnitude_masks
+            bias_leaf = dense_leaves.get(_bias_path(c.path))
+            has_bias = bias_leaf is not None and tuple(bias_leaf.shape) == (out,)
+            b = bias_leaf if has_bias else np.zeros((out,), np.float32)
+            w, magnitude, _ = solve.prepare(kernel, magnitude_masks.fwd, b, axis=c.axis, m=0)
+            label = f"{c.path} {c.rule.label} [{method}]"
+            task = None
+            if bars is not None:
+                task = bars.add_task(label, total=total(c))
+                solve.PROGRESS.set(lambda done, task=task: bars.update(task, completed=done))
+            try:
+                new2, masks = layer_fn(index, c, inputs, w[:d], task is not None)
+                new2 = jax.block_until_ready(new2)
+            finally:
+                solve.PROGRESS.set(None)
+            new2_host = solve.as_numpy(new2)
+            if not np.isfinite(new2_host).all():
+                raise ValueError(f"layer {c.path!r}: {method} gave non-finite weights; raise "
+                                 "damping")
+            masks_by_path[c.path] = masks
+            new = jnp.concatenate([jnp.asarray(new2_host), w[d:]], axis=0)
+            candidates = (magnitude, new)
+            ref, errs = solve.output_errors(geom, inputs, w, candidates)
+            fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
+            held_err = fit_err
+            if held_inputs is not None:
+                ref_h, errs_h = solve.output_errors(geom, held_inputs, w, candidates)
+                held_err = np.sqrt(solve.as_numpy(errs_h) / max(float(ref_h), 1e-30))
+            current = _replace(current, {c.path: jnp.asarray(
+                new2_host.reshape(kernel.shape), kernel.dtype)})
+            size = math.prod(kernel.shape)
+            reports.append(LayerReport(
+                c.path, tuple(kernel.shape), c.rule.label, method,
+                float(np.count_nonzero(solve.as_numpy(kernel))) / size,
+                float(np.count_nonzero(solve.as_numpy(masks.fwd))) / size,
+                float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
+                time.perf_counter() - t0))
+            if bars is not None:
+                bars.update(task, completed=total(c),
+                            description=f"{label} rel. error {held_err[0]:.3f} -> "
+                                        f"{held_err[1]:.3f}")
+    return _conversion(setup, current, masks_by_path, magnitude_by_path, reports)
+
+
+def _with_backward(pattern: Pattern, kernel_new: jax.Array, fwd: jax.Array, key: jax.Array
+                   ) -> Masks:
+    """The layer's :class:`Masks` for a forward mask (kernel-shaped): Bi-Mask's backward
+    mask by the pattern's permutation search on the converted weights; else ``fwd`` twice."""
+    if isinstance(pattern, BiMask):
+        return _oneshot.bimask_backward(pattern, kernel_new, fwd, key)
+    return Masks(fwd, fwd, None)
+
+
+def sparsegpt(
+    model: Any,
+    calibration_batch: Any,
+    rule: MaskRule | Pattern | str | Sequence[MaskRule],
+    *,
+    held_out: Any = None,
+    damping: float = 0.01,
+    block: int = 128,
+    sequential: bool = True,
+    collections: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
+    key: Any = 0,
+    progress: bool = True,
+) -> Conversion:
+    """Prunes the Dense/Conv layers of a trained model that ``rule`` selects to N:M in one
+    shot with SparseGPT (Frantar & Alistarh, 2023): masks by OBS saliency, and the kept
+    weights updated to compensate.
+
+    For each selected layer, in forward order, with ``H = XᵀX`` over the layer's inputs on
+    ``calibration_batch`` (rows as in :func:`adaprune`: a Dense kernel ``(in, out)``
+    contracts ``X: (..., in)``, a conv kernel ``HWIO`` its ``kh·kw·I`` patches): inputs that
+    are always 0 get their weights zeroed and ``H_jj = 1``; ``H += damping · mean(diag H)·I``;
+    ``U`` is the upper Cholesky factor of ``H⁻¹``. The rows of the kernel (``d × out``, the
+    contraction axis first) are swept in blocks of ``block``; at the first row of each group
+    of ``m`` the group's mask is chosen from the saliency ``w² / U_jj²`` of the current
+    weights, each row is then pruned and the rows not yet reached take the OBS update
+    ``−(w_j − q_j)/U_jj · U_j,:``. The bias is not changed. One compiled program per layer
+    shape and pattern; a progress bar per layer (one step per block).
+
+    Patterns (the pattern's ``score_fn`` is not used: the saliency is the score):
+
+    * ``NM``: the ``n`` best saliencies of each group of ``m`` along the contraction axis,
+      as the reference's N:M mode.
+    * ``Transposable``: each group of ``m`` rows is an ``m × out`` slab of ``m × m`` tiles;
+      its mask is the pattern's transposable solver (exact by default) on the saliencies,
+      chosen when the sweep reaches the slab, then the OBS update. (``method="lp"`` runs on
+      the host and cannot sit in the sweep: it is refused.)
+    * ``BiMask``: the forward mask as ``NM``; then the backward mask and its permutation by
+      the pattern's permutation search (``key``) on the converted weights, as
+      :func:`nmjax.masks.bimask` does for given weights.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(10, name="head")(nn.relu(nn.Dense(32)(x)))
+    >>> x = jax.random.normal(jax.random.key(0), (256, 16))
+    >>> params = MLP().init(jax.random.key(1), x)["params"]
+    >>> conv = sparsegpt((MLP(), params), x, MaskRule("2:4", exclude="head"), progress=False)
+    >>> r = conv.layers[0]
+    >>> r.path, r.solver, bool(r.error_adaprune < r.error_magnitude)
+    ('Dense_0/kernel', 'sparsegpt', True)
+
+    Differences from the reference implementation (IST-DASLab/sparsegpt): the same damping
+    (``0.01·mean(diag H)``), block size (128) and N:M rule, but ``H`` is ``XᵀX`` without the
+    reference's ``2/nsamples`` (no mask or weight depends on the scale, since the damping is
+    relative); a layer's inputs come from the model with every earlier selected layer
+    already pruned (``sequential=True``), where the reference prunes the layers of one
+    Transformer block from the dense block's inputs; ``d`` is padded to a multiple of
+    ``block`` (zero weights, identity Hessian) instead of a shorter last block; conv kernels
+    are grouped along ``I`` (the reference flattens PyTorch's ``OIHW``, grouping spatial
+    positions); the transposable and Bi-Mask variants are nmjax's.
+
+    Memory: one layer at a time: its captured calibration inputs (``rows × d`` float32), the
+    ``d × out`` kernel and three ``d × d`` float32 temporaries (``H``, its Cholesky factor,
+    the inverse's factor), as XLA's CPU buffer assignment counts them
+    (``benchmarks/oneshot.py --memory``): a layer with ``in = 32768`` (``out = 8192``,
+    16384 calibration rows) peaks at 16.3 GiB, so fits in 24 GiB; ``in = 40960`` needs
+    26.6 GiB.
+
+    Args:
+      model: as :func:`adaprune`: an NNX module, or ``(apply_fn, params)`` for Linen.
+      calibration_batch: the inputs, samples along axis 0 (array or tuple of arrays).
+      rule: which layers and which pattern (as :func:`adaprune`).
+      held_out: optional inputs of the same form for the reported layer errors.
+      damping: ``> 0``, relative to ``mean(diag H)`` (the reference's ``percdamp``).
+      block: rows per lazy block (the reference's ``blocksize``), a multiple of every
+        selected pattern's ``m``; only the rounding depends on it.
+      sequential: a layer's inputs from the already-pruned model (``False``: all from the
+        dense model).
+      collections, call_kwargs: as :func:`adaprune`.
+      key: PRNG key or int seed (Bi-Mask's permutation search).
+      progress: show a progress bar per layer (``rich``, on stderr).
+
+    Returns:
+      A :class:`Conversion`, as :func:`adaprune`'s (``magnitude_params`` under the
+      pattern's magnitude masks; the layer errors after SparseGPT in ``error_adaprune``).
+      Inputs are not modified.
+
+    Raises:
+      TypeError, ValueError: as :func:`adaprune`; also a pattern other than N:M,
+        transposable or Bi-Mask, a transposable pattern with ``method="lp"``, a kernel
+        grouped along another axis than the one next to its output, ``block`` not a
+        multiple of a pattern's ``m``, non-finite weights (raise ``damping``).
+    """
+    damping = _check_positive(damping, "damping")
+    block = _checks.check_count(block, "block", 1)
+    _check_bools(sequential=sequential, progress=progress)
+    key = _check_key(key)
+    setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs,
+                   "SparseGPT")
+    _check_one_shot(setup.chosen, "SparseGPT")
+    for c in setup.chosen:
+        m = c.rule.pattern.fwd_nm[1]
+        if block % m:
+            raise ValueError(f"block={block} must be a multiple of m={m} (rule "
+                             f"{c.rule.label!r}): a group of m rows must not straddle blocks")
+        if isinstance(c.rule.pattern, Transposable) and c.rule.pattern.method == "lp":
+            raise ValueError(f"rule {c.rule.label!r}: method='lp' solves on the host and "
+                             "cannot run inside SparseGPT's compiled sweep; use 'auto' or "
+                             "'exact'")
+
+    def layer_block(c: _Chosen) -> int:
+        return min(block, c.layer.geometry.d)
+
+    def layer_fn(index, c, inputs, w, report):
+        new2, fwd2 = _oneshot.sparsegpt(c.layer.geometry, inputs, w, jnp.float32(damping),
+                                        pattern=c.rule.pattern, block=layer_block(c),
+                                        progress=report)
+        shape = c.leaf.shape
+        masks = _with_backward(c.rule.pattern, new2.reshape(shape), fwd2.reshape(shape),
+                               jax.random.fold_in(key, index))
+        return new2, masks
+
+    return _one_shot(setup, "sparsegpt", layer_fn, sequential=sequential, progress=progress,
+                     total=lambda c: -(-c.layer.geometry.d // layer_block(c)))
+
+
+def wanda(
+    model: Any,
+    calibration_batch: Any,
+    rule: MaskRule | Pattern | str | Sequence[MaskRule],
+    *,
+    held_out: Any = None,
+    sequential: bool = True,
+    collections: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
+    key: Any = 0,
+    progress: bool = True,
+) -> Conversion:
+    """Prunes the Dense/Conv layers of a trained model that ``rule`` selects to N:M in one
+    shot with Wanda (Sun et al., 2024): each weight scored by ``|w_ij| · ‖x_i‖₂``, the input
+    feature's norm over the calibration rows; no weight update.
+
+    For each selected layer, in forward order (rows as in :func:`adaprune`; a conv's input
+    feature is one entry of its ``kh·kw·I`` patches), the pattern's forward mask on those
+    scores: ``NM`` keeps the ``n`` best of each group of ``m`` along the contraction axis
+    (the reference's N:M mode); ``Transposable`` runs the pattern's solver (any method) on
+    the scores of the ``m × m`` tiles; ``BiMask`` takes the N:M forward mask, then the
+    backward mask and permutation by the pattern's search (``key``) on the pruned weights.
+    The kept weights keep their values.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(10, name="head")(nn.relu(nn.Dense(32)(x)))
+    >>> x = jax.random.normal(jax.random.key(0), (256, 16)) * jnp.arange(1, 17)
+    >>> params = MLP().init(jax.random.key(1), x)["params"]
+    >>> conv = wanda((MLP(), params), x, MaskRule("2:4", exclude="head"), progress=False)
+    >>> r = conv.layers[0]
+    >>> r.solver, bool(r.error_adaprune < r.error_magnitude)
+    ('wanda', True)
+
+    Differences from the reference implementation (locuslab/wanda): the norm is over all
+    calibration rows without the reference's ``1/nsamples`` (a constant no mask depends on);
+    a layer's inputs come from the model with every earlier selected layer already pruned
+    (``sequential=True``) where the reference takes the layers of one Transformer block from
+    the dense block's inputs; the transposable and Bi-Mask variants are nmjax's.
+
+    Memory: ``d`` norms and the kernel; the inputs become rows chunk by chunk.
+
+    Args, Returns, Raises: as :func:`sparsegpt`, without ``damping`` and ``block``; the
+    layer errors after Wanda are in ``error_adaprune``.
+    """
+    _check_bools(sequential=sequential, progress=progress)
+    key = _check_key(key)
+    setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs, "Wanda")
+    _check_one_shot(setup.chosen, "Wanda")
+
+    def layer_fn(index, c, inputs, w, report):
+        geom, shape = c.layer.geometry, c.leaf.shape
+        scores = (jnp.abs(w) * _oneshot.input_norms(geom, inputs)[:, None]).reshape(shape)
+        fwd = jnp.asarray(_oneshot.select(c.rule.pattern, scores, c.axis))
+        new = jnp.where(fwd, w.reshape(shape), 0.0)
+        masks = _with_backward(c.rule.pattern, new, fwd, jax.random.fold_in(key, index))
+        if report:
+            solve.PROGRESS(1)
+        return new.reshape(w.shape), masks
+
+    return _one_shot(setup, "wanda", layer_fn, sequential=sequential, progress=progress,
+                     total=lambda c: 1)
 
 
 def _sparse_model(adapter: Any, params: Any, masks: Mapping[str, Masks],
@@ -811,4 +1154,6 @@ __all__ = [
     "global_magnitude_prune",
     "layer_densities",
     "rules_for_density",
+    "sparsegpt",
+    "wanda",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NOTEBOOKS = ("mask_quality", "mask_diversity", "transposable_solvers", "training_accuracy",
-             "adaprune", "kernel_speed")
+             "adaprune", "kernel_speed", "oneshot")
 
 
 def source(name: str) -> Path:
