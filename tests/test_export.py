@@ -380,3 +380,23 @@ def test_flags_round_trip():
     words = nmf.pack_flags(flags, axis=1)
     assert words.shape == (5, 3) and words.dtype == jnp.uint32
     np.testing.assert_array_equal(nmf.unpack_flags(words, 70, axis=1), flags)
+
+
+@pytest.mark.parametrize("pattern", ["2:4 transposable", "2:4 bimask"])
+def test_op_level_sparse_model_serves_from_packed_params(pattern):
+    """A model sparsified with a plan (nmjax.nn.sparsify) takes the packed tree directly:
+    its kernels unpack inside the jitted forward and their masks become the static masks."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    gpt2 = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+    inputs = dict(input_ids=ids, attention_mask=jnp.ones_like(ids),
+                  position_ids=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    plan = nmjax.resolve(gpt2.module, pattern, params=gpt2.params, **inputs)
+    masks = build_masks(gpt2.params, plan)
+    packed = export.pack_params(gpt2.params, masks, axes=plan)
+    sparse = nmjax.nn.sparsify(gpt2.module, plan, mode="static")
+    got = jax.jit(lambda p: sparse.apply({"params": p}, **inputs).logits)(packed)
+    want = gpt2.module.apply({"params": apply_masks(gpt2.params, masks)}, **inputs).logits
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert export.nbytes(packed) < 0.8 * export.nbytes(gpt2.params)

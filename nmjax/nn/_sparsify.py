@@ -169,6 +169,7 @@ class SparseModel:
         """``model.apply`` with the planned products sparse."""
         if "params" not in variables:
             raise ValueError(f"variables must hold 'params' (got {sorted(variables)})")
+        variables = _unpacked(variables, self.sparsity.mode)
         masks = variables.get(MASKS)
         masks = masks_by_path(masks) if masks is not None else None
         report, mutable = _wants_used(mutable)
@@ -203,6 +204,24 @@ class SparseModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a sparsified Linen model is used through apply(variables, ...), like "
                         "the dense one; it cannot be called inside another module")
+
+
+def _unpacked(variables: Any, mode: str) -> Any:
+    """Packed parameters (:func:`nmjax.export.pack_params`) unpacked inside the traced
+    forward, so only the packed arrays stay resident; in static mode their masks become the
+    ``"nm_masks"`` collection when none is given (packed inference: one tree serves)."""
+    import importlib
+
+    params = variables["params"]
+    export = importlib.import_module("nmjax.export")
+    if not any(export.is_packed(x) for x in jax.tree.leaves(params, is_leaf=export.is_packed)):
+        return variables
+    out = {**variables, "params": export.unpack_params(params)}
+    if mode == "static" and MASKS not in variables:
+        from nmjax.nn.linen import to_collection
+
+        out[MASKS] = to_collection(export.unpack_masks(params))
+    return out
 
 
 def _wants_used(mutable: Any) -> tuple[bool, Any]:
