@@ -8,7 +8,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.linear import canonicalize_padding
 
 from nmjax import _checks, backends, ops
@@ -48,10 +47,11 @@ class Sparsity:
         computed at init and refreshed when you choose (e.g. by :mod:`nmjax.optim`).
       backend: runs the products (:func:`nmjax.ops.nm_dense`): ``"auto"``, ``"reference"``,
         ``"pallas"``, ``"cusparselt"`` or an :class:`nmjax.backends.Backend`.
-      decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd) ⊙ W`` to the kernel's gradient. A float,
-        or a JAX scalar (e.g. traced from a schedule inside a jitted step); ``0`` leaves the
-        term out. :func:`nmjax.optim.sparse` applies the decay in the optimizer instead
-        (with schedules): use one or the other.
+      decay: SR-STE ``λ`` ≥ 0 (finite): adds ``λ · (1 − fwd) ⊙ W`` to the kernel's
+        gradient. A float, or a JAX scalar (e.g. traced from a schedule inside a jitted
+        step); ``0`` leaves the term out. Decay has one owner per mode: ``"dynamic"``
+        layers own it here; in ``"static"`` mode :func:`nmjax.optim.sparse` owns it (its
+        ``decay=``), so a static layer's decay must be 0 (else it would apply twice).
     """
 
     pattern: Pattern | str = "2:4"
@@ -64,20 +64,13 @@ class Sparsity:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "backend", backends.check_backend(self.backend))
-        decay = self.decay
-        if isinstance(decay, bool):
-            raise TypeError(f"decay must be a real scalar, got {decay!r}")
-        if isinstance(decay, int | float | np.integer | np.floating):
-            if not decay >= 0:
-                raise ValueError(f"decay must be >= 0, got {decay!r}")
-            object.__setattr__(self, "decay", float(decay))
-        else:
-            arr = jnp.asarray(decay) if not isinstance(decay, jax.Array) else decay
-            if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
-                raise TypeError(f"decay must be a real scalar, got {decay!r:.60}")
-            if _checks.is_concrete(arr) and not float(arr) >= 0:
-                raise ValueError(f"decay must be >= 0, got {float(arr)}")
-            object.__setattr__(self, "decay", arr)
+        decay = _checks.check_decay(self.decay)
+        if self.mode == "static" and not (_checks.is_concrete(decay) and float(decay) == 0):
+            raise ValueError(
+                f"decay={self.decay!r:.40} with mode='static': static masks come from the "
+                "optimizer (nmjax.optim.sparse), which owns SR-STE's decay; pass decay= to "
+                "nmjax.optim.sparse and leave the layers' decay 0 (both would apply it twice)")
+        object.__setattr__(self, "decay", decay)
 
     def _key(self):
         return (self.pattern, self.mode, self.backend, _decay_key(self.decay))
