@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
         else:
             raise AssertionError("a mesh splitting groups of 4 was accepted")
         # The same check under jit(tx.init), on the shardings the compiler sees.
-        tx = nmjax.optim.sparse(__import__("optax").sgd(0.1), MaskRule("2:4"))
+        tx = nmjax.optim.sparse(__import__("optax").sgd(0.1), MaskRule("2:4", axis=0))
         try:
             jax.jit(tx.init)({"up": {"kernel": kernel}})
         except Exception as e:  # raised from a compile-time callback: a JaxRuntimeError

@@ -53,9 +53,9 @@ def test_repository_paths_exist_and_nothing_outside_is_cited():
     assert (ROOT / "docs" / "design.md").exists()
 
 
-PUBLIC = ["nmjax", "nmjax.masks", "nmjax.plan", "nmjax.tree", "nmjax.format", "nmjax.backends", "nmjax.ops",
-          "nmjax.nn", "nmjax.nn.linen", "nmjax.nn.nnx", "nmjax.optim", "nmjax.convert",
-          "nmjax.kernels", "nmjax.datasets"]
+PUBLIC = ["nmjax", "nmjax.masks", "nmjax.plan", "nmjax.tree", "nmjax.format", "nmjax.backends",
+          "nmjax.ops", "nmjax.nn", "nmjax.nn.linen", "nmjax.nn.nnx", "nmjax.optim",
+          "nmjax.convert", "nmjax.kernels", "nmjax.datasets"]
 
 
 @pytest.mark.parametrize("name", PUBLIC)
