@@ -316,6 +316,26 @@ class _Plan:
             perms[path] = layout_search(pattern, leaf, layouts[path], k, init=init)
         return perms
 
+    def refresh(self, stage: int, params: Any, masks: Any, key: jax.Array,
+                do_search: jax.Array, *, check_perms: bool) -> Any:
+        """The masks of (updated) ``params`` for ``stage`` (a Python int), after a Bi-Mask
+        permutation search when ``do_search`` (a traced bool) holds."""
+        perms = jax.lax.cond(do_search, lambda: self.search(params, stage, key, masks),
+                             lambda: _perms(masks))
+        new_masks = self.masks(params, stage, perms)
+        if check_perms:
+            _check_perms(new_masks)
+        return new_masks
+
+    def refresh_at(self, stage: jax.Array, params: Any, masks: Any, key: jax.Array,
+                   do_search: jax.Array, *, check_perms: bool) -> Any:
+        """:meth:`refresh` for a traced stage index: one ``lax.switch`` branch per stage."""
+        branches = [functools.partial(self.refresh, i, check_perms=check_perms)
+                    for i in range(len(self.starts))]
+        if len(branches) == 1:
+            return branches[0](params, masks, key, do_search)
+        return jax.lax.switch(stage, branches, params, masks, key, do_search)
+
 
 def _perms(masks: Any) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
@@ -413,9 +433,8 @@ def sparse(
     Each update (at step ``t``, counting from 0):
 
     1. adds SR-STE's ``λ(t) · (1 − fwd) ⊙ W`` to the gradient of every selected parameter
-       (the decay's owner for ``"static"`` layers, whose own ``decay`` must be 0 and is
-       refused otherwise; ``"dynamic"`` layers own their decay, so leave this one 0 if
-       you train them with this wrapper);
+       (the decay then lives here, once: leave the sparse products' own ``decay`` 0, or
+       both apply it, 2λ);
     2. runs ``inner``;
     3. computes the updated parameters and, when ``t + 1`` is a multiple of
        ``perm_every``, searches new Bi-Mask permutations (warm-started from the current
@@ -513,101 +532,121 @@ def sparse(
         raise TypeError(f"check_perms must be a bool, got {check_perms!r}")
     if not callable(decay):
         decay = _checks.check_decay(decay)
-    plan = _Plan(target, stages, has_bimask)
+    transform = _Sparse(optax.with_extra_args_support(inner),
+                        _Plan(target, stages, has_bimask), refresh_every, perm_every, decay,
+                        seed, init_masks, check_perms)
+    return optax.GradientTransformationExtraArgs(transform.init, transform.update)
 
-    def init(params):
-        resolved = plan.resolve(params)
+
+def _check_stage_patterns(chosen: list[tuple[str, Any, LeafPlan]], stages: Stages | None
+                          ) -> None:
+    """Raises ValueError where a stage's pattern cannot take a selected leaf."""
+    for path, leaf, planned in chosen:
+        for start, pattern in (stages or ((0, planned.pattern),)):
+            reason = None if pattern is None else layout_reason(pattern, planned.layout)
+            if reason is not None:
+                raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
+                                 f"the pattern {pattern.label!r} of the stage from step "
+                                 f"{start}: {reason}")
+
+
+def _add_decay(grads: Any, params: Any, masks: Any, lam: jax.Array) -> Any:
+    """SR-STE: ``grads + λ (1 − fwd) ⊙ params`` at the masked leaves."""
+    def one(g, w, m):
+        return g if m is None else g + sr_ste_term(w, m.fwd, lam).astype(g.dtype)
+
+    return jax.tree.map(one, grads, params, masks, is_leaf=lambda x: x is None)
+
+
+def _keep_masks(stage, params, masks, key, do_search):
+    """The no-refresh branch: the masks as they are."""
+    return masks
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Sparse:
+    """:func:`sparse`'s transformation: checked settings, :meth:`init` and :meth:`update`."""
+
+    inner: optax.GradientTransformationExtraArgs
+    plan: _Plan
+    refresh_every: int | jax.Array
+    perm_every: int | jax.Array | None
+    decay: ScalarOrSchedule
+    seed: int | jax.Array
+    init_masks: Any
+    check_perms: bool
+
+    def init(self, params: Any) -> SparseState:
+        resolved = self.plan.resolve(params)
         chosen = select(params, resolved)
-        for path, leaf, planned in chosen:
-            for start, pattern in (stages or ((0, planned.pattern),)):
-                reason = None if pattern is None else layout_reason(pattern, planned.layout)
-                if reason is not None:
-                    raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
-                                     f"the pattern {pattern.label!r} of the stage from step "
-                                     f"{start}: {reason}")
+        _check_stage_patterns(chosen, self.plan.stages)
         if all(_checks.is_concrete(leaf) for _, leaf, _ in chosen):
             check_sharding(params, resolved)
         else:
             _check_traced_sharding(chosen)
-        if init_masks is not None:
-            masks = _check_init_masks(params, _normalize_masks(init_masks), resolved, plan)
+        if self.init_masks is not None:
+            masks = _check_init_masks(params, _normalize_masks(self.init_masks), resolved,
+                                      self.plan)
             masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
         else:
             # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
             # held twice in the state (a donated state would donate it twice); jit outputs
             # are distinct buffers.
-            masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
-        key = jax.random.key_data(jax.random.key(seed))
+            masks = jax.jit(lambda p: self.plan.masks(p, 0, {}))(params)
+        key = jax.random.key_data(jax.random.key(self.seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
-        return SparseState(zeros[0], masks, inner.init(params), key, zeros[1], zeros[2])
+        return SparseState(zeros[0], masks, self.inner.init(params), key, zeros[1], zeros[2])
 
-    def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("nmjax.optim.sparse needs params: tx.update(grads, state, params)")
-        if not isinstance(state, SparseState):
-            raise TypeError(f"state must be the SparseState this transformation's init made, "
-                            f"got {type(state).__name__}")
-        state = state._replace(masks=_normalize_masks(state.masks))
-        check_structure(params, state.masks, "the state's masks")
-        count = state.count
-        lam = _decay_at(decay, count)
-
-        def step(grads, inner_state, params, masks, extra_args):
-            """SR-STE decay, then the inner transformation: ``(updates, inner_state)``."""
-            def add_decay(g, w, m):
-                if m is None:
-                    return g
-                return g + sr_ste_term(w, m.fwd, lam).astype(g.dtype)
-
-            grads = jax.tree.map(add_decay, grads, params, masks, is_leaf=lambda x: x is None)
-            if isinstance(inner, optax.GradientTransformationExtraArgs):
-                return inner.update(grads, inner_state, params, **extra_args)
-            return inner.update(grads, inner_state, params)
-
-        grads = updates
-        updates, inner_state = step(grads, state.inner_state, params, state.masks, extra_args)
-        nxt = count + 1
-        stage_now = _stage_index(plan.starts, count)
-        stage_next = _stage_index(plan.starts, nxt)
-        do_search = jnp.asarray(False)
-        if perm_every is not None:
-            do_search = (nxt % perm_every) == 0
-        do_refresh = ((nxt % refresh_every) == 0) | (stage_next != stage_now) | do_search
+    def update(self, updates: Any, state: SparseState, params: Any = None,
+               **extra_args: Any) -> tuple[Any, SparseState]:
+        """SR-STE decay, the inner update, then (on schedule) the refresh."""
+        state = _checked_state(state, params)
+        grads = _add_decay(updates, params, state.masks, _decay_at(self.decay, state.count))
+        updates, inner_state = self.inner.update(grads, state.inner_state, params,
+                                                 **extra_args)
+        do_search, do_refresh, stage = self._when(state.count)
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-
-        def refresh(new_params, masks, sub, do_search):
-            def for_stage(stage):
-                def run(new_params, masks, sub, do_search):
-                    perms = jax.lax.cond(do_search,
-                                         lambda: plan.search(new_params, stage, sub, masks),
-                                         lambda: _perms(masks))
-                    masks = plan.masks(new_params, stage, perms)
-                    if check_perms:
-                        _check_perms(masks)
-                    return masks
-                return run
-
-            branches = [for_stage(i) for i in range(len(plan.starts))]
-            if len(branches) == 1:
-                return branches[0](new_params, masks, sub, do_search)
-            return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
-
         # The refresh reads the updated parameters, computed here exactly as the caller's
         # ``optax.apply_updates`` computes them, so XLA merges the two and the operand is the
         # step's own output buffer. (Passing the step's inputs instead made XLA copy the
         # donated parameters and the inner state every step, refresh or not, to keep their
         # old values alive for the branch: 8 copies of each kernel's size with Adam.)
         new_params = optax.apply_updates(params, updates)
-        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m, new_params,
+        masks = jax.lax.cond(do_refresh, self._refresh, _keep_masks, stage, new_params,
                              state.masks, sub, do_search)
-        searched = do_search & jnp.asarray(has_bimask)
-        new_state = SparseState(
-            nxt, masks, inner_state, jax.random.key_data(key),
+        searched = do_search & jnp.asarray(self.plan.with_perm)
+        return updates, SparseState(
+            state.count + 1, masks, inner_state, jax.random.key_data(key),
             state.refreshes + do_refresh.astype(jnp.int32),
             state.searches + searched.astype(jnp.int32))
-        return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    def _when(self, count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(do_search, do_refresh, stage of the next step)`` after step ``count``."""
+        nxt = count + 1
+        stage_now = _stage_index(self.plan.starts, count)
+        stage_next = _stage_index(self.plan.starts, nxt)
+        do_search = jnp.asarray(False)
+        if self.perm_every is not None:
+            do_search = (nxt % self.perm_every) == 0
+        do_refresh = ((nxt % self.refresh_every) == 0) | (stage_next != stage_now) | do_search
+        return do_search, do_refresh, stage_next
+
+    def _refresh(self, stage, params, masks, key, do_search):
+        """The refresh branch: :meth:`_Plan.refresh_at`."""
+        return self.plan.refresh_at(stage, params, masks, key, do_search,
+                                    check_perms=self.check_perms)
+
+
+def _checked_state(state: Any, params: Any) -> SparseState:
+    """``state`` as a :class:`SparseState` whose masks match ``params``."""
+    if params is None:
+        raise ValueError("nmjax.optim.sparse needs params: tx.update(grads, state, params)")
+    if not isinstance(state, SparseState):
+        raise TypeError(f"state must be the SparseState this transformation's init made, "
+                        f"got {type(state).__name__}")
+    state = state._replace(masks=_normalize_masks(state.masks))
+    check_structure(params, state.masks, "the state's masks")
+    return state
 
 
 # ---------------------------------------------------------------------------- accessors

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 from flax import nnx
 from jax.experimental import checkify
 
@@ -72,33 +71,6 @@ def test_every_decay_taker_refuses_the_same_values(decay, error):
         with pytest.raises(error, match="decay"):
             take(decay)
             pytest.fail(f"{name} accepted decay={decay!r}")
-
-
-class _MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(4, name="head")(nn.relu(nn.Dense(8)(x)))
-
-
-class _NNXModel(nnx.Module):
-    def __init__(self):
-        self.fc = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
-
-    def __call__(self, x):
-        return self.fc(x)
-
-
-def test_static_layers_leave_decay_to_the_optimizer():
-    # Was: sparsify(..., decay=λ) with optim.sparse(..., decay=λ) applied 2λ silently.
-    with pytest.raises(ValueError, match="optimizer.*owns SR-STE's decay.*twice"):
-        Sparsity("2:4", mode="static", decay=1e-3)
-    with pytest.raises(ValueError, match="owns SR-STE's decay"):
-        nmjax.nn.sparsify(_MLP(), MaskRule("2:4", exclude="head"), mode="static", decay=1e-3)
-    with pytest.raises(ValueError, match="owns SR-STE's decay"):
-        nmjax.nn.sparsify(_NNXModel(), "2:4", mode="static", decay=jnp.float32(1e-3))
-    # Zero decay, and decay on dynamic layers (which own it), are fine.
-    assert Sparsity("2:4", mode="static", decay=0.0).decay == 0.0
-    assert Sparsity("2:4", mode="dynamic", decay=1e-3).decay == 1e-3
 
 
 # --------------------------------------------------------------------- specs as values

@@ -49,9 +49,9 @@ class Sparsity:
         ``"pallas"``, ``"cusparselt"`` or an :class:`nmjax.backends.Backend`.
       decay: SR-STE ``λ`` ≥ 0 (finite): adds ``λ · (1 − fwd) ⊙ W`` to the kernel's
         gradient. A float, or a JAX scalar (e.g. traced from a schedule inside a jitted
-        step); ``0`` leaves the term out. Decay has one owner per mode: ``"dynamic"``
-        layers own it here; in ``"static"`` mode :func:`nmjax.optim.sparse` owns it (its
-        ``decay=``), so a static layer's decay must be 0 (else it would apply twice).
+        step); ``0`` leaves the term out. Give the decay one owner: when
+        :func:`nmjax.optim.sparse` trains the model with its own ``decay=``, leave this 0
+        (both would apply it: 2λ).
     """
 
     pattern: Pattern | str = "2:4"
@@ -64,13 +64,7 @@ class Sparsity:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "backend", backends.check_backend(self.backend))
-        decay = _checks.check_decay(self.decay)
-        if self.mode == "static" and not (_checks.is_concrete(decay) and float(decay) == 0):
-            raise ValueError(
-                f"decay={self.decay!r:.40} with mode='static': static masks come from the "
-                "optimizer (nmjax.optim.sparse), which owns SR-STE's decay; pass decay= to "
-                "nmjax.optim.sparse and leave the layers' decay 0 (both would apply it twice)")
-        object.__setattr__(self, "decay", decay)
+        object.__setattr__(self, "decay", _checks.check_decay(self.decay))
 
     def _key(self):
         return (self.pattern, self.mode, self.backend, _decay_key(self.decay))
