@@ -6,11 +6,11 @@
 Writes a markdown table to ``OUT.md`` after every case (so a run killed by an outer
 timeout keeps the rows it finished) and prints each row as it goes. Each case runs under
 its own try/except: an error (out of memory, a compile failure) becomes a row saying so and
-the next case runs. Timing (DESIGN §5): the first call (compile) is reported apart; then
-calls are repeated, ``jax.block_until_ready`` each, until ``--repeats`` or ``--budget``
-seconds, and the median is reported. Scores are ``|w|`` of Gaussian weights (float32);
-"retained" is the kept ``Σ|w|`` over that of the ``exact`` mask of the same pattern. The
-TSENOR row is the published figure (H100, approximate), not a measurement.
+the next case runs. Timing (docs/design.md, *Measuring*): the first call (compile) is
+reported apart; then calls are repeated, ``jax.block_until_ready`` each, until ``--repeats``
+or ``--budget`` seconds, and the median is reported. Scores are ``|w|`` of Gaussian weights
+(float32); "retained" is the kept ``Σ|w|`` over that of the ``exact`` mask of the same
+pattern. The TSENOR row is the published figure (H100, approximate), not a measurement.
 
 Refuses to run without a GPU unless ``--allow-cpu`` is given, and the table names the
 device it ran on, so a CPU figure cannot pass for a GPU one.

@@ -208,8 +208,8 @@ def probe_decode(c: np.ndarray) -> tuple[bool, np.ndarray]:
 
 
 def probe_expected() -> np.ndarray:
-    """DESIGN §4 / KERNEL_NOTES: row ``16w + 8h + g``, group ``4q + j`` of a slice <- word
-    ``16w + 2g + q``, nibble ``4h + j``."""
+    """docs/design.md (*Sparse tensor cores*) / KERNEL_NOTES: row ``16w + 8h + g``, group
+    ``4q + j`` of a slice <- word ``16w + 2g + q``, nibble ``4h + j``."""
     hyp = np.zeros((64, 8), int)
     for r in range(64):
         for j in range(8):

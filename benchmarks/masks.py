@@ -6,15 +6,15 @@ baselines, and N:M masks; writes the tables to ``benchmarks/results/masks.md``.
   .venv/bin/python benchmarks/masks.py --only nm                # the N:M table only
   .venv/bin/python benchmarks/masks.py --sizes 8192x8192 --patterns 8:16 --methods exact
 
-Timing (DESIGN §5): ``jax.block_until_ready``; every method of one (size, pattern) is
-compiled first (compile = first call minus the median), then the methods are timed in
-turns, ``--repeats`` rounds, so that a change of load hits all of them alike; the medians
-are reported, with ``os.getloadavg()`` at the start and after each row. Scores are ``|w|``
-of Gaussian weights. "retained" is the kept ``Σ|w|`` over that of the exact optimum on the
-same matrix (the ``exact`` method's mask; OR-tools, when run, solves the same problem
+Timing (docs/design.md, *Measuring*): ``jax.block_until_ready``; every method of one (size,
+pattern) is compiled first (compile = first call minus the median), then the methods are
+timed in turns, ``--repeats`` rounds, so that a change of load hits all of them alike; the
+medians are reported, with ``os.getloadavg()`` at the start and after each row. Scores are
+``|w|`` of Gaussian weights. "retained" is the kept ``Σ|w|`` over that of the exact optimum
+on the same matrix (the ``exact`` method's mask; OR-tools, when run, solves the same problem
 independently with integer costs and is compared to it). Baselines (optional imports, the
-``bench`` extra): OR-tools' min-cost flow with all tiles in one graph, and networkx's
-min-cost flow per tile on a sample of tiles, extrapolated.
+``bench`` extra): OR-tools' min-cost flow with all tiles in one graph, and networkx's min-
+cost flow per tile on a sample of tiles, extrapolated.
 
 The output file is made of sections between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``
 markers; a run replaces the sections it produced and keeps the others.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from typing import Any
@@ -231,3 +232,48 @@ def check_count(value: Any, name: str, low: int) -> int:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {name}={value}")
     return int(value)
+
+
+# The step counter of nmjax.optim is int32: larger step numbers cannot be compared with it.
+MAX_STEP = int(np.iinfo(np.int32).max)
+
+
+def check_step(value: Any, name: str, low: int = 0) -> int:
+    """A step number or count as a Python int in ``[low, 2**31 - 1]``.
+
+    Raises:
+      TypeError: not an integer.
+      ValueError: below ``low``, or beyond int32 (the optimizer's step counter).
+    """
+    value = check_count(value, name, low)
+    if value > MAX_STEP:
+        raise ValueError(f"{name}={value} is beyond int32 (max {MAX_STEP}): the optimizer "
+                         "counts steps in int32, so that step would never come")
+    return value
+
+
+def check_decay(decay: Any, name: str = "decay") -> float | jax.Array:
+    """SR-STE's ``λ``: one check for every place that takes it (ops, layers, optimizer).
+
+    A Python or NumPy real scalar comes back as a ``float``; a JAX scalar (concrete or
+    traced, e.g. from a schedule inside a jitted step) as a float32 JAX scalar.
+
+    Raises:
+      TypeError: a bool, a non-scalar, or a non-real dtype.
+      ValueError: a concrete value that is negative, NaN or infinite.
+    """
+    if isinstance(decay, bool) or isinstance(decay, np.bool_):
+        raise TypeError(f"{name} must be a real scalar, got {decay!r}")
+    host = not isinstance(decay, jax.Array)
+    arr = np.asarray(decay) if host else decay
+    if (getattr(arr, "ndim", None) != 0 or arr.dtype == np.bool_ or not (
+            jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer))):
+        raise TypeError(f"{name} must be a real scalar (a float, or a JAX scalar from a "
+                        f"schedule), got {type(decay).__name__} {decay!r:.60}")
+    if is_concrete(arr):
+        value = float(arr)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+    if host:
+        return float(arr)
+    return arr if arr.dtype == jnp.float32 else arr.astype(jnp.float32)

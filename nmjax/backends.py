@@ -55,6 +55,8 @@ class Problem(NamedTuple):
         the contraction axis (``fwd`` along ``in``; ``bwd`` along ``out``, in ``perm``
         order), or ``None`` when unknown.
       permuted: a Bi-Mask ``perm`` is given (input_grad only).
+      precision: the ``lax.Precision`` (or pair, or ``None``) the caller asked for; the
+        backend's functions receive it, and ``supports`` refuses one it cannot honour.
     """
 
     direction: str
@@ -67,6 +69,7 @@ class Problem(NamedTuple):
     compute_capability: str | None
     nm: tuple[int, int] | None
     permuted: bool
+    precision: Any = None
 
     @property
     def gemm(self) -> tuple[int, int, int]:
@@ -87,11 +90,13 @@ class Backend:
 
     Attributes:
       name: a short name for messages and tables (``"pallas"``).
-      forward: ``(x2d: (rows, in), w: (in, out), fwd_mask: (in, out) bool) -> (rows, out)``.
+      forward: ``(x2d: (rows, in), w: (in, out), fwd_mask: (in, out) bool, *, precision)
+        -> (rows, out)``.
       input_grad: ``(dy2d: (rows, out), w: (in, out), bwd_mask: (in, out) bool,
-        perm: (out,) int | None) -> (rows, in)``.
+        perm: (out,) int | None, *, precision) -> (rows, in)``.
       supports: ``(Problem) -> str | None``: ``None`` when the backend can run the product
-        (device, dtype, shape, declared N:M), else the reason it cannot. Cheap and static.
+        (device, dtype, shape, declared N:M, precision), else the reason it cannot. Cheap
+        and static. A backend honours :attr:`Problem.precision` or refuses it here.
       speedup: ``(Problem) -> float``: measured time of dense XLA over this backend's time
         for the product on this device (> 1: faster); ``"auto"`` picks the largest above 1.
         ``0.0`` when nothing was measured.
@@ -104,20 +109,34 @@ class Backend:
     speedup: Callable[[Problem], float] = lambda problem: 0.0
 
     def run(self, problem: Problem, *args: Any) -> Array:
-        """Runs ``problem``'s product (``forward`` or ``input_grad``) on ``args``."""
+        """Runs ``problem``'s product (``forward`` or ``input_grad``) on ``args`` at
+        ``problem.precision``."""
         fn = self.forward if problem.direction == "forward" else self.input_grad
-        return fn(*args)
+        return fn(*args, precision=problem.precision)
 
 
-def _masked(w: Array, mask: Array) -> Array:
+def masked(w: Array, mask: Array) -> Array:
+    """``w ⊙ mask`` in ``w``'s dtype (the operand of both reference products)."""
     return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def masked_forward(x2d: Array, w_masked: Array, *, precision=None) -> Array:
+    """``x2d @ w_masked``, fp32 accumulation, in ``x2d``'s dtype: the reference forward on
+    a kernel masked already (:func:`masked`)."""
+    y = jnp.matmul(x2d, w_masked, precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(x2d.dtype)
+
+
+def masked_input_grad(dy2d: Array, w_masked: Array, *, precision=None) -> Array:
+    """``dy2d @ w_maskedᵀ``, fp32 accumulation, in ``dy2d``'s dtype."""
+    dx = jax.lax.dot_general(dy2d, w_masked, (((1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+    return dx.astype(dy2d.dtype)
 
 
 def reference_forward(x2d: Array, w: Array, fwd_mask: Array, *, precision=None) -> Array:
     """``x2d @ (w ⊙ fwd_mask)``: ``(rows, in) x (in, out) -> (rows, out)``, fp32 accumulation."""
-    y = jnp.matmul(x2d, _masked(w, fwd_mask), precision=precision,
-                   preferred_element_type=jnp.float32)
-    return y.astype(x2d.dtype)
+    return masked_forward(x2d, masked(w, fwd_mask), precision=precision)
 
 
 def reference_input_grad(
@@ -130,9 +149,7 @@ def reference_input_grad(
     skips the two gathers it would cost (the result differs only by float summation order).
     """
     del perm
-    dx = jax.lax.dot_general(dy2d, _masked(w, bwd_mask), (((1,), (1,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-    return dx.astype(dy2d.dtype)
+    return masked_input_grad(dy2d, masked(w, bwd_mask), precision=precision)
 
 
 REFERENCE = Backend(
@@ -241,3 +258,22 @@ def resolve(backend: Backend | str, problem: Problem) -> Backend:
             f"({problem.platform}: {problem.device_kind}): {reason}. "
             "Use backend='reference' or 'auto'")
     return backend
+
+
+__all__ = [
+    "DIRECTIONS",
+    "FACTORIES",
+    "REFERENCE",
+    "Backend",
+    "Problem",
+    "check_backend",
+    "default_device",
+    "device_facts",
+    "masked",
+    "masked_forward",
+    "masked_input_grad",
+    "named",
+    "reference_forward",
+    "reference_input_grad",
+    "resolve",
+]

@@ -202,6 +202,16 @@ def _as_rules(rule: Any) -> tuple[MaskRule, ...]:
                     f"pattern spec or a string like '2:4', got {rule!r:.80}")
 
 
+def _check_finite_inputs(inputs: Any, path: str) -> None:
+    """The captured inputs of a layer are finite (an earlier layer may overflow)."""
+    bad = sum(int(jnp.size(x) - jnp.isfinite(x).sum()) for x in jax.tree.leaves(inputs)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
+    if bad:
+        raise ValueError(f"layer {path!r}: its inputs, captured from calibration_batch, hold "
+                         f"{bad} non-finite value(s) (NaN or inf); the batch is finite, so "
+                         "an earlier layer overflowed: check the model on this batch")
+
+
 def _as_args(batch: Any, name: str) -> tuple[jax.Array, ...]:
     args = batch if isinstance(batch, tuple) else (batch,)
     if not args:
@@ -217,7 +227,14 @@ def _as_args(batch: Any, name: str) -> tuple[jax.Array, ...]:
             raise TypeError(f"{what} must be a numeric array, got dtype {a.dtype}")
         if a.ndim == 0:
             raise ValueError(f"{what} must have the samples along axis 0, got a scalar")
-        out.append(jnp.asarray(a))
+        a = jnp.asarray(a)
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            bad = int(jnp.size(a) - jnp.isfinite(a).sum())
+            if bad:
+                raise ValueError(f"{what} of shape {tuple(a.shape)} holds {bad} non-finite "
+                                 "value(s) (NaN or inf); the fit would be non-finite: clean "
+                                 "the batch")
+        out.append(a)
     lead = {a.shape[0] for a in out}
     if len(lead) != 1:
         raise ValueError(f"the arrays of {name} must share their leading (sample) axis, got "
@@ -485,8 +502,7 @@ def adaprune(
       (``P`` rows per sample).
     * ``"auto"`` (default): ``"lstsq"`` where its measured cost model
       (``nmjax._convert_solve.lstsq_cost``, ``adam_cost``) says it is the cheaper, or where
-      Adam's ``batch`` exceeds the calibration samples; else ``"adam"``
-      (``benchmarks/results/convert.md`` measures both).
+      Adam's ``batch`` exceeds the calibration samples; else ``"adam"``.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
@@ -593,6 +609,7 @@ def adaprune(
             w, magnitude, start = solve.prepare(kernel, masks.fwd, b, axis=c.axis, m=m)
             fit_bias = bias and has_bias
             inputs = fit_inputs[c.path]
+            _check_finite_inputs(inputs, c.path)
             # Host-side counts: no device program to compile per layer shape.
             kept_per_column = fwd2.sum(0)
             kmax = int(kept_per_column.max()) + int(fit_bias)
@@ -625,8 +642,10 @@ def adaprune(
             if not np.isfinite(new_host).all():
                 raise ValueError(
                     f"layer {c.path!r}: the {picked} solve gave non-finite weights"
-                    + ("; its least-squares system is singular: pass damping > 0"
-                       if picked == "lstsq" and damping == 0 else "; lower lr"))
+                    + ("; lower lr" if picked == "adam" else
+                       "; its least-squares system is singular: pass damping > 0"
+                       if damping == 0 else "; its least-squares system is ill-conditioned: "
+                       "raise damping"))
             candidates = (magnitude, new)
             ref, errs = solve.output_errors(geom, inputs, w, candidates)
             fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))

@@ -13,7 +13,14 @@ get them when they are absent:
   language model; :func:`vision` and :func:`text` pick what is installed and say so.
 
 ``NMJAX_DATA`` (a directory holding the Fashion-MNIST IDX files, or a ``python-docs``
-directory of ``.txt`` sources) overrides the system locations.
+directory of ``.txt`` sources) is searched before the system locations; when set, it must
+name an existing directory.
+
+Why this module is in the package although the library does not use it: the examples, the
+notebooks, the benchmarks and the tests all load the same splits, and they run from
+different directories with only ``nmjax`` importable; a copy under ``examples/`` would need
+``sys.path`` edits in each of them. It is loaded lazily (``nmjax.datasets``), imports only
+NumPy, and nothing in ``nmjax`` imports it.
 """
 
 from __future__ import annotations
@@ -56,6 +63,27 @@ class VisionData(NamedTuple):
     classes: tuple[str, ...]
 
 
+def _override() -> str | None:
+    """``$NMJAX_DATA``, checked: unset, or an existing directory."""
+    value = os.environ.get("NMJAX_DATA")
+    if value is None:
+        return None
+    if not value.strip() or not Path(value).is_dir():
+        raise ValueError(f"NMJAX_DATA={value!r} is not an existing directory; point it at a "
+                         "directory holding the dataset files, or unset it")
+    return value
+
+
+def _check_split_size(value: object, name: str, total: int, low: int = 0) -> int:
+    """A validation / test split size: an int in ``[low, total)`` (training keeps >= 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not low <= value < total:
+        raise ValueError(f"{name}={value} must be in [{low}, {total}): the split takes "
+                         f"{name} of {total} images and training keeps the rest (at least 1)")
+    return int(value)
+
+
 def _search(dirs: tuple[str, ...], override: str | None, needed: list[str]) -> Path | None:
     candidates = ([override] if override else []) + list(dirs)
     for d in candidates:
@@ -93,14 +121,17 @@ def fashion_mnist(*, val: int = 5000, seed: int = 0) -> VisionData:
     Raises:
       DataMissing: the IDX files are neither in ``$NMJAX_DATA`` nor where Debian's
         ``dataset-fashion-mnist`` installs them (the message says how to install it).
+      TypeError, ValueError: ``val`` not an int in ``[0, 60000)``; ``NMJAX_DATA`` set to
+        something other than an existing directory.
     """
-    path = _search(FASHION_DIRS, os.environ.get("NMJAX_DATA"), list(FASHION_FILES.values()))
+    path = _search(FASHION_DIRS, _override(), list(FASHION_FILES.values()))
     if path is None:
         raise DataMissing(
             "Fashion-MNIST is not installed: `sudo apt-get install dataset-fashion-mnist` "
             "(Debian/Ubuntu), or put the four IDX .gz files in a directory named by "
             "NMJAX_DATA")
     arrays = {k: _read_idx(path / name) for k, name in FASHION_FILES.items()}
+    val = _check_split_size(val, "val", len(arrays["train_y"]))
     scale = lambda a: (a.astype(np.float32) / 255.0)[..., None]  # noqa: E731
     train, valid = _split(scale(arrays["train_x"]), arrays["train_y"].astype(np.int32), val,
                           seed)
@@ -120,6 +151,8 @@ def digits(*, val: int = 200, test: int = 300, seed: int = 0) -> VisionData:
         raise DataMissing("the digits fallback needs scikit-learn (pip install scikit-learn)"
                           ) from e
     d = load_digits()
+    test = _check_split_size(test, "test", len(d.target))
+    val = _check_split_size(val, "val", len(d.target) - test)
     x = (d.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
     y = d.target.astype(np.int32)
     rest, test_split = _split(x, y, test, seed)
@@ -172,7 +205,7 @@ def python_docs_text(*, seed: int = 0) -> TextData:
       DataMissing: the sources are neither under ``$NMJAX_DATA/python-docs`` nor where
         ``python3-doc`` installs them.
     """
-    override = os.environ.get("NMJAX_DATA")
+    override = _override()
     candidates = ([str(Path(override) / "python-docs")] if override else []) + list(DOCS_DIRS)
     for d in candidates:
         files = sorted(Path(d).rglob("*.txt")) if Path(d).is_dir() else []
@@ -198,3 +231,18 @@ def stdlib_text(*, seed: int = 0) -> TextData:
 def text(*, quiet: bool = False) -> TextData:
     """The Python docs when installed, else the standard library's sources, saying which."""
     return _with_fallback(python_docs_text, stdlib_text, quiet)
+
+
+__all__ = [
+    "FASHION_CLASSES",
+    "DataMissing",
+    "Split",
+    "TextData",
+    "VisionData",
+    "digits",
+    "fashion_mnist",
+    "python_docs_text",
+    "stdlib_text",
+    "text",
+    "vision",
+]

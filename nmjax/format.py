@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from nmjax import _checks
 from nmjax._layout import from_groups, to_groups
@@ -124,9 +125,19 @@ def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
       n, m: the pattern, ``1 <= n <= m <= 16``.
       axis: the grouped axis (default 0, the contraction axis of a Dense kernel).
 
+    A concrete mask is checked here. A traced one (under ``jit``) cannot raise, and a mask
+    that keeps more than ``n`` of some group would lose values silently; run such calls
+    under ``checkify`` to check them (the check is a ``checkify.debug_check``, free
+    without it):
+
+    >>> from jax.experimental import checkify
+    >>> checked = checkify.checkify(jax.jit(pack, static_argnums=(2, 3, 4)))
+    >>> err, packed = checked(w, jnp.ones((8, 3), bool), 2, 4)   # keeps 4 of every 4
+    >>> err.get() is not None                                    # err.throw() raises
+    True
+
     Returns:
-      :class:`PackedNM`. Jit-able; under ``jit`` the mask's N:M validity cannot be checked
-      (it is checked eagerly whenever the mask is concrete).
+      :class:`PackedNM`. Jit-able.
 
     Raises:
       TypeError: ``mask`` not boolean.
@@ -142,11 +153,14 @@ def pack(w: Any, mask: Any, n: int, m: int, axis: int = 0) -> PackedNM:
         raise ValueError("w must have at least one axis, got a scalar")
     axis = _checks.check_axis(axis, w.ndim)
     _checks.check_divisible(w.shape, axis, m, "w")
-    if _checks.is_concrete(mask) and not bool(is_nm(mask, n, m, axis)):
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} keeps more than n={n} of some group of m={m} "
-            f"along axis {axis}; it is not {n}:{m}"
-        )
+    message = (f"mask of shape {tuple(mask.shape)} keeps more than n={n} of some group of "
+               f"m={m} along axis {axis}; it is not {n}:{m}")
+    valid = is_nm(mask, n, m, axis)
+    if _checks.is_concrete(valid):
+        if not bool(valid):
+            raise ValueError(message)
+    else:
+        checkify.debug_check(valid, message)
     return _pack(w, mask, n, m, axis)
 
 
@@ -234,3 +248,14 @@ def unpack_flags(words: Any, count: int, axis: int = 0) -> jax.Array:
 def unpack_mask(packed: PackedNM) -> jax.Array:
     """The mask of nonzero stored values (filler slots hold zeros), ``packed.shape`` bool."""
     return unpack(packed) != 0
+
+
+__all__ = [
+    "MAX_M",
+    "PackedNM",
+    "index_bits",
+    "pack",
+    "slot_indices",
+    "unpack",
+    "unpack_mask",
+]

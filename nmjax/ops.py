@@ -69,19 +69,10 @@ def _check_perm(perm: Any, length: int) -> Array | None:
 def _check_decay(decay: Any) -> Array | None:
     """``None`` for a concrete zero (the decay term is left out of the program), else a
     float32 scalar, which may be traced (a schedule may change it without recompiling)."""
-    if isinstance(decay, bool):
-        raise TypeError(f"decay must be a real scalar, got {decay!r}")
-    decay = jnp.asarray(decay)
-    if decay.ndim != 0 or not (jnp.issubdtype(decay.dtype, jnp.floating)
-                               or jnp.issubdtype(decay.dtype, jnp.integer)):
-        raise TypeError(f"decay must be a real scalar, got {decay!r}")
-    if _checks.is_concrete(decay):
-        value = float(decay)
-        if not value >= 0:
-            raise ValueError(f"decay must be >= 0, got {value}")
-        if value == 0:
-            return None
-    return decay.astype(jnp.float32)
+    decay = _checks.check_decay(decay)
+    if _checks.is_concrete(decay) and float(decay) == 0:
+        return None
+    return jnp.asarray(decay, jnp.float32)
 
 
 def sr_ste_term(w: Array, fwd_mask: Array, decay: Array | None) -> Array | None:
@@ -103,41 +94,45 @@ def _decay_cotangent(decay):
 # -------------------------------------------------------------------------------- nm_dense
 
 
-def _run(backend: Backend, problem: Problem, precision, *args) -> Array:
-    if backend is REFERENCE:  # the reference honours ``precision``; kernels have their own
-        fn = (backends.reference_forward if problem.direction == "forward"
-              else backends.reference_input_grad)
-        return fn(*args, precision=precision)
-    return backend.run(problem, *args)
+class _DenseConfig(NamedTuple):
+    """The static half of a dense product (hashed as ``custom_vjp``'s one non-differentiable
+    argument): the backend and problem of each product, and whether both are the reference
+    on one mask, so that the input gradient reuses the forward's masked kernel."""
+
+    fwd: tuple[Backend, Problem]
+    bwd: tuple[Backend, Problem]
+    shared: bool
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared):
-    return _run(*fwd, precision, x2d, w, fwd_mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, cfg: _DenseConfig):
+    backend, problem = cfg.fwd
+    return backend.run(problem, x2d, w, fwd_mask)
 
 
-def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared):
-    if shared:
-        # Reference products on one mask: the masked kernel is built once, here, and the
-        # input gradient reuses it (one pass over W fewer per step).
-        w_masked = backends._masked(w, fwd_mask)
-        y = jnp.matmul(x2d, w_masked, precision=precision, preferred_element_type=jnp.float32)
+def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, cfg: _DenseConfig):
+    if cfg.shared:
+        # One pass over W fewer per step: the input gradient reuses this masked kernel.
+        w_masked = backends.masked(w, fwd_mask)
+        y = backends.masked_forward(x2d, w_masked, precision=cfg.fwd[1].precision)
         w_res = w if decay is not None else None  # the decay term needs the dense W
-        return y.astype(x2d.dtype), (x2d, w_masked, w_res, fwd_mask, None, perm, decay)
-    y = _run(*fwd, precision, x2d, w, fwd_mask)
+        return y, (x2d, w_masked, w_res, fwd_mask, None, perm, decay)
+    backend, problem = cfg.fwd
+    y = backend.run(problem, x2d, w, fwd_mask)
     return y, (x2d, None, w, fwd_mask, bwd_mask, perm, decay)
 
 
-def _dense2d_bwd(fwd, bwd, precision, shared, res, dy2d):
+def _dense2d_bwd(cfg: _DenseConfig, res, dy2d):
     x2d, w_masked, w, fwd_mask, bwd_mask, perm, decay = res
-    if shared:
-        dx = jax.lax.dot_general(dy2d, w_masked, (((1,), (1,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32).astype(dy2d.dtype)
+    backend, problem = cfg.bwd
+    if cfg.shared:
+        dx = backends.masked_input_grad(dy2d, w_masked, precision=problem.precision)
         dw_dtype = w_masked.dtype
     else:
-        dx = _run(*bwd, precision, dy2d, w, bwd_mask, perm)
+        dx = backend.run(problem, dy2d, w, bwd_mask, perm)
         dw_dtype = w.dtype
-    dw = jnp.matmul(x2d.T, dy2d, precision=precision, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(x2d.T, dy2d, precision=problem.precision,
+                    preferred_element_type=jnp.float32)
     term = sr_ste_term(w, fwd_mask, decay) if decay is not None else None
     dw = (dw if term is None else dw + term).astype(dw_dtype)
     return dx.astype(x2d.dtype), dw, None, None, None, _decay_cotangent(decay)
@@ -187,7 +182,8 @@ def nm_dense(
         product runs over ``w[:, perm]``, where ``bwd_mask`` is N:M in consecutive groups.
         A concrete ``perm`` is checked; a traced one cannot be, and an invalid one gives a
         wrong ``dx`` silently: validate permutations where they are made
-        (:func:`nmjax.masks.is_permutation`, :func:`nmjax.masks.masks_valid`).
+        (:func:`nmjax.masks.is_permutation`, :meth:`nmjax.masks.Pattern.valid`;
+        :func:`nmjax.optim.sparse` checks them at every refresh).
       decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd_mask) ⊙ w`` to the weight gradient. May
         be traced (a schedule); a concrete 0 leaves the term out, and a traced 0 gives
         exactly ``xᵀ·dy`` too (non-finite pruned weights do not leak into ``dw``).
@@ -195,7 +191,9 @@ def nm_dense(
         (``"pallas"``, ``"cusparselt"``) or an :class:`nmjax.backends.Backend`. A backend
         that cannot run a product raises ValueError (no silent fallback); ``"auto"`` picks
         per product (:func:`nmjax.backends.resolve`).
-      precision: ``lax.Precision`` for the products (as in ``nn.Dense``).
+      precision: ``lax.Precision`` (its name, or a pair) for the products, as in
+        ``nn.Dense``. Part of each product's :class:`~nmjax.backends.Problem`: the reference
+        honours it, and a backend that cannot honour it refuses the product.
       fwd_nm, bwd_nm: the ``(n, m)`` pattern the caller guarantees ``fwd_mask`` (along
         ``in``) and ``bwd_mask`` (along ``out``, in ``perm`` order) satisfy. Only ``"auto"``
         reads them, to decide whether a sparse kernel may run a product; ``None`` (unknown)
@@ -231,9 +229,10 @@ def nm_dense(
     x, w = x.astype(dtype), w.astype(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, w.shape[0])
-    fwd, bwd = _plan(backend, x2d.shape[0], w.shape, dtype, fwd_nm, bwd_nm, perm is not None)
+    fwd, bwd = _plan(backend, x2d.shape[0], w.shape, dtype, fwd_nm, bwd_nm, perm is not None,
+                     _check_precision(precision))
     shared = fwd[0] is REFERENCE and bwd[0] is REFERENCE and bwd_mask is fwd_mask
-    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, fwd, bwd, precision, shared)
+    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, _DenseConfig(fwd, bwd, shared))
     return y.reshape(*lead, w.shape[1])
 
 
@@ -246,16 +245,43 @@ def _unpack_masks(fwd_mask, bwd_mask, perm):
     return fwd_mask, bwd_mask, perm
 
 
-def _plan(backend, rows, w_shape, dtype, fwd_nm, bwd_nm, permuted):
+def _check_precision(precision: Any) -> Any:
+    """``precision`` as a hashable value: ``None``, a ``lax.Precision`` (a name such as
+    ``"highest"`` is read as one) or a pair of them."""
+    def one(p):
+        if p is None or isinstance(p, lax.Precision):
+            return p
+        if isinstance(p, str):
+            try:
+                return lax.Precision(p)
+            except ValueError:
+                pass
+        raise TypeError(f"precision must be None, a jax.lax.Precision, its name or a pair of "
+                        f"them, got {precision!r}")
+
+    if isinstance(precision, tuple | list) and len(precision) == 2:
+        return (one(precision[0]), one(precision[1]))
+    return one(precision)
+
+
+def _plan(backend, rows, w_shape, dtype, fwd_nm, bwd_nm, permuted, precision=None):
     """``((Backend, Problem), (Backend, Problem))`` for the forward and input-gradient
     products (static: they are hashed as ``custom_vjp`` non-differentiable arguments)."""
     platform, kind, cc = backends.device_facts()
     n_in, n_out = w_shape
     fwd = Problem("forward", rows, n_in, n_out, jnp.dtype(dtype), platform, kind, cc, fwd_nm,
-                  False)
+                  False, precision)
     bwd = Problem("input_grad", rows, n_in, n_out, jnp.dtype(dtype), platform, kind, cc,
-                  bwd_nm, permuted)
+                  bwd_nm, permuted, precision)
     return (backends.resolve(backend, fwd), fwd), (backends.resolve(backend, bwd), bwd)
+
+
+def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
+    if isinstance(shape, str) or not isinstance(shape, Sequence) or not all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0
+            for d in shape):
+        raise TypeError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
+    return tuple(int(d) for d in shape)
 
 
 def which_backends(
@@ -269,7 +295,15 @@ def which_backends(
     >>> which_backends((256, 768), (768, 3072), fwd_nm=(2, 4), bwd_nm=(2, 4))  # on a CPU
     ('reference', 'reference')
     """
-    rows = int(np.prod(tuple(x_shape)[:-1]))
+    x_shape, w_shape = _check_shape(x_shape, "x_shape"), _check_shape(w_shape, "w_shape")
+    if len(w_shape) != 2:
+        raise ValueError(f"w_shape must be a 2-D kernel shape (in, out), got {w_shape}: "
+                         "which_backends describes nm_dense's products (a conv runs the "
+                         "reference unless it is 1x1, whose kernel is (I, O))")
+    if not x_shape or x_shape[-1] != w_shape[0]:
+        raise ValueError(f"x_shape {x_shape} must end with the kernel's in = {w_shape[0]} "
+                         f"(w_shape {w_shape})")
+    rows = int(np.prod(x_shape[:-1]))
     fwd, bwd = _plan(backends.check_backend(backend), rows, tuple(w_shape), dtype,
                      _check_nm_hint(fwd_nm, "fwd_nm"), _check_nm_hint(bwd_nm, "bwd_nm"),
                      bool(permuted))
@@ -304,7 +338,7 @@ def _conv(x, w, spec: _ConvSpec, out_dtype=jnp.float32):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _conv_vjp(x, w, fwd_mask, bwd_mask, perm, decay, spec):
-    return _conv(x, backends._masked(w, fwd_mask), spec).astype(x.dtype)
+    return _conv(x, backends.masked(w, fwd_mask), spec).astype(x.dtype)
 
 
 def _conv_vjp_fwd(x, w, fwd_mask, bwd_mask, perm, decay, spec):
@@ -318,7 +352,7 @@ def _conv_vjp_bwd(spec, res, dy):
     # A Bi-Mask ``perm`` orders the contraction over O for kernels; this reference product
     # does not depend on that order, so it skips the gathers (as reference_input_grad does).
     del perm
-    wb = backends._masked(w, bwd_mask)
+    wb = backends.masked(w, bwd_mask)
     _, vjp_x = jax.vjp(lambda x_: _conv(x_, wb, spec), x)
     (dx,) = vjp_x(dy32)
     _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, spec), w)
@@ -450,7 +484,7 @@ def nm_conv(
     spec = _ConvSpec(_int_tuple(strides, nd, "strides"), _canon_padding(padding, nd),
                      _int_tuple(lhs_dilation, nd, "lhs_dilation"),
                      _int_tuple(rhs_dilation, nd, "rhs_dilation"), int(feature_group_count),
-                     precision)
+                     _check_precision(precision))
     pointwise = (all(k == 1 for k in w.shape[:-2]) and set(spec.strides) == {1}
                  and set(spec.lhs_dilation) == {1} and set(spec.rhs_dilation) == {1}
                  and spec.feature_group_count == 1
@@ -466,3 +500,11 @@ def nm_conv(
                          f"kernel shape {tuple(w.shape)} needs backend='reference' or 'auto'")
     dtype = jnp.promote_types(x.dtype, w.dtype)
     return _conv_vjp(x.astype(dtype), w.astype(dtype), fwd_mask, bwd_mask, perm, decay, spec)
+
+
+__all__ = [
+    "nm_conv",
+    "nm_dense",
+    "sr_ste_term",
+    "which_backends",
+]

@@ -12,6 +12,7 @@ schedule, under ``lax.cond``, so the whole step stays one compiled program. Spar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 
 from nmjax import _checks
-from nmjax.masks import BiMask, Masks, Pattern, as_pattern
+from nmjax.masks import BiMask, Masks, Pattern, as_pattern, is_permutation
 from nmjax.ops import sr_ste_term
 from nmjax.plan import (
     LeafPlan,
@@ -81,8 +82,8 @@ def nm_schedule(final: Pattern | str, *, warmup: int = 0, ramp: int = 0,
       ``((start_step, pattern or None), ...)`` with strictly increasing starts from 0.
     """
     final = as_pattern(final)
-    warmup = _checks.check_count(warmup, "warmup", 0)
-    ramp = _checks.check_count(ramp, "ramp", 0)
+    warmup = _checks.check_step(warmup, "warmup", 0)
+    ramp = _checks.check_step(ramp, "ramp", 0)
     stages: list[tuple[int, Pattern | None]] = []
     if warmup:
         stages.append((0, None))
@@ -93,11 +94,17 @@ def nm_schedule(final: Pattern | str, *, warmup: int = 0, ramp: int = 0,
         if not ns:
             raise ValueError(f"ramp={ramp} needs n < m - 1 to pass through denser patterns, "
                              f"got {final.label!r}")
+        if ramp < len(ns):
+            names = ", ".join(f"{n}:{final.m}" for n in ns)
+            raise ValueError(
+                f"ramp={ramp} is shorter than the {len(ns)} intermediate patterns of a ramp "
+                f"to {final.label!r} ({names}), which take one step each at least: pass "
+                f"ramp >= {len(ns)}")
         for i, n in enumerate(ns):
             stages.append((warmup + (ramp * i) // len(ns), dataclasses.replace(final, n=n)))
     stages.append((warmup + ramp, final))
     if finetune_from is not None:
-        finetune_from = _checks.check_count(finetune_from, "finetune_from", 0)
+        finetune_from = _checks.check_step(finetune_from, "finetune_from", 0)
         if finetune_from <= warmup + ramp:
             raise ValueError(f"finetune_from={finetune_from} must come after the sparse phase "
                              f"starts (step {warmup + ramp})")
@@ -116,7 +123,7 @@ def check_stages(stages: Any) -> Stages:
         if not isinstance(item, Sequence) or len(item) != 2:
             raise TypeError(f"each stage must be a (start_step, pattern or None) pair, "
                             f"got {item!r}")
-        start = _checks.check_count(item[0], "stage start", 0)
+        start = _checks.check_step(item[0], "stage start", 0)
         out.append((start, None if item[1] is None else as_pattern(item[1])))
     starts = [s for s, _ in out]
     if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
@@ -144,7 +151,7 @@ def _check_interval(value: Any, name: str) -> Any:
     if isinstance(value, int | np.integer):
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (steps between refreshes), got {value}")
-        return int(value)
+        return _checks.check_step(value, name, 1)
     arr = jnp.asarray(value)
     if arr.ndim or not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(f"{name} must be an int >= 1, got {value!r}")
@@ -232,23 +239,36 @@ def check_sharding(params: Any, rule: Any, shardings: Any = None) -> None:
             shardings, is_leaf=lambda s: hasattr(s, "spec") or s is None)[0]
         by_path = {path_str(p): s for p, s in flat}
     for path, leaf, planned in select(params, rule):
-        pattern, layout = planned.pattern, planned.layout
         sharding = by_path.get(path, getattr(leaf, "sharding", None))
-        if sharding is None:
-            continue
-        groups = [(layout.contract, "contraction", pattern.fwd_nm)]
-        if pattern.bwd_nm is not None:
-            groups.append((layout.out, "output", pattern.bwd_nm))
-        for axes, what, nm in groups:
-            m = (nm or (1, 1))[1]
-            for axis, run, parts in _shard_chunks(layout.shape, axes, sharding):
-                if run == 0 or run % m:
-                    raise ValueError(
-                        f"leaf {path!r} of shape {layout.shape} is sharded {parts} ways along "
-                        f"its {what} axis {axis} (shards of "
-                        f"{layout.shape[axis] / parts:g}), which splits groups of m={m}: "
-                        f"shard a different axis, or use a mesh whose shards along axis "
-                        f"{axis} are multiples of {m}")
+        if sharding is not None:
+            _check_leaf_sharding(path, planned, sharding)
+
+
+def _check_leaf_sharding(path: str, planned: LeafPlan, sharding: Any) -> None:
+    """:func:`check_sharding` for one leaf."""
+    pattern, layout = planned.pattern, planned.layout
+    groups = [(layout.contract, "contraction", pattern.fwd_nm)]
+    if pattern.bwd_nm is not None:
+        groups.append((layout.out, "output", pattern.bwd_nm))
+    for axes, what, nm in groups:
+        m = (nm or (1, 1))[1]
+        for axis, run, parts in _shard_chunks(layout.shape, axes, sharding):
+            if run == 0 or run % m:
+                raise ValueError(
+                    f"leaf {path!r} of shape {layout.shape} is sharded {parts} ways along "
+                    f"its {what} axis {axis} (shards of "
+                    f"{layout.shape[axis] / parts:g}), which splits groups of m={m}: "
+                    f"shard a different axis, or use a mesh whose shards along axis "
+                    f"{axis} are multiples of {m}")
+
+
+def _check_traced_sharding(chosen: list[tuple[str, Any, LeafPlan]]) -> None:
+    """Under ``jit``: the same check on the shardings the compiler gives the traced
+    leaves (``jax.debug.inspect_array_sharding`` calls back at compile time)."""
+    for path, leaf, planned in chosen:
+        if not _checks.is_concrete(leaf):
+            jax.debug.inspect_array_sharding(
+                leaf, callback=functools.partial(_check_leaf_sharding, path, planned))
 
 
 # ------------------------------------------------------------------------------- masks
@@ -291,8 +311,30 @@ class _Plan:
         keys = jax.random.split(key, max(len(chosen), 1))
         layouts = {leaf.path: leaf.layout for leaf in plan.leaves}
         for (path, leaf, pattern), k in zip(chosen, keys, strict=False):
-            perms[path] = layout_search(pattern, leaf, layouts[path], k, init=perms.get(path))
+            # "swap" improves the current permutation; "random" draws fresh candidates.
+            init = perms.get(path) if pattern.search == "swap" else None
+            perms[path] = layout_search(pattern, leaf, layouts[path], k, init=init)
         return perms
+
+    def refresh(self, stage: int, params: Any, masks: Any, key: jax.Array,
+                do_search: jax.Array, *, check_perms: bool) -> Any:
+        """The masks of (updated) ``params`` for ``stage`` (a Python int), after a Bi-Mask
+        permutation search when ``do_search`` (a traced bool) holds."""
+        perms = jax.lax.cond(do_search, lambda: self.search(params, stage, key, masks),
+                             lambda: _perms(masks))
+        new_masks = self.masks(params, stage, perms)
+        if check_perms:
+            _check_perms(new_masks)
+        return new_masks
+
+    def refresh_at(self, stage: jax.Array, params: Any, masks: Any, key: jax.Array,
+                   do_search: jax.Array, *, check_perms: bool) -> Any:
+        """:meth:`refresh` for a traced stage index: one ``lax.switch`` branch per stage."""
+        branches = [functools.partial(self.refresh, i, check_perms=check_perms)
+                    for i in range(len(self.starts))]
+        if len(branches) == 1:
+            return branches[0](params, masks, key, do_search)
+        return jax.lax.switch(stage, branches, params, masks, key, do_search)
 
 
 def _perms(masks: Any) -> dict[str, Any]:
@@ -315,6 +357,26 @@ def _normalize_masks(tree: Any) -> Any:
         return Masks(x["fwd"], x["bwd"], x.get("perm"))
 
     return jax.tree_util.tree_map(one, tree, is_leaf=_is_masks_node)
+
+
+def _raise_bad_perms(paths: tuple[str, ...], ok: Any) -> None:
+    bad = [path for path, good in zip(paths, np.asarray(ok), strict=True) if not good]
+    if bad:
+        raise ValueError(f"the Bi-Mask permutation of {bad} is not a permutation of the "
+                         "output channels (repeated or out-of-range indices): its backward "
+                         "mask would be wrong and dX silently wrong; was the optimizer state's "
+                         "perm replaced?")
+
+
+def _check_perms(masks: Any) -> None:
+    """Raises (from the compiled step, through a host callback) where a refreshed mask's
+    permutation is not one: the products trust traced permutations."""
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
+    found = [(path_str(p), m.perm) for p, m in flat
+             if isinstance(m, Masks) and m.perm is not None]
+    if found:
+        ok = jnp.stack([is_permutation(perm) for _, perm in found])
+        jax.debug.callback(functools.partial(_raise_bad_perms, tuple(p for p, _ in found)), ok)
 
 
 def _stage_index(starts: tuple[int, ...], step: jax.Array) -> jax.Array:
@@ -364,13 +426,15 @@ def sparse(
     stages: Sequence[tuple[int, Pattern | str | None]] | None = None,
     seed: int | jax.Array = 0,
     init_masks: Any = None,
+    check_perms: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that it trains the parameters ``rule`` selects N:M sparse.
 
     Each update (at step ``t``, counting from 0):
 
     1. adds SR-STE's ``λ(t) · (1 − fwd) ⊙ W`` to the gradient of every selected parameter
-       (the layers' own ``decay`` must then stay 0: the decay lives here, once);
+       (the decay then lives here, once: leave the sparse products' own ``decay`` 0, or
+       both apply it, 2λ);
     2. runs ``inner``;
     3. computes the updated parameters and, when ``t + 1`` is a multiple of
        ``perm_every``, searches new Bi-Mask permutations (warm-started from the current
@@ -383,8 +447,17 @@ def sparse(
     masks refreshed every ``k`` steps. Run the model's sparse layers in ``mode="static"``,
     reading :func:`masks_of` the state (:func:`linen_collection`, :func:`sync_nnx`).
 
-    Put the wrapper outermost (or last in an ``optax.chain``): it computes the updated
-    parameters from the updates its ``inner`` returns.
+    Put the wrapper outermost (or last in an ``optax.chain``): it refreshes the masks from
+    ``params + inner's updates``, which it cannot tell from what the caller applies. In
+    ``optax.chain(sparse(inner, rule), optax.scale(-3))`` the masks come from parameters
+    the chain never produces (``params + u`` where the applied ones are ``params - 3u``),
+    and nothing raises: write ``sparse(optax.chain(inner, optax.scale(-3)), rule)``.
+
+    A Bi-Mask permutation is trusted by the products, and an invalid one (e.g. a state
+    edited under ``jit``) gives an all-false backward mask, so dX of that layer would be
+    silently 0. With ``check_perms`` (default) each refresh of a Bi-Mask plan checks the
+    permutations and raises from the compiled step (a ``JaxRuntimeError`` naming the leaf,
+    through one host callback per refresh); ``check_perms=False`` skips that callback.
 
     Example (Linen)::
 
@@ -408,11 +481,12 @@ def sparse(
         of them) for trees whose layouts are known without the model (Linen auto-named
         ``Dense_<i>``/``Conv_<i>`` layers, ``MaskRule(axis=...)``); any other kernel a rule
         selects is refused at ``init``, with the fix.
-      refresh_every: steps between mask refreshes (>= 1; may be traced, e.g. under
-        ``optax.inject_hyperparams``).
+      refresh_every: steps between mask refreshes (1 to ``2**31 - 1``: steps count in
+        int32; may be traced, e.g. under ``optax.inject_hyperparams``).
       perm_every: steps between Bi-Mask permutation searches (the paper: 100); ``None``
         (default) means 100 when a stage is Bi-Mask. Must be ``None`` otherwise.
-      decay: SR-STE ``λ`` >= 0: a float, a JAX scalar, or an optax schedule ``step -> λ``.
+      decay: SR-STE ``λ`` >= 0 (finite): a float, a JAX scalar, or an optax schedule
+        ``step -> λ``.
       stages: ``((start_step, pattern or None), ...)`` (:func:`nm_schedule`): the pattern
         each phase trains with, ``None`` for dense phases (masks keep everything, so no
         decay). Default: each rule's pattern from step 0. All stages share the rule's leaves
@@ -421,6 +495,7 @@ def sparse(
       init_masks: the masks to start from (a tree like :func:`masks_of`, e.g. a conversion's
         ``masks``); default: computed from the parameters at ``init``. Checked against the
         parameters' structure and shapes and against what the patterns promise.
+      check_perms: check the Bi-Mask permutations at every refresh (see above).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -428,8 +503,10 @@ def sparse(
     Raises:
       TypeError / ValueError (at construction or ``init``): a bad interval, decay or stage,
       a rule that selects no parameter, a stage pattern a selected leaf cannot take, a
-      sharding that splits a group (:func:`check_sharding`); at ``update``: ``params`` or
-      the state's masks not of the parameters' structure.
+      sharding that splits a group (:func:`check_sharding`; under ``jit(tx.init)`` it
+      raises at compile time, from the shardings the compiler sees); at ``update``:
+      ``params`` or the state's masks not of the parameters' structure, or (from the
+      compiled step) an invalid Bi-Mask permutation.
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got "
@@ -451,102 +528,125 @@ def sparse(
         raise ValueError("perm_every applies to Bi-Mask patterns; no stage is Bi-Mask")
     if perm_every is not None:
         perm_every = _check_interval(perm_every, "perm_every")
+    if not isinstance(check_perms, bool):
+        raise TypeError(f"check_perms must be a bool, got {check_perms!r}")
     if not callable(decay):
-        value = jnp.asarray(decay)
-        if value.ndim or not jnp.issubdtype(value.dtype, jnp.number) or value.dtype == bool:
-            raise TypeError(f"decay must be a real scalar or a schedule, got {decay!r:.60}")
-        if _checks.is_concrete(value) and not float(value) >= 0:
-            raise ValueError(f"decay must be >= 0, got {float(value)}")
-    plan = _Plan(target, stages, has_bimask)
+        decay = _checks.check_decay(decay)
+    transform = _Sparse(optax.with_extra_args_support(inner),
+                        _Plan(target, stages, has_bimask), refresh_every, perm_every, decay,
+                        seed, init_masks, check_perms)
+    return optax.GradientTransformationExtraArgs(transform.init, transform.update)
 
-    def init(params):
-        resolved = plan.resolve(params)
+
+def _check_stage_patterns(chosen: list[tuple[str, Any, LeafPlan]], stages: Stages | None
+                          ) -> None:
+    """Raises ValueError where a stage's pattern cannot take a selected leaf."""
+    for path, leaf, planned in chosen:
+        for start, pattern in (stages or ((0, planned.pattern),)):
+            reason = None if pattern is None else layout_reason(pattern, planned.layout)
+            if reason is not None:
+                raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
+                                 f"the pattern {pattern.label!r} of the stage from step "
+                                 f"{start}: {reason}")
+
+
+def _add_decay(grads: Any, params: Any, masks: Any, lam: jax.Array) -> Any:
+    """SR-STE: ``grads + λ (1 − fwd) ⊙ params`` at the masked leaves."""
+    def one(g, w, m):
+        return g if m is None else g + sr_ste_term(w, m.fwd, lam).astype(g.dtype)
+
+    return jax.tree.map(one, grads, params, masks, is_leaf=lambda x: x is None)
+
+
+def _keep_masks(stage, params, masks, key, do_search):
+    """The no-refresh branch: the masks as they are."""
+    return masks
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Sparse:
+    """:func:`sparse`'s transformation: checked settings, :meth:`init` and :meth:`update`."""
+
+    inner: optax.GradientTransformationExtraArgs
+    plan: _Plan
+    refresh_every: int | jax.Array
+    perm_every: int | jax.Array | None
+    decay: ScalarOrSchedule
+    seed: int | jax.Array
+    init_masks: Any
+    check_perms: bool
+
+    def init(self, params: Any) -> SparseState:
+        resolved = self.plan.resolve(params)
         chosen = select(params, resolved)
-        for path, leaf, planned in chosen:
-            for start, pattern in (stages or ((0, planned.pattern),)):
-                reason = None if pattern is None else layout_reason(pattern, planned.layout)
-                if reason is not None:
-                    raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} cannot take "
-                                     f"the pattern {pattern.label!r} of the stage from step "
-                                     f"{start}: {reason}")
+        _check_stage_patterns(chosen, self.plan.stages)
         if all(_checks.is_concrete(leaf) for _, leaf, _ in chosen):
             check_sharding(params, resolved)
-        if init_masks is not None:
-            masks = _check_init_masks(params, _normalize_masks(init_masks), resolved, plan)
+        else:
+            _check_traced_sharding(chosen)
+        if self.init_masks is not None:
+            masks = _check_init_masks(params, _normalize_masks(self.init_masks), resolved,
+                                      self.plan)
             masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
         else:
             # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
             # held twice in the state (a donated state would donate it twice); jit outputs
             # are distinct buffers.
-            masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
-        key = jax.random.key_data(jax.random.key(seed))
+            masks = jax.jit(lambda p: self.plan.masks(p, 0, {}))(params)
+        key = jax.random.key_data(jax.random.key(self.seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
-        return SparseState(zeros[0], masks, inner.init(params), key, zeros[1], zeros[2])
+        return SparseState(zeros[0], masks, self.inner.init(params), key, zeros[1], zeros[2])
 
-    def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("nmjax.optim.sparse needs params: tx.update(grads, state, params)")
-        if not isinstance(state, SparseState):
-            raise TypeError(f"state must be the SparseState this transformation's init made, "
-                            f"got {type(state).__name__}")
-        state = state._replace(masks=_normalize_masks(state.masks))
-        check_structure(params, state.masks, "the state's masks")
-        count = state.count
-        lam = _decay_at(decay, count)
-
-        def step(grads, inner_state, params, masks, extra_args):
-            """SR-STE decay, then the inner transformation: ``(updates, inner_state)``."""
-            def add_decay(g, w, m):
-                if m is None:
-                    return g
-                return g + sr_ste_term(w, m.fwd, lam).astype(g.dtype)
-
-            grads = jax.tree.map(add_decay, grads, params, masks, is_leaf=lambda x: x is None)
-            if isinstance(inner, optax.GradientTransformationExtraArgs):
-                return inner.update(grads, inner_state, params, **extra_args)
-            return inner.update(grads, inner_state, params)
-
-        grads = updates
-        updates, inner_state = step(grads, state.inner_state, params, state.masks, extra_args)
-        nxt = count + 1
-        stage_now = _stage_index(plan.starts, count)
-        stage_next = _stage_index(plan.starts, nxt)
-        do_search = jnp.asarray(False)
-        if perm_every is not None:
-            do_search = (nxt % perm_every) == 0
-        do_refresh = ((nxt % refresh_every) == 0) | (stage_next != stage_now) | do_search
+    def update(self, updates: Any, state: SparseState, params: Any = None,
+               **extra_args: Any) -> tuple[Any, SparseState]:
+        """SR-STE decay, the inner update, then (on schedule) the refresh."""
+        state = _checked_state(state, params)
+        grads = _add_decay(updates, params, state.masks, _decay_at(self.decay, state.count))
+        updates, inner_state = self.inner.update(grads, state.inner_state, params,
+                                                 **extra_args)
+        do_search, do_refresh, stage = self._when(state.count)
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-
-        def refresh(new_params, masks, sub, do_search):
-            def for_stage(stage):
-                def run(new_params, masks, sub, do_search):
-                    perms = jax.lax.cond(do_search,
-                                         lambda: plan.search(new_params, stage, sub, masks),
-                                         lambda: _perms(masks))
-                    return plan.masks(new_params, stage, perms)
-                return run
-
-            branches = [for_stage(i) for i in range(len(plan.starts))]
-            if len(branches) == 1:
-                return branches[0](new_params, masks, sub, do_search)
-            return jax.lax.switch(stage_next, branches, new_params, masks, sub, do_search)
-
         # The refresh reads the updated parameters, computed here exactly as the caller's
         # ``optax.apply_updates`` computes them, so XLA merges the two and the operand is the
         # step's own output buffer. (Passing the step's inputs instead made XLA copy the
         # donated parameters and the inner state every step, refresh or not, to keep their
         # old values alive for the branch: 8 copies of each kernel's size with Adam.)
         new_params = optax.apply_updates(params, updates)
-        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m, new_params,
+        masks = jax.lax.cond(do_refresh, self._refresh, _keep_masks, stage, new_params,
                              state.masks, sub, do_search)
-        searched = do_search & jnp.asarray(has_bimask)
-        new_state = SparseState(
-            nxt, masks, inner_state, jax.random.key_data(key),
+        searched = do_search & jnp.asarray(self.plan.with_perm)
+        return updates, SparseState(
+            state.count + 1, masks, inner_state, jax.random.key_data(key),
             state.refreshes + do_refresh.astype(jnp.int32),
             state.searches + searched.astype(jnp.int32))
-        return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    def _when(self, count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(do_search, do_refresh, stage of the next step)`` after step ``count``."""
+        nxt = count + 1
+        stage_now = _stage_index(self.plan.starts, count)
+        stage_next = _stage_index(self.plan.starts, nxt)
+        do_search = jnp.asarray(False)
+        if self.perm_every is not None:
+            do_search = (nxt % self.perm_every) == 0
+        do_refresh = ((nxt % self.refresh_every) == 0) | (stage_next != stage_now) | do_search
+        return do_search, do_refresh, stage_next
+
+    def _refresh(self, stage, params, masks, key, do_search):
+        """The refresh branch: :meth:`_Plan.refresh_at`."""
+        return self.plan.refresh_at(stage, params, masks, key, do_search,
+                                    check_perms=self.check_perms)
+
+
+def _checked_state(state: Any, params: Any) -> SparseState:
+    """``state`` as a :class:`SparseState` whose masks match ``params``."""
+    if params is None:
+        raise ValueError("nmjax.optim.sparse needs params: tx.update(grads, state, params)")
+    if not isinstance(state, SparseState):
+        raise TypeError(f"state must be the SparseState this transformation's init made, "
+                        f"got {type(state).__name__}")
+    state = state._replace(masks=_normalize_masks(state.masks))
+    check_structure(params, state.masks, "the state's masks")
+    return state
 
 
 # ---------------------------------------------------------------------------- accessors

@@ -143,6 +143,9 @@ class MaskRule:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+            elif not (value is None or isinstance(value, str | tuple)):
+                raise TypeError(f"{name} must be a regex string or a sequence of them, got "
+                                f"{type(value).__name__} {value!r:.60}")
             for pat in _as_tuple(getattr(self, name)) or ():
                 if not isinstance(pat, str):
                     raise TypeError(f"{name} must be regex strings, got {pat!r}")
@@ -450,3 +453,20 @@ def build_masks_lp(
         stream.write(f"\n{total} leaves solved in {time.perf_counter() - t0:.1f}s\n")
         stream.flush()
     return jax.tree_util.tree_map_with_path(lambda kp, _: solved.get(path_str(kp)), params)
+
+
+__all__ = [
+    "KINDS",
+    "LeafSummary",
+    "MaskRule",
+    "MaskSummary",
+    "apply_masks",
+    "build_masks",
+    "build_masks_lp",
+    "check_structure",
+    "forward_mask",
+    "is_masks_leaf",
+    "leaf_kind",
+    "path_str",
+    "summarize",
+]

@@ -157,6 +157,15 @@ def main(argv: list[str]) -> None:
             print("refused:", e)
         else:
             raise AssertionError("a mesh splitting groups of 4 was accepted")
+        # The same check under jit(tx.init), on the shardings the compiler sees.
+        tx = nmjax.optim.sparse(__import__("optax").sgd(0.1), MaskRule("2:4", axis=0))
+        try:
+            jax.jit(tx.init)({"up": {"kernel": kernel}})
+        except Exception as e:  # raised from a compile-time callback: a JaxRuntimeError
+            assert "'up/kernel'" in str(e) and "8 ways" in str(e), e
+            print("refused under jit: leaf 'up/kernel'")
+        else:
+            raise AssertionError("jit(tx.init) accepted a mesh splitting groups of 4")
     elif mode == "process":
         index, count, port, out = int(argv[1]), int(argv[2]), argv[3], argv[4]
         setup_devices(8 // count)

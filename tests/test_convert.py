@@ -394,6 +394,22 @@ def test_bad_input_fails_with_a_clear_message():
                  damping=0.0, progress=False)
 
 
+def test_non_finite_calibration_inputs_are_named():
+    model = (MLP(), PARAMS)
+    # Once said "the lstsq solve gave non-finite weights; lower lr" (lstsq has no lr).
+    with pytest.raises(ValueError, match=r"calibration_batch of shape \(64, 16\) holds 1 "
+                                         r"non-finite value"):
+        adaprune(model, X.at[3, 5].set(jnp.nan), RULE, solver="lstsq", progress=False)
+    with pytest.raises(ValueError, match=r"held_out of shape \(64, 16\) holds 2 non-finite"):
+        adaprune(model, X, RULE, held_out=X_HELD.at[0, :2].set(jnp.inf), progress=False)
+    # A finite batch that an earlier layer overflows: the layer whose inputs broke is named.
+    huge = jax.tree_util.tree_map_with_path(
+        lambda kp, w: w * 1e30 if "Dense" in str(kp) and "kernel" in str(kp) else w, PARAMS)
+    with pytest.raises(ValueError, match=r"layer 'head/kernel': its inputs.*non-finite"):
+        adaprune((MLP(), huge), X, MaskRule("2:4", include=r"head/kernel$", axis=0),
+                 solver="lstsq", progress=False)
+
+
 def test_layers_adaprune_cannot_take_are_refused_by_name():
     class Grouped(nn.Module):
         @nn.compact

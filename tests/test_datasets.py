@@ -76,3 +76,22 @@ def test_text_splits_by_document(tmp_path, monkeypatch):
     total = sum(len(s) for s in (data.train, data.val, data.test))
     assert total == sum(len(f"page {i} " * 20) for i in range(40)) + 37  # 37 joins
     assert b"page" in data.val.tobytes()
+
+
+def test_split_sizes_and_nmjax_data_are_checked(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path)
+    monkeypatch.setenv("NMJAX_DATA", str(tmp_path))
+    # val=-1 used to slice x[-1:] as training: a one-image training set, silently.
+    for val in (-1, 40, 41):
+        with pytest.raises(ValueError, match=rf"val={val} must be in \[0, 40\)"):
+            datasets.fashion_mnist(val=val)
+    with pytest.raises(TypeError, match="val must be an int"):
+        datasets.fashion_mnist(val=2.5)
+    assert len(datasets.fashion_mnist(val=0).train.y) == 40
+    # An NMJAX_DATA that is not a directory is refused, not skipped for the system paths.
+    for bad in (str(tmp_path / "absent"), str(tmp_path / datasets.FASHION_FILES["test_y"]), ""):
+        monkeypatch.setenv("NMJAX_DATA", bad)
+        with pytest.raises(ValueError, match="NMJAX_DATA=.* is not an existing directory"):
+            datasets.fashion_mnist()
+        with pytest.raises(ValueError, match="NMJAX_DATA"):
+            datasets.python_docs_text()

@@ -42,7 +42,8 @@ def test_identities(m):
 
 
 def test_known_larger_values():
-    # 4:8 from DESIGN §3 ("about 1.17e11"); 2:6, 2:7 and 3:6 from OEIS A001499 / A001501.
+    # 4:8 from docs/design.md, *Algorithms* ("about 1.17e11"); 2:6, 2:7 and 3:6 from OEIS
+    # A001499 / A001501.
     assert f"{transposable_count(4, 8):.3g}" == "1.17e+11"
     assert transposable_count(2, 6) == 67950
     assert transposable_count(2, 7) == 3110940

@@ -176,13 +176,13 @@ def test_unavailable_pallas_backend_names_device_and_requirement():
 
 
 def _fake_backend(calls, claim_nm, speed=2.0):
-    def forward(x2d, w, mask):
+    def forward(x2d, w, mask, *, precision):
         calls.append("forward")
-        return backends.reference_forward(x2d, w, mask)
+        return backends.reference_forward(x2d, w, mask, precision=precision)
 
-    def input_grad(dy2d, w, mask, perm):
+    def input_grad(dy2d, w, mask, perm, *, precision):
         calls.append("input_grad")
-        return backends.reference_input_grad(dy2d, w, mask, perm)
+        return backends.reference_input_grad(dy2d, w, mask, perm, precision=precision)
 
     def supports(problem):
         return None if problem.nm == claim_nm else f"it needs {claim_nm}, got {problem.nm}"

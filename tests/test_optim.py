@@ -398,6 +398,7 @@ def test_sharded_8_devices_equals_one_device(tmp_path):
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, text
     assert "refused: leaf 'up/kernel'" in text
+    assert "refused under jit: leaf 'up/kernel'" in text
     assert "down: kernel and masks sharded P('model'" in text  # masks follow the kernels
     _compare(out, _single_device_result())
 

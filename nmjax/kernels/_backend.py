@@ -117,18 +117,24 @@ class _Pallas:
         cfg = self._config((m, b_t.shape[0], k))
         return sparse_matmul_24(packed, b_t, config=cfg, transpose_out=True)
 
-    def forward(self, x2d: jax.Array, w: jax.Array, fwd_mask: jax.Array) -> jax.Array:
+    def forward(self, x2d: jax.Array, w: jax.Array, fwd_mask: jax.Array, *,
+                precision: Any = None) -> jax.Array:
         """``x2d @ (w ⊙ fwd_mask)``: ``(rows, in) x (in, out) -> (rows, out)``, bf16.
 
-        ``fwd_mask`` is 2:4 along axis 0 (``in``); a concrete mask is checked."""
+        ``fwd_mask`` is 2:4 along axis 0 (``in``); a concrete mask is checked. Every
+        ``precision`` is honoured: bf16 products are exact in the fp32 accumulator, so
+        ``DEFAULT`` and ``HIGHEST`` give this same result."""
+        del precision  # honoured: see above
         _check_operands(x2d, w, "x2d")
         return self._matmul(pack_24(w.T, fwd_mask.T), x2d)  # A = Wᵀ (out, in) along in
 
     def input_grad(self, dy2d: jax.Array, w: jax.Array, bwd_mask: jax.Array,
-                   perm: jax.Array | None = None) -> jax.Array:
+                   perm: jax.Array | None = None, *, precision: Any = None) -> jax.Array:
         """``dy2d @ (w ⊙ bwd_mask)ᵀ``: ``(rows, out) -> (rows, in)``, bf16.
 
-        ``bwd_mask`` is 2:4 along axis 1 (``out``), in ``perm`` order when given."""
+        ``bwd_mask`` is 2:4 along axis 1 (``out``), in ``perm`` order when given; every
+        ``precision`` is honoured, as in :meth:`forward`."""
+        del precision
         _check_operands(dy2d, w, "dy2d")
         if perm is not None:
             dy2d, w, bwd_mask = dy2d[:, perm], w[:, perm], bwd_mask[:, perm]

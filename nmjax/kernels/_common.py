@@ -24,8 +24,7 @@ SMEM_BYTES = 232448  # opt-in shared memory per block on sm_90 (227 KiB)
 class SparseMatmulConfig:
     """Tiling and structure of :func:`nmjax.kernels.sparse_matmul_24`.
 
-    The default is ``v1``: one warpgroup per CTA, one CTA per ``128 x 128`` output tile
-    (the kernel measured on an H100, ``benchmarks/results/kernels.md``).
+    The default is ``v1``: one warpgroup per CTA, one CTA per ``128 x 128`` output tile.
 
     Attributes:
       tile_m: rows of A / C per compute warpgroup (multiple of 64: one m64 instruction each).

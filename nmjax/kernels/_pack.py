@@ -14,7 +14,8 @@ bits; this module only moves them to where the kernel's threads read them:
 * Word ``t = 16*w + 2*g + q`` is the register of lanes ``4g + q`` (and ``4g + 2 + q``,
   ignored with sp-sel 0) of warp ``w``: its low half is bits ``[16q, 16q+16)`` of the
   canonical word of row ``64b + 16w + g``, slice ``4kt + s``; its high half the same bits of
-  row ``64b + 16w + g + 8`` (layout verified on an H100, ``benchmarks/KERNEL_NOTES.md``).
+  row ``64b + 16w + g + 8`` (the instruction's metadata layout, checked on the GPU by
+  ``tests/test_kernels.py``).
 
 Two ways in:
 

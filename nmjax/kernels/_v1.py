@@ -1,8 +1,8 @@
 """v1: one warpgroup per CTA, one CTA per ``tile_m x tile_n`` output tile.
 
-The warpgroup both waits on the TMA pipeline and issues the wgmmas (the kernel measured on
-an H100 at 0.74-0.87x of dense XLA); kept as the baseline and for shapes the
-warp-specialised tiles do not divide.
+The warpgroup both waits on the TMA pipeline and issues the wgmmas; kept as the baseline
+and for shapes the warp-specialised tiles do not divide (its measured speed is in
+``benchmarks/``, beside the command that measured it).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Per k-tile (128 logical K, 4 k32 slices) and m64 block a thread needs four metad
 With ``meta_before_fence`` it reads them with one 16-byte load (``LDS.128``) per m64 block,
 all before one ``wgmma.fence``, so the tile's wgmmas are chained behind a single
 ``WARPGROUP.ARRIVE``; without it a scalar load precedes each wgmma, which makes ptxas insert
-an arrive before every instruction (warning C7519; the v1 kernel as measured on an H100).
+an arrive before every instruction (ptxas warning C7519).
 """
 
 from __future__ import annotations

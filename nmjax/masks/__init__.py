@@ -1,7 +1,8 @@
 """Masks as pure functions: N:M, transposable N:M, Bi-Mask, their pattern specs, diversity.
 
 Every function takes scores or weights and returns boolean masks; none mutates its input.
-Axis convention (DESIGN §2): a Dense kernel ``w: (in, out)`` is grouped along axis 0.
+Axis convention (``docs/design.md``, *Axis contract*): a Dense kernel ``w: (in, out)`` is
+grouped along axis 0.
 Every pattern spec (:class:`NM`, :class:`Transposable`, :class:`BiMask`, :class:`Custom`)
 returns one type, :class:`Masks` ``(fwd, bwd, perm)``. Importing this package imports no Flax.
 """
@@ -18,7 +19,7 @@ from nmjax.masks._permutation import (
     search_permutation,
     unpermute_out,
 )
-from nmjax.masks._spec import NM, BiMask, Custom, Pattern, Transposable, as_pattern
+from nmjax.masks._spec import NM, BiMask, Custom, Pattern, Transposable, as_pattern, magnitude
 from nmjax.masks._transposable import transposable_mask
 from nmjax.masks._types import Masks
 
@@ -36,6 +37,7 @@ __all__ = [
     "is_permutation",
     "is_transposable",
     "log10_mask_diversity",
+    "magnitude",
     "nm_mask",
     "permute_out",
     "random_candidates",

@@ -1,6 +1,6 @@
 """Bi-Mask (Zhang et al., 2023): a forward N:M mask, a backward N:M mask and a permutation.
 
-Conventions for a Dense kernel ``w: (in, out)`` (DESIGN §2, §3):
+Conventions for a Dense kernel ``w: (in, out)`` (``docs/design.md``, *Axis contract*):
 
 * ``fwd``: N:M along axis 0 (``in``), the contraction axis of ``Y = X @ (w ⊙ fwd)``.
 * ``perm``: ``(out,)`` int32, a permutation of the output channels such that

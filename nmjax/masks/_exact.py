@@ -1,7 +1,8 @@
 """Exact transposable N:M for any ``m <= 16``: successive shortest paths batched over tiles.
 
 Per tile, the mask is a maximum-weight b-matching of the complete bipartite graph
-``K_{m,m}`` with degree ``n`` on both sides (a min-cost flow, DESIGN §3). The solver:
+``K_{m,m}`` with degree ``n`` on both sides (a min-cost flow, ``docs/design.md``,
+*Algorithms*). The solver:
 
 1. rounds each tile's scores to integers (a fixed grid of the tile's largest magnitude), so
    that every later sum is exact: no float tolerance, no cycle of rounding errors;

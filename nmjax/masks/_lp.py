@@ -88,8 +88,8 @@ def transposable_mask_lp(
     an integral, optimal, **exactly-N** mask. Each tile's scores are divided by their largest
     finite magnitude first (in float64), so the answer does not depend on the scale of the
     scores (HiGHS's tolerances are absolute). Tiles are solved ``batch_tiles`` at a time
-    (one block-diagonal LP per batch). Slow (3072 tiles of 8 x 8 took 4.5 s on the shared
-    2-core CPU); use it as the reference for the JAX solvers, or offline. Needs the
+    (one block-diagonal LP per batch). Slow (one LP solve per batch, on the host); use it
+    as the reference for the JAX solvers, or offline. Needs the
     ``exact`` extra (``pip install nmjax[exact]``).
 
     Example::

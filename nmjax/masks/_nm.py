@@ -64,7 +64,8 @@ def nm_mask(scores: Any, n: int, m: int, axis: int = 0, *, nan: str = "smallest"
     """Keeps the ``n`` largest scores in every group of ``m`` consecutive entries along ``axis``.
 
     For a Flax ``Dense`` kernel ``w: (in, out)`` the product ``x @ w`` contracts over axis 0,
-    so the default ``axis=0`` makes the forward product N:M sparse (DESIGN §2). For a conv
+    so the default ``axis=0`` makes the forward product N:M sparse (``docs/design.md``,
+    *Axis contract*). For a conv
     kernel ``HWIO`` pass ``axis=2`` (the ``I`` axis).
 
     Example:

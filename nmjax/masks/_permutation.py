@@ -3,7 +3,8 @@
 For a Dense kernel ``w: (in, out)`` a permutation ``perm: (out,)`` orders the output channels
 so that ``w[:, perm]`` has each backward group as ``m`` consecutive columns (the official
 Bi-Mask code's convention). The search maximises what the backward mask keeps: per input row
-and group of ``m`` permuted channels, the best ``n`` forward-kept entries (DESIGN §3).
+and group of ``m`` permuted channels, the best ``n`` forward-kept entries (``docs/design.md``,
+*Algorithms*).
 """
 
 from __future__ import annotations
@@ -338,9 +339,7 @@ def search_permutation(
         method's default.
       num_candidates: ``K`` for ``"random"`` (>= 1; default 100, the official setting).
       rounds: pairing rounds for ``"swap"`` (>= 0); ``None`` takes ``max(1, 8 // m)``
-        (2 at M=4, 1 at M=8), which on CPU costs no more than the K=100 random search
-        (``benchmarks/results/bimask.md``). More rounds keep more; each costs about as much
-        as 10-30 random candidates.
+        (2 at M=4, 1 at M=8). More rounds keep more, at the cost of one more pass each.
       init: ``(out,)`` starting permutation for ``"swap"``.
 
     Returns:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from nmjax import _checks
 from nmjax.masks._bimask import bimask
@@ -34,6 +35,15 @@ from nmjax.masks._transposable import METHODS as TRANSPOSABLE_METHODS
 from nmjax.masks._types import Masks
 
 ScoreFn = Callable[[jax.Array], jax.Array]
+
+
+def magnitude(w: jax.Array) -> jax.Array:
+    """``|w|``: the default score of the specs (magnitude pruning).
+
+    A module-level function, so that specs pickle and deep-copy to equal values (``jnp.abs``
+    itself does neither: its copy is another object, and pickle cannot find it by name).
+    """
+    return jnp.abs(w)
 
 
 class Pattern:
@@ -148,12 +158,12 @@ class NM(_NMPattern):
 
     Attributes:
       n, m: keep ``n`` of every ``m``, ``1 <= n <= m``.
-      score_fn: scores from weights (default ``jnp.abs``: magnitude pruning).
+      score_fn: scores from weights (default :func:`magnitude`, ``|w|``).
     """
 
     n: int = 2
     m: int = 4
-    score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
+    score_fn: ScoreFn = dataclasses.field(default=magnitude, repr=False)
     kind: ClassVar[str] = "nm"
     same_masks: ClassVar[bool] = True
     backward_sparse: ClassVar[bool] = False  # dX uses the same mask: N:M along in
@@ -189,7 +199,7 @@ class Transposable(_NMPattern):
       method, repair, guarantee, eps_rel: the solver and its options
         (:func:`nmjax.masks.transposable_mask`; ``"auto"`` with ``guarantee="optimal"`` is
         exact, ``"exactly_n"`` the repaired greedy, ``"at_most_n"`` the greedy).
-      score_fn: scores from weights (default ``jnp.abs``).
+      score_fn: scores from weights (default :func:`magnitude`, ``|w|``).
     """
 
     n: int = 2
@@ -198,7 +208,7 @@ class Transposable(_NMPattern):
     repair: bool = False
     guarantee: str = "optimal"
     eps_rel: float | None = None
-    score_fn: ScoreFn = dataclasses.field(default=jnp.abs, repr=False)
+    score_fn: ScoreFn = dataclasses.field(default=magnitude, repr=False)
     kind: ClassVar[str] = "transposable"
     same_masks: ClassVar[bool] = True
 
@@ -383,7 +393,31 @@ class Custom(Pattern):
             if tuple(got.shape) != tuple(w.shape):
                 raise ValueError(f"the Custom pattern's {name} mask has shape "
                                  f"{tuple(got.shape)}, but w has shape {tuple(w.shape)}")
+        self._check_declared(masks, axis)
         return masks
+
+    def _check_declared(self, masks: Masks, axis: int) -> None:
+        """The masks ``fn`` returned keep what :attr:`fwd_nm` / :attr:`bwd_nm` declare (the
+        kernels trust the declaration). Concrete masks raise here; traced ones are checked
+        under ``jax.experimental.checkify``."""
+        checks = []
+        if self.fwd_nm is not None:
+            checks.append(("fwd", "the contraction axis", self.fwd_nm,
+                           is_nm(masks.fwd, *self.fwd_nm, axis=axis)))
+        if self.bwd_nm is not None:
+            bwd = masks.bwd
+            if masks.perm is not None:
+                bwd = jnp.take(bwd, jnp.clip(masks.perm, 0, bwd.shape[-1] - 1), axis=-1)
+            checks.append(("bwd", "the output axis (perm order)", self.bwd_nm,
+                           is_nm(bwd, *self.bwd_nm, axis=-1)))
+        for name, where, (n, m), ok in checks:
+            msg = (f"the Custom pattern declares {name}_nm=({n}, {m}), but its function "
+                   f"returned a {name} mask that keeps more than {n} of some {m} along {where}")
+            if _checks.is_concrete(ok):
+                if not bool(ok):
+                    raise ValueError(msg + "; fix the function or the declaration")
+            else:
+                checkify.debug_check(ok, msg)
 
 
 KINDS: dict[str, type[Pattern]] = {"nm": NM, "transposable": Transposable, "bimask": BiMask}

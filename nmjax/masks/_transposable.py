@@ -2,11 +2,11 @@
 
 A transposable N:M mask of a Dense kernel ``w: (in, out)`` makes both ``w`` (forward,
 contraction over axis 0) and ``w.T`` (input gradient, contraction over axis 1) N:M sparse
-(DESIGN §2-3). Tiles are the aligned ``m x m`` blocks over two named ``axes``; every other
-axis is a batch axis. Solvers: ``_exact24`` (all 90 valid 2:4 tiles scored at once),
-``_greedy`` (Hubara et al.'s greedy b-matching), ``_exact`` (a min-cost-flow solver batched
-over all tiles in JAX, and the greedy's repair) and ``_lp`` (scipy's HiGHS, offline);
-``_tiles`` holds what the JAX solvers share.
+(``docs/design.md``, *Axis contract*). Tiles are the aligned ``m x m`` blocks over two
+named ``axes``; every other axis is a batch axis. Solvers: ``_exact24`` (all 90 valid 2:4
+tiles scored at once), ``_greedy`` (Hubara et al.'s greedy b-matching), ``_exact`` (a
+min-cost-flow solver batched over all tiles in JAX, and the greedy's repair) and ``_lp``
+(scipy's HiGHS, offline); ``_tiles`` holds what the JAX solvers share.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def transposable_mask(
     Tiles are the aligned blocks ``[i*m:(i+1)*m, j*m:(j+1)*m]`` over ``axes`` (default the
     last two: ``(in, out)`` of a Dense kernel); every other axis is a batch axis (an
     ``HWIO`` conv kernel uses ``axes=(2, 3)``). Both ``mask`` and ``mask.T`` are then N:M
-    along their contraction axes (DESIGN §2), so the forward and the input-gradient
+    along their contraction axes, so the forward and the input-gradient
     products can both run on sparse tensor cores.
 
     Example::

@@ -10,7 +10,7 @@ import jax
 class Masks(NamedTuple):
     """The masks of one kernel, as every pattern returns them and every layer reads them.
 
-    For a Dense kernel ``w: (in, out)`` (DESIGN §2):
+    For a Dense kernel ``w: (in, out)`` (``docs/design.md``, *Axis contract*):
 
     Attributes:
       fwd: ``(in, out)`` bool: the forward product uses ``w ⊙ fwd`` (N:M along ``in``).

@@ -8,7 +8,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.linear import canonicalize_padding
 
 from nmjax import _checks, backends, ops
@@ -48,10 +47,11 @@ class Sparsity:
         computed at init and refreshed when you choose (e.g. by :mod:`nmjax.optim`).
       backend: runs the products (:func:`nmjax.ops.nm_dense`): ``"auto"``, ``"reference"``,
         ``"pallas"``, ``"cusparselt"`` or an :class:`nmjax.backends.Backend`.
-      decay: SR-STE ``λ`` ≥ 0: adds ``λ · (1 − fwd) ⊙ W`` to the kernel's gradient. A float,
-        or a JAX scalar (e.g. traced from a schedule inside a jitted step); ``0`` leaves the
-        term out. :func:`nmjax.optim.sparse` applies the decay in the optimizer instead
-        (with schedules): use one or the other.
+      decay: SR-STE ``λ`` ≥ 0 (finite): adds ``λ · (1 − fwd) ⊙ W`` to the kernel's
+        gradient. A float, or a JAX scalar (e.g. traced from a schedule inside a jitted
+        step); ``0`` leaves the term out. Give the decay one owner: when
+        :func:`nmjax.optim.sparse` trains the model with its own ``decay=``, leave this 0
+        (both would apply it: 2λ).
     """
 
     pattern: Pattern | str = "2:4"
@@ -64,20 +64,7 @@ class Sparsity:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "backend", backends.check_backend(self.backend))
-        decay = self.decay
-        if isinstance(decay, bool):
-            raise TypeError(f"decay must be a real scalar, got {decay!r}")
-        if isinstance(decay, int | float | np.integer | np.floating):
-            if not decay >= 0:
-                raise ValueError(f"decay must be >= 0, got {decay!r}")
-            object.__setattr__(self, "decay", float(decay))
-        else:
-            arr = jnp.asarray(decay) if not isinstance(decay, jax.Array) else decay
-            if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
-                raise TypeError(f"decay must be a real scalar, got {decay!r:.60}")
-            if _checks.is_concrete(arr) and not float(arr) >= 0:
-                raise ValueError(f"decay must be >= 0, got {float(arr)}")
-            object.__setattr__(self, "decay", arr)
+        object.__setattr__(self, "decay", _checks.check_decay(self.decay))
 
     def _key(self):
         return (self.pattern, self.mode, self.backend, _decay_key(self.decay))

@@ -207,3 +207,14 @@ def linen_masks(params: Any, rule: Any) -> dict[str, Any]:
     :mod:`nmjax.optim` do it).
     """
     return to_collection(build_masks(params, rule))
+
+
+__all__ = [
+    "SparseConv",
+    "SparseDense",
+    "conv_call",
+    "dense_call",
+    "linen_masks",
+    "linen_perms",
+    "to_collection",
+]

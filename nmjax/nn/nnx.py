@@ -28,14 +28,16 @@ class NMDecay(nnx.Variable):
     may change it (``layer.decay.set_value(x)``) without recompiling."""
 
 
-def _init_state(layer: Any) -> None:
-    layer.fwd_mask = nnx.data(None)
-    layer.bwd_mask = nnx.data(None)
-    layer.perm = nnx.data(None)
-    decay = layer.sparsity.decay
-    layer.decay = NMDecay(decay) if isinstance(decay, jax.Array) else nnx.data(None)
-    if layer.sparsity.mode == "static":
-        refresh_layer(layer)
+def _decay_state(sp: Sparsity) -> Any:
+    """A layer's ``decay`` field: an :class:`NMDecay` for a JAX-scalar λ, else ``None``."""
+    return NMDecay(sp.decay) if isinstance(sp.decay, jax.Array) else nnx.data(None)
+
+
+def _refuse_preferred_element_type(value: Any, cls: str) -> None:
+    if value is not None:
+        raise ValueError(f"{cls} does not take preferred_element_type={value!r}: its products "
+                         "accumulate in float32 and return the inputs' promoted dtype (cast the "
+                         "output, or leave the layer dense)")
 
 
 def _kernel_axis(layer: Any) -> tuple[jax.Array, int]:
@@ -98,9 +100,16 @@ class SparseLinear(nnx.Linear):
 
     def __init__(self, in_features: int, out_features: int, *,
                  sparsity: Sparsity = DEFAULT, **kwargs: Any):
+        _refuse_preferred_element_type(kwargs.get("preferred_element_type"), "SparseLinear")
         super().__init__(in_features, out_features, **kwargs)
-        self.sparsity = check_sparsity(sparsity)
-        _init_state(self)
+        self.sparsity: Sparsity = check_sparsity(sparsity)
+        # Static masks (NMMask variables, set by refresh_layer / set_masks) or None.
+        self.fwd_mask: NMMask | None = nnx.data(None)
+        self.bwd_mask: NMMask | None = nnx.data(None)
+        self.perm: NMMask | None = nnx.data(None)
+        self.decay: NMDecay | None = _decay_state(self.sparsity)
+        if self.sparsity.mode == "static":
+            refresh_layer(self)
 
     def masks(self) -> Masks:
         """The masks the next call uses: ``Masks(fwd, bwd, perm)`` of the kernel's shape."""
@@ -127,9 +136,16 @@ class SparseConv(nnx.Conv):
 
     def __init__(self, in_features: int, out_features: int, kernel_size: Any,
                  strides: Any = 1, *, sparsity: Sparsity = DEFAULT, **kwargs: Any):
+        _refuse_preferred_element_type(kwargs.get("preferred_element_type"), "SparseConv")
         super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
-        self.sparsity = check_sparsity(sparsity)
-        _init_state(self)
+        self.sparsity: Sparsity = check_sparsity(sparsity)
+        # Static masks (NMMask variables, set by refresh_layer / set_masks) or None.
+        self.fwd_mask: NMMask | None = nnx.data(None)
+        self.bwd_mask: NMMask | None = nnx.data(None)
+        self.perm: NMMask | None = nnx.data(None)
+        self.decay: NMDecay | None = _decay_state(self.sparsity)
+        if self.sparsity.mode == "static":
+            refresh_layer(self)
 
     def _kernel(self) -> jax.Array:
         kernel = self.kernel.get_value()
@@ -213,3 +229,17 @@ def refresh_masks(model: nnx.Module) -> None:
     for _, node in sparse_layers(model):
         if node.sparsity.mode == "static":
             refresh_layer(node)
+
+
+__all__ = [
+    "NMDecay",
+    "NMMask",
+    "SPARSE_LAYERS",
+    "SparseConv",
+    "SparseLinear",
+    "refresh_layer",
+    "refresh_masks",
+    "search_perms",
+    "set_masks",
+    "sparse_layers",
+]

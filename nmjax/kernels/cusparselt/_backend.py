@@ -184,7 +184,8 @@ def _check_24(mask: Array, axis: int, name: str) -> None:
                          "2 of every aligned 4")
 
 
-def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True) -> Array:
+def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True,
+            precision: Any = None) -> Array:
     """``x2d @ (w ⊙ fwd_mask)`` on the 2:4 sparse tensor cores via cuSPARSELt.
 
     Args:
@@ -193,6 +194,8 @@ def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True) -> Ar
       fwd_mask: ``(in, out)`` bool, at most 2 kept in every aligned group of 4 along axis 0
         (``in``); checked when concrete.
       search: run cuSPARSELt's algorithm search on the first call of each shape (cached).
+      precision: any ``lax.Precision`` is honoured: 16-bit products are exact in the fp32
+        accumulator, so every precision gives this result.
 
     Returns:
       ``(rows, out)`` in ``x2d``'s dtype, fp32 accumulation.
@@ -203,6 +206,7 @@ def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True) -> Ar
         with more than 2 of 4 kept, no GPU in this process.
       BuildError: the FFI library is neither prebuilt nor buildable here.
     """
+    del precision  # honoured: see above
     _check_operands("x2d", x2d, w, fwd_mask, "in")
     _check_24(fwd_mask, 0, "fwd_mask")
     w_masked = jnp.where(fwd_mask, w, jnp.zeros((), w.dtype))
@@ -210,7 +214,7 @@ def forward(x2d: Array, w: Array, fwd_mask: Array, *, search: bool = True) -> Ar
 
 
 def input_grad(dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *,
-               search: bool = True) -> Array:
+               search: bool = True, precision: Any = None) -> Array:
     """``dy2d @ (w ⊙ bwd_mask)ᵀ`` on the 2:4 sparse tensor cores via cuSPARSELt.
 
     With a Bi-Mask permutation the product contracts ``out`` in ``perm`` order,
@@ -223,7 +227,7 @@ def input_grad(dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *,
       bwd_mask: ``(in, out)`` bool, at most 2 kept in every aligned group of 4 along axis 1
         (``out``), in ``perm`` order; checked when concrete.
       perm: ``(out,)`` int permutation of ``out``, or ``None``.
-      search: as in :func:`forward`.
+      search, precision: as in :func:`forward`.
 
     Returns:
       ``(rows, in)`` in ``dy2d``'s dtype, fp32 accumulation.
@@ -232,6 +236,7 @@ def input_grad(dy2d: Array, w: Array, bwd_mask: Array, perm: Array | None, *,
       TypeError, ValueError, BuildError: as :func:`forward`; ValueError for a ``perm`` that
         is not ``(out,)`` integers.
     """
+    del precision  # honoured, as in forward
     _check_operands("dy2d", dy2d, w, bwd_mask, "out")
     if perm is None:
         _check_24(bwd_mask, 1, "bwd_mask")
