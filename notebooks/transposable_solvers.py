@@ -199,7 +199,8 @@ print(f"\nexact solvers agree on the optimum to a relative {worst_agreement:.1e}
 # %% [markdown]
 # ## The size of the published figures: 8192², 8:16
 #
-# docs/design.md (*Algorithms*) quotes, for one 8192×8192 matrix at 8:16: the reference code's min-cost flow
+# docs/design.md (*Algorithms*) quotes, for one 8192×8192 matrix at 8:16: the reference
+# code's min-cost flow
 # (networkx, one graph per tile in a process pool) ≈ 350 s and the greedy 2-approximation
 # ≈ 3.2 s, both on a CPU; TSENOR ≈ 0.12 s on an H100 GPU (approximate, 1–10% from optimal).
 # They are published numbers from other machines, shown for scale only. Here `greedy` and
