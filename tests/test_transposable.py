@@ -403,7 +403,8 @@ def test_build_masks_lp_matches_and_reports_progress():
                                objective(w, ref[name]["kernel"].fwd), w)
     text = out.getvalue()
     assert "leaf 2/2" in text and "2 leaves solved" in text
-    with pytest.raises(ValueError, match=r"build_masks_lp needs a Transposable pattern, got .2:4 nm."):
+    with pytest.raises(ValueError,
+                       match=r"build_masks_lp needs a Transposable pattern, got .2:4 nm."):
         build_masks_lp(params, MaskRule("2:4"))
 
 
