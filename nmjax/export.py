@@ -28,7 +28,7 @@ from nmjax import _checks
 from nmjax import format as nmf
 from nmjax._layout import to_groups
 from nmjax.masks import Masks
-from nmjax.tree import check_structure, is_masks_leaf, path_str
+from nmjax.tree import check_structure, is_masks_leaf, nest, path_str
 
 __all__ = ["PackedLeaf", "is_packed", "leaf_masks", "nbytes", "pack_params", "restore", "save",
            "save_compressed_tensors", "unpack_leaf", "unpack_masks", "unpack_params"]
@@ -305,17 +305,6 @@ def _to_checkpoint(tree: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
     return arrays, layout
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        *head, last = path.split("/")
-        node = out
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
 def _from_checkpoint(arrays: Any, packed: Mapping[str, Any], path: str = "") -> Any:
     if path in packed:
         n, m, axis, shape = packed[path]
@@ -356,7 +345,7 @@ def restore(directory: str | os.PathLike) -> Any:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         layout = ckptr.restore(directory, ocp.args.Composite(layout=ocp.args.JsonRestore()))
         layout = layout["layout"]
-        target = _nest({path: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
+        target = nest({path: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
                                                    sharding=sharding)
                         for path, (shape, dtype) in layout["arrays"].items()})
         arrays = ckptr.restore(directory, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(

@@ -54,6 +54,19 @@ def path_str(key_path: Sequence[Any]) -> Path:
     return "/".join(parts)
 
 
+def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    """``{"a/b/kernel": x}`` as nested dicts ``{"a": {"b": {"kernel": x}}}`` (the inverse of
+    :func:`path_str` over a dict tree)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *head, last = path.split("/")
+        node = out
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
 def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
     """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or
     ``(None, None)`` from its path and rank alone (:meth:`MaskRule.select` with
@@ -213,20 +226,6 @@ class MaskRule:
     def masks(self, w: jax.Array, axis: int) -> Masks:
         """Applies the pattern to one leaf grouped along ``axis``."""
         return self.pattern(w, axis)
-
-
-def _selected(params: Any, rule: MaskRule, kinds: Mapping[Path, Any] | None):
-    """``[(key_path, path, leaf, axis)]`` of the leaves ``rule`` selects, in tree order."""
-    if not isinstance(rule, MaskRule):
-        raise TypeError(f"rule must be an nmjax.tree.MaskRule, got {type(rule).__name__}")
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(key_path)
-        kind = "infer" if kinds is None else kinds.get(path)
-        axis = rule.select(path, leaf, kind)
-        if axis is not None:
-            out.append((key_path, path, leaf, axis))
-    return out
 
 
 def build_masks(params: Any, rule: Any) -> Any:

@@ -20,7 +20,7 @@ from nmjax.masks import BiMask, Masks
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
 from nmjax.nn.nnx import NMMask
 from nmjax.plan import Plan, Traced, _build, _classify, _split_args, as_rules, layout_masks
-from nmjax.tree import is_masks_leaf, path_str
+from nmjax.tree import is_masks_leaf, nest, path_str
 
 __all__ = ["SparseModel", "masks_by_path", "run_sparse"]
 
@@ -233,18 +233,6 @@ def _wants_used(mutable: Any) -> tuple[bool, Any]:
         rest = [c for c in mutable if c != USED_MASKS]
         return True, rest if rest else False
     return False, mutable
-
-
-def nest(by_path: dict[str, Any]) -> dict[str, Any]:
-    """``{"a/b/kernel": x}`` as ``{"a": {"b": {"kernel": x}}}``."""
-    out: dict[str, Any] = {}
-    for path, value in by_path.items():
-        *parents, name = path.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------- NNX
