@@ -32,7 +32,7 @@ CASES = [
 ]
 
 
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(case=st.sampled_from(CASES), pattern=st.sampled_from(["2:4", "2:4 transposable",
                                                               "2:4 bimask"]),
        seed=st.integers(0, 3))
