@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from nmjax import _checks
+from nmjax._packed_masks import PackedMasks, expand, normalize, pack
 from nmjax.masks import BiMask, Masks, Pattern, as_pattern
 from nmjax.ops import sr_ste_term
 from nmjax.plan import (
@@ -44,8 +45,10 @@ class SparseState(NamedTuple):
 
     Attributes:
       count: int32 number of updates applied.
-      masks: the parameters' tree with a :class:`~nmjax.masks.Masks` at each selected leaf
-        and ``None`` elsewhere: the masks the next forward pass uses.
+      masks: the parameters' tree with a :class:`~nmjax._packed_masks.PackedMasks` at each
+        selected leaf and ``None`` elsewhere: the masks the next forward pass uses, bit-packed
+        (1 bit per weight per stored mask; ``bwd`` stored only when a pattern makes it
+        differ from ``fwd``). :func:`masks_of` gives them as :class:`~nmjax.masks.Masks`.
       inner_state: the wrapped transformation's state.
       key: uint32 PRNG key data for the Bi-Mask permutation search.
       refreshes: int32 number of mask refreshes so far (the one at ``init`` not counted).
@@ -280,6 +283,28 @@ class _Plan:
         plan = self.resolve(params)
         return plan.masks(params, self.patterns(plan, stage), perms, self.with_perm)
 
+    def same_masks(self, plan: Plan) -> dict[str, bool]:
+        """Per leaf: whether every stage's pattern makes ``bwd`` equal ``fwd`` (so the
+        state stores ``fwd`` alone; dense stages keep everything in both)."""
+        stages = range(len(self.starts))
+        return {leaf.path: all(p is None or p.same_masks
+                               for p in (self.patterns(plan, i)[leaf.path] for i in stages))
+                for leaf in plan.leaves}
+
+    def pack(self, params: Any, masks: Any) -> Any:
+        """``masks`` (a tree of :class:`~nmjax.masks.Masks`) as the state holds them."""
+        plan = self.resolve(params)
+        same = self.same_masks(plan)
+        layouts = {leaf.path: leaf.layout for leaf in plan.leaves}
+
+        def one(key_path, m):
+            if m is None:
+                return None
+            path = path_str(key_path)
+            return pack(m, layouts[path], same[path])
+
+        return jax.tree_util.tree_map_with_path(one, masks, is_leaf=is_masks_leaf)
+
     def search(self, params: Any, stage: int, key: jax.Array, masks: Any) -> dict[str, Any]:
         """New Bi-Mask permutations (warm-started from ``masks``) of the leaves whose pattern
         at ``stage`` is Bi-Mask."""
@@ -300,21 +325,10 @@ def _perms(masks: Any) -> dict[str, Any]:
     return {path_str(p): m.perm for p, m in flat if isinstance(m, Masks) and m.perm is not None}
 
 
-def _is_masks_node(x: Any) -> bool:
-    if x is None or isinstance(x, Masks):
-        return True
-    return isinstance(x, Mapping) and set(x.keys()) in ({"fwd", "bwd"}, {"fwd", "bwd", "perm"})
-
-
 def _normalize_masks(tree: Any) -> Any:
-    """Masks trees back as :class:`~nmjax.masks.Masks` where a container rebuilt them as
-    mappings (flax NNX stores optimizer states as ``State``s of dicts)."""
-    def one(x):
-        if x is None or isinstance(x, Masks):
-            return x
-        return Masks(x["fwd"], x["bwd"], x.get("perm"))
-
-    return jax.tree_util.tree_map(one, tree, is_leaf=_is_masks_node)
+    """Masks trees back as :class:`PackedMasks` / :class:`~nmjax.masks.Masks` where a
+    container rebuilt them as mappings (flax NNX)."""
+    return normalize(tree)
 
 
 def _stage_index(starts: tuple[int, ...], step: jax.Array) -> jax.Array:
@@ -333,6 +347,7 @@ def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> An
         raise ValueError(f"init_masks must hold masks at exactly the selected leaves: missing "
                          f"{sorted(wanted - have)}, extra {sorted(have - wanted)}")
     patterns = tx_plan.patterns(plan, 0)
+    same = tx_plan.same_masks(plan)
     for leaf in plan.leaves:
         m = flat[leaf.path]
         for name in ("fwd", "bwd"):
@@ -343,6 +358,10 @@ def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> An
         if (m.perm is not None) != tx_plan.with_perm:
             raise ValueError(f"init_masks for {leaf.path!r}: a Bi-Mask plan needs a perm at "
                              "every leaf, any other plan none")
+        if same[leaf.path] and m.bwd is not m.fwd and _checks.is_concrete(m.bwd) and not bool(
+                jnp.array_equal(m.fwd, m.bwd)):
+            raise ValueError(f"init_masks for {leaf.path!r}: bwd differs from fwd, but the "
+                             "patterns make them equal (the state stores fwd alone)")
         pattern = patterns[leaf.path]
         if pattern is not None and _checks.is_concrete(m.fwd) and not bool(
                 layout_valid(pattern, m, leaf.layout)):
@@ -473,12 +492,10 @@ def sparse(
             check_sharding(params, resolved)
         if init_masks is not None:
             masks = _check_init_masks(params, _normalize_masks(init_masks), resolved, plan)
-            masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
+            # Under jit: own buffers (the state may be donated).
+            masks = jax.jit(plan.pack)(params, masks)
         else:
-            # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
-            # held twice in the state (a donated state would donate it twice); jit outputs
-            # are distinct buffers.
-            masks = jax.jit(lambda p: plan.masks(p, 0, {}))(params)
+            masks = jax.jit(lambda p: plan.pack(p, plan.masks(p, 0, {})))(params)
         key = jax.random.key_data(jax.random.key(seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
         return SparseState(zeros[0], masks, inner.init(params), key, zeros[1], zeros[2])
@@ -489,7 +506,8 @@ def sparse(
         if not isinstance(state, SparseState):
             raise TypeError(f"state must be the SparseState this transformation's init made, "
                             f"got {type(state).__name__}")
-        state = state._replace(masks=_normalize_masks(state.masks))
+        packed = _normalize_masks(state.masks)
+        state = state._replace(masks=expand(packed))  # expanded here, inside the step
         check_structure(params, state.masks, "the state's masks")
         count = state.count
         lam = _decay_at(decay, count)
@@ -523,7 +541,7 @@ def sparse(
                     perms = jax.lax.cond(do_search,
                                          lambda: plan.search(new_params, stage, sub, masks),
                                          lambda: _perms(masks))
-                    return plan.masks(new_params, stage, perms)
+                    return plan.pack(new_params, plan.masks(new_params, stage, perms))
                 return run
 
             branches = [for_stage(i) for i in range(len(plan.starts))]
@@ -537,8 +555,8 @@ def sparse(
         # donated parameters and the inner state every step, refresh or not, to keep their
         # old values alive for the branch: 8 copies of each kernel's size with Adam.)
         new_params = optax.apply_updates(params, updates)
-        masks = jax.lax.cond(do_refresh, refresh, lambda p, m, s, d: m, new_params,
-                             state.masks, sub, do_search)
+        masks = jax.lax.cond(do_refresh, lambda p, m, s, d: refresh(p, state.masks, s, d),
+                             lambda p, m, s, d: m, new_params, packed, sub, do_search)
         searched = do_search & jnp.asarray(has_bimask)
         new_state = SparseState(
             nxt, masks, inner_state, jax.random.key_data(key),
@@ -566,7 +584,9 @@ def _find_states(tree: Any) -> list[SparseState]:
 
 def find_state(opt_state: Any) -> SparseState:
     """The :class:`SparseState` inside an optimizer state (a chain, ``inject_hyperparams``,
-    ``multi_transform``, a Flax ``TrainState``'s ``opt_state`` or an ``nnx.Optimizer``).
+    ``multi_transform``, a Flax ``TrainState``'s ``opt_state`` or an ``nnx.Optimizer``), its
+    masks expanded to :class:`~nmjax.masks.Masks` (inside a jitted step the expansion is
+    part of the step).
 
     Raises:
       ValueError: none, or more than one, is found.
@@ -577,7 +597,7 @@ def find_state(opt_state: Any) -> SparseState:
     if len(found) != 1:
         raise ValueError(f"expected one nmjax.optim.SparseState in the optimizer state, found "
                          f"{len(found)}")
-    return found[0]._replace(masks=_normalize_masks(found[0].masks))
+    return found[0]._replace(masks=expand(_normalize_masks(found[0].masks)))
 
 
 def _unwrap_nnx(tree: Any) -> Any:
@@ -658,6 +678,7 @@ def selected(params: Any, rule: Any) -> Any:
 
 
 __all__ = [
+    "PackedMasks",
     "SparseState",
     "as_target",
     "check_sharding",
