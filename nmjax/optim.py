@@ -23,6 +23,7 @@ import optax
 
 from nmjax import _checks
 from nmjax._packed_masks import PackedMasks, expand, normalize, pack
+from nmjax._sharded_refresh import local_masks, shardings_by_path
 from nmjax.masks import BiMask, Masks, Pattern, as_pattern
 from nmjax.ops import sr_ste_term
 from nmjax.plan import (
@@ -265,6 +266,7 @@ class _Plan:
     target: Target
     stages: Stages | None
     with_perm: bool
+    shardings: tuple[tuple[str, Any], ...] = ()  # (path, NamedSharding): shard-local refresh
 
     @property
     def starts(self) -> tuple[int, ...]:
@@ -281,7 +283,13 @@ class _Plan:
     def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
         """Masks of ``params`` for stage ``stage`` (a Python int)."""
         plan = self.resolve(params)
-        return plan.masks(params, self.patterns(plan, stage), perms, self.with_perm)
+        patterns = self.patterns(plan, stage)
+        local = _local_masks(plan, params, patterns, perms, dict(self.shardings),
+                             self.with_perm)
+        rest = {path: None if path in local else p for path, p in patterns.items()}
+        masks = plan.masks(params, rest, perms, self.with_perm)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, m: local.get(path_str(p), m), masks, is_leaf=is_masks_leaf)
 
     def same_masks(self, plan: Plan) -> dict[str, bool]:
         """Per leaf: whether every stage's pattern makes ``bwd`` equal ``fwd`` (so the
@@ -318,6 +326,31 @@ class _Plan:
         for (path, leaf, pattern), k in zip(chosen, keys, strict=False):
             perms[path] = layout_search(pattern, leaf, layouts[path], k, init=perms.get(path))
         return perms
+
+
+def _local_masks(plan: Plan, params: Any, patterns: Mapping[str, Pattern | None],
+                 perms: Mapping[str, Any], shardings: Mapping[str, Any], with_perm: bool
+                 ) -> dict[str, Masks]:
+    """``{path: Masks}`` of the leaves whose masks each shard computes alone
+    (:mod:`nmjax._sharded_refresh`); the others are left out."""
+    if not shardings:
+        return {}
+    flat = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for leaf in plan.leaves:
+        pattern, sharding = patterns[leaf.path], shardings.get(leaf.path)
+        if sharding is None or pattern is None:
+            continue
+        perm = perms.get(leaf.path) if isinstance(pattern, BiMask) else None
+        masks = local_masks(pattern, flat[leaf.path], leaf.layout, sharding, perm)
+        if masks is None:
+            continue
+        if with_perm and masks.perm is None:
+            width = leaf.layout.sizes[2]
+            masks = masks._replace(perm=jnp.broadcast_to(
+                jnp.arange(width, dtype=jnp.int32), leaf.layout.perm_shape))
+        out[leaf.path] = masks
+    return out
 
 
 def _perms(masks: Any) -> dict[str, Any]:
@@ -383,6 +416,7 @@ def sparse(
     stages: Sequence[tuple[int, Pattern | str | None]] | None = None,
     seed: int | jax.Array = 0,
     init_masks: Any = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that it trains the parameters ``rule`` selects N:M sparse.
 
@@ -440,6 +474,12 @@ def sparse(
       init_masks: the masks to start from (a tree like :func:`masks_of`, e.g. a conversion's
         ``masks``); default: computed from the parameters at ``init``. Checked against the
         parameters' structure and shapes and against what the patterns promise.
+      shardings: a tree like the parameters of their ``NamedSharding``s (``None`` leaves
+        allowed), as given to ``jax.jit``: each sharded kernel's refresh then runs on each
+        device's own shard (``jax.shard_map``), adding no communication to the step (a
+        Bi-Mask kernel sharded along its output axis, and the permutation search, still
+        run globally). Checked by :func:`check_sharding` at ``init``. Default: the refresh
+        is left to XLA's partitioner, which gathers transposable kernels.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -476,7 +516,8 @@ def sparse(
             raise TypeError(f"decay must be a real scalar or a schedule, got {decay!r:.60}")
         if _checks.is_concrete(value) and not float(value) >= 0:
             raise ValueError(f"decay must be >= 0, got {float(value)}")
-    plan = _Plan(target, stages, has_bimask)
+    by_path = shardings_by_path(shardings) if shardings is not None else {}
+    plan = _Plan(target, stages, has_bimask, tuple(sorted(by_path.items())))
 
     def init(params):
         resolved = plan.resolve(params)
@@ -490,6 +531,8 @@ def sparse(
                                      f"{start}: {reason}")
         if all(_checks.is_concrete(leaf) for _, leaf, _ in chosen):
             check_sharding(params, resolved)
+        if shardings is not None:
+            check_sharding(params, resolved, shardings)
         if init_masks is not None:
             masks = _check_init_masks(params, _normalize_masks(init_masks), resolved, plan)
             # Under jit: own buffers (the state may be donated).
