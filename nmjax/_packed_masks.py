@@ -119,8 +119,12 @@ def pack(masks: Masks, layout: Layout, same_masks: bool) -> PackedMasks:
 def _is_node(x: Any) -> bool:
     if x is None or isinstance(x, PackedMasks | Masks):
         return True
-    return isinstance(x, Mapping) and {"fwd", "perm"} <= set(x.keys()) <= {
-        "fwd", "bwd", "perm", "where"}
+    if not isinstance(x, Mapping):
+        return False
+    keys = set(x.keys())  # a container may drop the None fields
+    if "where" in keys:
+        return {"fwd", "where"} <= keys <= {"fwd", "bwd", "perm", "where"}
+    return keys in ({"fwd", "bwd"}, {"fwd", "bwd", "perm"})
 
 
 def _typed(x: Any) -> Any:
