@@ -15,6 +15,7 @@ the amortised cost weighs each class's median by how often the schedule runs it.
 
   .venv/bin/python benchmarks/train_step.py            # writes results/train.md
   .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds, prints only
+  .venv/bin/python benchmarks/train_step.py --expansion --rounds 10   # unpacking the masks
 """
 
 from __future__ import annotations
@@ -227,6 +228,36 @@ def table(rows) -> list[str]:
     return lines
 
 
+def expansion(rounds: int) -> None:
+    """Prints what expanding the state's packed masks costs against one dense step, timed
+    in turns in the same run: the step-cost block's two kernels, each pattern's masks
+    unpacked as ``linen_collection`` does inside a step."""
+    from nmjax.optim import linen_collection
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((TOKENS, D)), jnp.float32)
+    params = Block().init(jax.random.key(0), x)["params"]
+    dense = Variant("dense", dense_step, x, params)
+    runs = []
+    for label in ("2:4", "2:4 transposable", "2:4 bimask"):
+        state = nmjax.optim.sparse(optax.adam(1e-3), _plan(label)).init(params)
+        runs.append((label, jax.jit(linen_collection), state))
+    ratios: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    for _ in range(rounds):
+        base = statistics.median(dense.run_one() for _ in range(5))
+        for label, fn, state in runs:
+            jax.block_until_ready(fn(state))
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(state))
+                times.append(time.perf_counter() - t0)
+            ratios[label].append(statistics.median(times) / base)
+    for label, r in ratios.items():
+        print(f"expanding {label} masks: {statistics.median(r):.3f} x one dense step "
+              f"(median of {rounds} rounds)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds; print only")
@@ -235,12 +266,17 @@ def main():
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc settings (print only)")
     ap.add_argument("--table-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--expansion", action="store_true",
+                    help="time the expansion of the state's packed masks alone; print only")
     args = ap.parse_args()
     if not args.system_malloc and allocator().endswith("default settings"):
         # glibc reads its settings at start-up: run again with them set.
         env = {**os.environ, **TUNED_MALLOC}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     rounds = args.rounds or (3 if args.quick else 20)
+    if args.expansion:
+        expansion(rounds)
+        return
     rows, context = measure(rounds, args.steps)
     if args.table_only:
         print("TABLE-START\n" + context + "\n" + "\n".join(table(rows)), flush=True)

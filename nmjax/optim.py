@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from nmjax import _checks
+from nmjax._packed_masks import PackedMasks, expand, normalize, pack
+from nmjax._sharded_refresh import local_masks, shardings_by_path
 from nmjax.masks import BiMask, Masks, Pattern, as_pattern, is_permutation
 from nmjax.ops import sr_ste_term
 from nmjax.plan import (
@@ -45,8 +47,10 @@ class SparseState(NamedTuple):
 
     Attributes:
       count: int32 number of updates applied.
-      masks: the parameters' tree with a :class:`~nmjax.masks.Masks` at each selected leaf
-        and ``None`` elsewhere: the masks the next forward pass uses.
+      masks: the parameters' tree with a :class:`~nmjax._packed_masks.PackedMasks` at each
+        selected leaf and ``None`` elsewhere: the masks the next forward pass uses, bit-packed
+        (1 bit per weight per stored mask; ``bwd`` stored only when a pattern makes it
+        differ from ``fwd``). :func:`masks_of` gives them as :class:`~nmjax.masks.Masks`.
       inner_state: the wrapped transformation's state.
       key: uint32 PRNG key data for the Bi-Mask permutation search.
       refreshes: int32 number of mask refreshes so far (the one at ``init`` not counted).
@@ -282,6 +286,7 @@ class _Plan:
     target: Target
     stages: Stages | None
     with_perm: bool
+    shardings: tuple[tuple[str, Any], ...] = ()  # (path, NamedSharding): shard-local refresh
 
     @property
     def starts(self) -> tuple[int, ...]:
@@ -298,7 +303,35 @@ class _Plan:
     def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
         """Masks of ``params`` for stage ``stage`` (a Python int)."""
         plan = self.resolve(params)
-        return plan.masks(params, self.patterns(plan, stage), perms, self.with_perm)
+        patterns = self.patterns(plan, stage)
+        local = _local_masks(plan, params, patterns, perms, dict(self.shardings),
+                             self.with_perm)
+        rest = {path: None if path in local else p for path, p in patterns.items()}
+        masks = plan.masks(params, rest, perms, self.with_perm)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, m: local.get(path_str(p), m), masks, is_leaf=is_masks_leaf)
+
+    def same_masks(self, plan: Plan) -> dict[str, bool]:
+        """Per leaf: whether every stage's pattern makes ``bwd`` equal ``fwd`` (so the
+        state stores ``fwd`` alone; dense stages keep everything in both)."""
+        stages = range(len(self.starts))
+        return {leaf.path: all(p is None or p.same_masks
+                               for p in (self.patterns(plan, i)[leaf.path] for i in stages))
+                for leaf in plan.leaves}
+
+    def pack(self, params: Any, masks: Any) -> Any:
+        """``masks`` (a tree of :class:`~nmjax.masks.Masks`) as the state holds them."""
+        plan = self.resolve(params)
+        same = self.same_masks(plan)
+        layouts = {leaf.path: leaf.layout for leaf in plan.leaves}
+
+        def one(key_path, m):
+            if m is None:
+                return None
+            path = path_str(key_path)
+            return pack(m, layouts[path], same[path])
+
+        return jax.tree_util.tree_map_with_path(one, masks, is_leaf=is_masks_leaf)
 
     def search(self, params: Any, stage: int, key: jax.Array, masks: Any) -> dict[str, Any]:
         """New Bi-Mask permutations (warm-started from ``masks``) of the leaves whose pattern
@@ -337,26 +370,40 @@ class _Plan:
         return jax.lax.switch(stage, branches, params, masks, key, do_search)
 
 
+def _local_masks(plan: Plan, params: Any, patterns: Mapping[str, Pattern | None],
+                 perms: Mapping[str, Any], shardings: Mapping[str, Any], with_perm: bool
+                 ) -> dict[str, Masks]:
+    """``{path: Masks}`` of the leaves whose masks each shard computes alone
+    (:mod:`nmjax._sharded_refresh`); the others are left out."""
+    if not shardings:
+        return {}
+    flat = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for leaf in plan.leaves:
+        pattern, sharding = patterns[leaf.path], shardings.get(leaf.path)
+        if sharding is None or pattern is None:
+            continue
+        perm = perms.get(leaf.path) if isinstance(pattern, BiMask) else None
+        masks = local_masks(pattern, flat[leaf.path], leaf.layout, sharding, perm)
+        if masks is None:
+            continue
+        if with_perm and masks.perm is None:
+            width = leaf.layout.sizes[2]
+            masks = masks._replace(perm=jnp.broadcast_to(
+                jnp.arange(width, dtype=jnp.int32), leaf.layout.perm_shape))
+        out[leaf.path] = masks
+    return out
+
+
 def _perms(masks: Any) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
     return {path_str(p): m.perm for p, m in flat if isinstance(m, Masks) and m.perm is not None}
 
 
-def _is_masks_node(x: Any) -> bool:
-    if x is None or isinstance(x, Masks):
-        return True
-    return isinstance(x, Mapping) and set(x.keys()) in ({"fwd", "bwd"}, {"fwd", "bwd", "perm"})
-
-
 def _normalize_masks(tree: Any) -> Any:
-    """Masks trees back as :class:`~nmjax.masks.Masks` where a container rebuilt them as
-    mappings (flax NNX stores optimizer states as ``State``s of dicts)."""
-    def one(x):
-        if x is None or isinstance(x, Masks):
-            return x
-        return Masks(x["fwd"], x["bwd"], x.get("perm"))
-
-    return jax.tree_util.tree_map(one, tree, is_leaf=_is_masks_node)
+    """Masks trees back as :class:`PackedMasks` / :class:`~nmjax.masks.Masks` where a
+    container rebuilt them as mappings (flax NNX)."""
+    return normalize(tree)
 
 
 def _raise_bad_perms(paths: tuple[str, ...], ok: Any) -> None:
@@ -395,6 +442,7 @@ def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> An
         raise ValueError(f"init_masks must hold masks at exactly the selected leaves: missing "
                          f"{sorted(wanted - have)}, extra {sorted(have - wanted)}")
     patterns = tx_plan.patterns(plan, 0)
+    same = tx_plan.same_masks(plan)
     for leaf in plan.leaves:
         m = flat[leaf.path]
         for name in ("fwd", "bwd"):
@@ -405,6 +453,10 @@ def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> An
         if (m.perm is not None) != tx_plan.with_perm:
             raise ValueError(f"init_masks for {leaf.path!r}: a Bi-Mask plan needs a perm at "
                              "every leaf, any other plan none")
+        if same[leaf.path] and m.bwd is not m.fwd and _checks.is_concrete(m.bwd) and not bool(
+                jnp.array_equal(m.fwd, m.bwd)):
+            raise ValueError(f"init_masks for {leaf.path!r}: bwd differs from fwd, but the "
+                             "patterns make them equal (the state stores fwd alone)")
         pattern = patterns[leaf.path]
         if pattern is not None and _checks.is_concrete(m.fwd) and not bool(
                 layout_valid(pattern, m, leaf.layout)):
@@ -427,6 +479,7 @@ def sparse(
     seed: int | jax.Array = 0,
     init_masks: Any = None,
     check_perms: bool = True,
+    shardings: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that it trains the parameters ``rule`` selects N:M sparse.
 
@@ -496,6 +549,12 @@ def sparse(
         ``masks``); default: computed from the parameters at ``init``. Checked against the
         parameters' structure and shapes and against what the patterns promise.
       check_perms: check the Bi-Mask permutations at every refresh (see above).
+      shardings: a tree like the parameters of their ``NamedSharding``s (``None`` leaves
+        allowed), as given to ``jax.jit``: each sharded kernel's refresh then runs on each
+        device's own shard (``jax.shard_map``), adding no communication to the step (a
+        Bi-Mask kernel sharded along its output axis, and the permutation search, still
+        run globally). Checked by :func:`check_sharding` at ``init``. Default: the refresh
+        is left to XLA's partitioner, which gathers transposable kernels.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -532,9 +591,11 @@ def sparse(
         raise TypeError(f"check_perms must be a bool, got {check_perms!r}")
     if not callable(decay):
         decay = _checks.check_decay(decay)
+    by_path = shardings_by_path(shardings) if shardings is not None else {}
     transform = _Sparse(optax.with_extra_args_support(inner),
-                        _Plan(target, stages, has_bimask), refresh_every, perm_every, decay,
-                        seed, init_masks, check_perms)
+                        _Plan(target, stages, has_bimask, tuple(sorted(by_path.items()))),
+                        refresh_every, perm_every, decay, seed, init_masks, check_perms,
+                        shardings)
     return optax.GradientTransformationExtraArgs(transform.init, transform.update)
 
 
@@ -575,6 +636,7 @@ class _Sparse:
     seed: int | jax.Array
     init_masks: Any
     check_perms: bool
+    shardings: Any
 
     def init(self, params: Any) -> SparseState:
         resolved = self.plan.resolve(params)
@@ -584,15 +646,15 @@ class _Sparse:
             check_sharding(params, resolved)
         else:
             _check_traced_sharding(chosen)
+        if self.shardings is not None:
+            check_sharding(params, resolved, self.shardings)
         if self.init_masks is not None:
             masks = _check_init_masks(params, _normalize_masks(self.init_masks), resolved,
                                       self.plan)
-            masks = jax.tree.map(jnp.copy, masks)  # own buffers: the state may be donated
+            # Under jit: own buffers (the state may be donated).
+            masks = jax.jit(self.plan.pack)(params, masks)
         else:
-            # Under jit: patterns give bwd = fwd as one array, which eagerly is one buffer
-            # held twice in the state (a donated state would donate it twice); jit outputs
-            # are distinct buffers.
-            masks = jax.jit(lambda p: self.plan.masks(p, 0, {}))(params)
+            masks = jax.jit(lambda p: self.plan.pack(p, self.plan.masks(p, 0, {})))(params)
         key = jax.random.key_data(jax.random.key(self.seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
         return SparseState(zeros[0], masks, self.inner.init(params), key, zeros[1], zeros[2])
@@ -601,7 +663,10 @@ class _Sparse:
                **extra_args: Any) -> tuple[Any, SparseState]:
         """SR-STE decay, the inner update, then (on schedule) the refresh."""
         state = _checked_state(state, params)
-        grads = _add_decay(updates, params, state.masks, _decay_at(self.decay, state.count))
+        packed = state.masks
+        masks = expand(packed)  # the state holds them bit-packed: expanded here, in the step
+        check_structure(params, masks, "the state's masks")
+        grads = _add_decay(updates, params, masks, _decay_at(self.decay, state.count))
         updates, inner_state = self.inner.update(grads, state.inner_state, params,
                                                  **extra_args)
         do_search, do_refresh, stage = self._when(state.count)
@@ -612,11 +677,12 @@ class _Sparse:
         # donated parameters and the inner state every step, refresh or not, to keep their
         # old values alive for the branch: 8 copies of each kernel's size with Adam.)
         new_params = optax.apply_updates(params, updates)
-        masks = jax.lax.cond(do_refresh, self._refresh, _keep_masks, stage, new_params,
-                             state.masks, sub, do_search)
+        refresh = lambda stage, p, _, k, d: self._refresh(stage, p, masks, k, d)  # noqa: E731
+        new_masks = jax.lax.cond(do_refresh, refresh, _keep_masks, stage, new_params, packed,
+                                 sub, do_search)
         searched = do_search & jnp.asarray(self.plan.with_perm)
         return updates, SparseState(
-            state.count + 1, masks, inner_state, jax.random.key_data(key),
+            state.count + 1, new_masks, inner_state, jax.random.key_data(key),
             state.refreshes + do_refresh.astype(jnp.int32),
             state.searches + searched.astype(jnp.int32))
 
@@ -632,9 +698,9 @@ class _Sparse:
         return do_search, do_refresh, stage_next
 
     def _refresh(self, stage, params, masks, key, do_search):
-        """The refresh branch: :meth:`_Plan.refresh_at`."""
-        return self.plan.refresh_at(stage, params, masks, key, do_search,
-                                    check_perms=self.check_perms)
+        """The refresh branch: :meth:`_Plan.refresh_at`, packed as the state holds masks."""
+        return self.plan.pack(params, self.plan.refresh_at(stage, params, masks, key, do_search,
+                                                           check_perms=self.check_perms))
 
 
 def _checked_state(state: Any, params: Any) -> SparseState:
@@ -644,9 +710,7 @@ def _checked_state(state: Any, params: Any) -> SparseState:
     if not isinstance(state, SparseState):
         raise TypeError(f"state must be the SparseState this transformation's init made, "
                         f"got {type(state).__name__}")
-    state = state._replace(masks=_normalize_masks(state.masks))
-    check_structure(params, state.masks, "the state's masks")
-    return state
+    return state._replace(masks=_normalize_masks(state.masks))
 
 
 # ---------------------------------------------------------------------------- accessors
@@ -666,7 +730,9 @@ def _find_states(tree: Any) -> list[SparseState]:
 
 def find_state(opt_state: Any) -> SparseState:
     """The :class:`SparseState` inside an optimizer state (a chain, ``inject_hyperparams``,
-    ``multi_transform``, a Flax ``TrainState``'s ``opt_state`` or an ``nnx.Optimizer``).
+    ``multi_transform``, a Flax ``TrainState``'s ``opt_state`` or an ``nnx.Optimizer``), its
+    masks expanded to :class:`~nmjax.masks.Masks` (inside a jitted step the expansion is
+    part of the step).
 
     Raises:
       ValueError: none, or more than one, is found.
@@ -677,7 +743,7 @@ def find_state(opt_state: Any) -> SparseState:
     if len(found) != 1:
         raise ValueError(f"expected one nmjax.optim.SparseState in the optimizer state, found "
                          f"{len(found)}")
-    return found[0]._replace(masks=_normalize_masks(found[0].masks))
+    return found[0]._replace(masks=expand(_normalize_masks(found[0].masks)))
 
 
 def _unwrap_nnx(tree: Any) -> Any:
@@ -758,6 +824,7 @@ def selected(params: Any, rule: Any) -> Any:
 
 
 __all__ = [
+    "PackedMasks",
     "SparseState",
     "as_target",
     "check_sharding",
