@@ -422,7 +422,9 @@ def _check_perms(masks: Any) -> None:
     found = [(path_str(p), m.perm) for p, m in flat
              if isinstance(m, Masks) and m.perm is not None]
     if found:
-        ok = jnp.stack([is_permutation(perm) for _, perm in found])
+        # one permutation per stacked matrix (scan-stacked layers, dot_general batch axes)
+        ok = jnp.stack([jnp.all(jax.vmap(is_permutation)(perm.reshape(-1, perm.shape[-1])))
+                        for _, perm in found])
         jax.debug.callback(functools.partial(_raise_bad_perms, tuple(p for p, _ in found)), ok)
 
 
@@ -664,6 +666,8 @@ class _Sparse:
         """SR-STE decay, the inner update, then (on schedule) the refresh."""
         state = _checked_state(state, params)
         packed = state.masks
+        if any(isinstance(m, Masks) for m in jax.tree.leaves(packed, is_leaf=is_masks_leaf)):
+            packed = self.plan.pack(params, packed)  # masks set by hand: held packed from here
         masks = expand(packed)  # the state holds them bit-packed: expanded here, in the step
         check_structure(params, masks, "the state's masks")
         grads = _add_decay(updates, params, masks, _decay_at(self.decay, state.count))
