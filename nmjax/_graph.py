@@ -515,6 +515,24 @@ def _prod(sizes: Sequence[int]) -> int:
     return math.prod(int(s) for s in sizes)
 
 
+def _activation_matrix(x: jax.Array, pieces: list[list[Piece]], paired: dict[int, int],
+                       b_items: list, c_items: list, xf: list[int], batch: int, depth: int
+                       ) -> jax.Array:
+    """The other operand as ``(batch, rows, K)``: each of its axes paired with a kernel axis
+    split into that axis's pieces, then laid out in the kernel's canonical order."""
+    x_split, x_start, pos = [], {}, 0
+    w_of_x = {xd: wd for wd, xd in paired.items()}
+    for d in range(x.ndim):
+        sizes = [p[2] for p in pieces[w_of_x[d]]] if d in w_of_x else [x.shape[d]]
+        x_start[d] = pos
+        pos += len(sizes)
+        x_split += sizes
+    x_order = ([x_start[paired[d]] + k for d, k in b_items] + [x_start[d] for d in xf]
+               + [x_start[paired[d]] + k for d, k in c_items])
+    rows = _prod(x.shape[d] for d in xf)
+    return jnp.transpose(x.reshape(x_split), x_order).reshape(batch, rows, depth)
+
+
 def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: int,
                        layout: Layout, dense: Callable[..., jax.Array]) -> jax.Array:
     """A ``dot_general`` equation whose operand ``side`` is the selected kernel ``w``, run
@@ -549,17 +567,7 @@ def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: i
     bwd3 = None if live.bwd is None else to_matrix(live.bwd)
 
     paired = dict(zip(wc, xc, strict=True)) | dict(zip(wb, xb, strict=True))
-    x_split, x_start, pos = [], {}, 0
-    w_of_x = {xd: wd for wd, xd in paired.items()}
-    for d in range(x.ndim):
-        sizes = [p[2] for p in pieces[w_of_x[d]]] if d in w_of_x else [x.shape[d]]
-        x_start[d] = pos
-        pos += len(sizes)
-        x_split += sizes
-    x_order = ([x_start[paired[d]] + k for d, k in b_items] + [x_start[d] for d in xf]
-               + [x_start[paired[d]] + k for d, k in c_items])
-    rows = _prod(x.shape[d] for d in xf)
-    x3 = jnp.transpose(x.reshape(x_split), x_order).reshape(batch, rows, depth)
+    x3 = _activation_matrix(x, pieces, paired, b_items, c_items, xf, batch, depth)
     perm = None if live.perm is None else live.perm.reshape(batch, width)
 
     if b_items:
