@@ -537,7 +537,11 @@ def sparse(
         ``Dense_<i>``/``Conv_<i>`` layers, ``MaskRule(axis=...)``); any other kernel a rule
         selects is refused at ``init``, with the fix.
       refresh_every: steps between mask refreshes (1 to ``2**31 - 1``: steps count in
-        int32; may be traced, e.g. under ``optax.inject_hyperparams``).
+        int32; may be traced, e.g. under ``optax.inject_hyperparams``). A refresh solves
+        every kernel's mask once: cheap for plain N:M, an exact transposable or Bi-Mask
+        solve costs several times more per weight (the README's "At scale" section and
+        ``benchmarks/results/scale.md`` give the measured cost per billion weights); a step
+        pays it divided by ``refresh_every``.
       perm_every: steps between Bi-Mask permutation searches (the paper: 100); ``None``
         (default) means 100 when a stage is Bi-Mask. Must be ``None`` otherwise.
       decay: SR-STE ``λ`` >= 0 (finite): a float, a JAX scalar, or an optax schedule
