@@ -427,7 +427,7 @@ class Traced:
 
     def jaxpr(self) -> Any:
         return jax.make_jaxpr(self.fn)(jax.tree.map(_abstract, self.params),
-                                       [_abstract(a) for a in self.arrays])
+                                       jax.tree.map(_abstract, self.arrays))
 
 
 def trace_model(model: Any, args: tuple, kwargs: dict, params: Any = None,
@@ -437,23 +437,9 @@ def trace_model(model: Any, args: tuple, kwargs: dict, params: Any = None,
     from flax import linen as nn
     from flax import nnx
 
-    arrays, rebuild = _split_args((args, kwargs))
     if isinstance(model, nn.Module):
-        if params is None:
-            variables = jax.eval_shape(lambda k, a: model.init(k, *rebuild(a)[0], method=method,
-                                                               **rebuild(a)[1]),
-                                       jax.random.key(0), arrays)
-        else:
-            variables = {"params": params}
-        variables = dict(variables)
-        p = variables.pop("params", {})
-        rest = variables
-
-        def fn(p, a):
-            a, k = rebuild(a)
-            return model.apply({"params": p, **rest}, *a, method=method, **k)
-
-        return Traced(fn, p, arrays)
+        return _trace_linen(model, args, dict(kwargs), params, method)
+    arrays, rebuild = _split_args((args, kwargs))
     if isinstance(model, nnx.Module):
         graphdef, p, rest = nnx.split(model, nnx.Param, ...)
 
@@ -470,6 +456,30 @@ def trace_model(model: Any, args: tuple, kwargs: dict, params: Any = None,
         return Traced(lambda p, a: model(p, *rebuild(a)[0], **rebuild(a)[1]), params, arrays)
     raise TypeError(f"model must be a flax.linen Module, a flax.nnx Module or a function "
                     f"fn(params, *args), got {type(model).__name__}")
+
+
+def _trace_linen(model: Any, args: tuple, kwargs: dict, params: Any, method: Any) -> Traced:
+    """A Linen module as a function of its ``"params"``: the other collections
+    (``batch_stats``, ...) take init's shapes and travel as traced inputs, and ``rngs=``
+    among the example inputs is apply's (init gets it too, beside its ``"params"`` key)."""
+    apply_rngs = kwargs.pop("rngs", None)
+    arrays, rebuild = _split_args((args, kwargs, apply_rngs))
+
+    def init(key, a):
+        a, k, r = rebuild(a)
+        return model.init({"params": key, **(r or {})}, *a, method=method, **k)
+
+    shapes = dict(jax.eval_shape(init, jax.random.key(0), arrays))
+    init_params = shapes.pop("params", {})
+
+    def fn(p, a):
+        (a, k, r), rest = rebuild(a[:-1]), a[-1]
+        # mutable: a training-mode call may update batch statistics; only the uses of the
+        # parameters matter here
+        return model.apply({"params": p, **rest}, *a, rngs=r, method=method, mutable=True,
+                           **k)
+
+    return Traced(fn, init_params if params is None else params, [*arrays, shapes])
 
 
 def resolve(model: Any, rule: Any, *args: Any, params: Any = None, method: Any = None,

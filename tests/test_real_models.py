@@ -570,3 +570,33 @@ def test_maxtext_dense_general_and_mlp_block(pattern):
     q = masks["query/kernel"]                   # (embed, heads, d): output heads x d
     check_masks(type(q)(q.fwd.reshape(32, 32), q.bwd.reshape(32, 32), q.perm), pattern, 0, 1)
     assert bool(plan.valid(nmjax.optim.masks_of(optimizer.opt_state)))
+
+
+class NormDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x))
+        x = nn.Dropout(0.1, deterministic=not train)(x)
+        return nn.Dense(8)(x.reshape(x.shape[0], -1))
+
+
+def test_batch_stats_dropout_and_flags_through_resolve_and_sparsify():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    variables = NormDropout().init(jax.random.key(1), x, train=False)
+    # A training-mode trace updates batch statistics and draws dropout: both just work.
+    plan = nmjax.resolve(NormDropout(), "2:4", x, params=variables["params"], train=True,
+                         rngs={"dropout": jax.random.key(2)})
+    assert plan.paths == ("Conv_0/kernel", "Dense_0/kernel")
+    sparse = nmjax.nn.sparsify(NormDropout(), plan, mode="static")
+    masks = nmjax.nn.linen_masks(variables["params"], plan)
+    y, updates = jax.jit(lambda v, k: sparse.apply(
+        {**v, "nm_masks": masks}, x, train=True, rngs={"dropout": k},
+        mutable=["batch_stats"]))(variables, jax.random.key(3))
+    want, want_updates = NormDropout().apply(
+        {**variables, "params": apply_masks(variables["params"], nmjax.tree.build_masks(
+            variables["params"], plan))}, x, train=True,
+        rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"]["mean"],
+                               want_updates["batch_stats"]["BatchNorm_0"]["mean"], rtol=1e-5,
+                               atol=1e-6)
