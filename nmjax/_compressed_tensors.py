@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax import format as nmf
+from nmjax.tree import path_str
 
 FORMAT = "sparse-24-bitmask"
 # The compressed-tensors release whose format this writer follows and was checked against
@@ -58,15 +59,8 @@ def torch_name_and_axes(path: tuple[str, ...], ndim: int) -> tuple[str, tuple[in
 
 
 def _key_parts(key_path: Any) -> tuple[str, ...]:
-    parts = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(getattr(k, "name", k)))
-    return tuple(parts)
+    """A key path's parts (:func:`nmjax.tree.path_str`, split)."""
+    return tuple(path_str(key_path).split("/"))
 
 
 def _compress(name: str, leaf: Any, axes: tuple[int, ...]) -> dict[str, np.ndarray]:

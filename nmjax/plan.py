@@ -43,7 +43,8 @@ from nmjax.masks import BiMask, Masks, Pattern
 from nmjax.tree import MaskRule, path_str
 
 __all__ = ["Layout", "LeafPlan", "Plan", "as_rules", "from_axis", "layout_masks",
-           "layout_reason", "layout_search", "layout_valid", "plan_for_params", "resolve"]
+           "layout_reason", "layout_search", "layout_valid", "plan_for_params",
+           "plan_from_jaxpr", "resolve"]
 
 # A Linen auto-generated layer name ("Dense_0", "Conv_3") names the layer's class, so its
 # kernel's layout is known without the model.
@@ -516,16 +517,20 @@ def resolve(model: Any, rule: Any, *args: Any, params: Any = None, method: Any =
         the pattern (indivisible axes: the message gives the ``exclude=`` that leaves it
         dense).
     """
-    rules = as_rules(rule, pattern)
     traced = trace_model(model, args, kwargs, params, method)
-    closed = traced.jaxpr()
-    flat = jax.tree_util.tree_flatten_with_path(traced.params)[0]
+    return plan_from_jaxpr(traced.jaxpr(), traced.params, as_rules(rule, pattern),
+                           type(model).__name__)
+
+
+def plan_from_jaxpr(closed: Any, params: Any, rules: tuple[MaskRule, ...], name: str) -> Plan:
+    """``rules`` resolved on a traced program whose first inputs are ``params``' leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
     uses = _graph.analyse(closed, range(len(flat)))
     entries = []
     for i, (key_path, leaf) in enumerate(flat):
         found, op = _classify(uses[i])
         entries.append((path_str(key_path), _abstract(leaf), found, op))
-    return _build(rules, entries, f"of {type(model).__name__}")
+    return _build(rules, entries, f"of {name}")
 
 
 def plan_for_params(params: Any, rule: Any) -> Plan:

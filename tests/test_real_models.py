@@ -90,6 +90,22 @@ def readme_recipe(module, params, plan, loss_of_output, inputs, steps=20, lr=3e-
     return losses, params, opt_state
 
 
+def nnx_readme_recipe(model, plan, x, steps=20):
+    """The README's NNX recipe on ``(m(x) ** 2).mean()``: ``(sparse model, optimizer,
+    losses)``."""
+    sparse = nmjax.nn.sparsify(model, plan, mode="static")
+    optimizer = nnx.Optimizer(sparse, nmjax.optim.sparse(optax.adam(3e-3), plan), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
+        optimizer.update(model, grads)
+        nmjax.optim.sync_nnx(model, optimizer)
+        return loss
+
+    return sparse, optimizer, [float(step(sparse, optimizer)) for _ in range(steps)]
+
+
 # --------------------------------------------------------------------- Hugging Face
 
 
@@ -398,17 +414,7 @@ def test_nnx_scan_and_shared_layer_train_static(pattern):
     plan = nmjax.resolve(model, MaskRule(pattern, exclude="head"), x)
     assert len(plan.leaves) == 3                          # inp, the shared layer once, blocks
     assert plan.by_path["blocks/fc/kernel"].layout.stack == (0,)
-    sparse = nmjax.nn.sparsify(model, plan, mode="static")
-    optimizer = nnx.Optimizer(sparse, nmjax.optim.sparse(optax.adam(3e-3), plan), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
-        optimizer.update(model, grads)
-        nmjax.optim.sync_nnx(model, optimizer)
-        return loss
-
-    losses = [float(step(sparse, optimizer)) for _ in range(20)]
+    sparse, optimizer, losses = nnx_readme_recipe(model, plan, x)
     assert losses[-1] < losses[0]
     masks = nmjax.optim.masks_of(optimizer.opt_state)
     blocks = masks["blocks"]["fc"]["kernel"]
@@ -549,17 +555,7 @@ def test_maxtext_dense_general_and_mlp_block(pattern):
     assert axes == {"query/kernel": ((0,), (1, 2)), "out/kernel": ((0, 1), (2,)),
                     "mlp/wi_0/kernel": ((0,), (1,)), "mlp/wi_1/kernel": ((0,), (1,)),
                     "mlp/wo/kernel": ((0,), (1,))}
-    sparse = nmjax.nn.sparsify(model, plan, mode="static")
-    optimizer = nnx.Optimizer(sparse, nmjax.optim.sparse(optax.adam(3e-3), plan), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
-        optimizer.update(model, grads)
-        nmjax.optim.sync_nnx(model, optimizer)
-        return loss
-
-    losses = [float(step(sparse, optimizer)) for _ in range(20)]
+    sparse, optimizer, losses = nnx_readme_recipe(model, plan, x)
     assert losses[-1] < losses[0]
     masks = nmjax.nn._sparsify.masks_by_path(nmjax.optim.masks_of(optimizer.opt_state))
     for path in ("mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"):

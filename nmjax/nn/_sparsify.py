@@ -19,7 +19,7 @@ from nmjax import _graph, ops
 from nmjax.masks import BiMask, Masks
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
 from nmjax.nn.nnx import NMMask
-from nmjax.plan import Plan, Traced, _build, _classify, _split_args, as_rules, layout_masks
+from nmjax.plan import Plan, Traced, _split_args, as_rules, layout_masks, plan_from_jaxpr
 from nmjax.tree import is_masks_leaf, nest, path_str
 
 __all__ = ["SparseModel", "masks_by_path", "run_sparse"]
@@ -30,18 +30,6 @@ def masks_by_path(masks: Any) -> dict[str, Any]:
     array there is a Bi-Mask permutation for dynamic mode: :func:`nmjax.nn.linen_perms`)."""
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
     return {path_str(p): m for p, m in flat if m is not None}
-
-
-def _plan_of(target: Plan | tuple, closed: Any, flat: list, name: str) -> Plan:
-    if isinstance(target, Plan):
-        return target
-    uses = _graph.analyse(closed, range(len(flat)))
-    entries = []
-    for i, (key_path, leaf) in enumerate(flat):
-        found, op = _classify(uses[i])
-        entries.append((path_str(key_path), jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
-                        found, op))
-    return _build(target, entries, f"of {name}")
 
 
 def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, name: str
@@ -56,7 +44,8 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
     closed, out_shape = jax.make_jaxpr(traced.fn, return_shape=True)(traced.params,
                                                                      traced.arrays)
     flat = jax.tree_util.tree_flatten_with_path(traced.params)[0]
-    plan = _plan_of(target, closed, flat, name)
+    plan = target if isinstance(target, Plan) else plan_from_jaxpr(closed, traced.params,
+                                                                    target, name)
     plan.check_params(traced.params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     invars = closed.jaxpr.invars
@@ -210,10 +199,9 @@ def _unpacked(variables: Any, mode: str) -> Any:
     """Packed parameters (:func:`nmjax.export.pack_params`) unpacked inside the traced
     forward, so only the packed arrays stay resident; in static mode their masks become the
     ``"nm_masks"`` collection when none is given (packed inference: one tree serves)."""
-    import importlib
+    from nmjax import export
 
     params = variables["params"]
-    export = importlib.import_module("nmjax.export")
     if not any(export.is_packed(x) for x in jax.tree.leaves(params, is_leaf=export.is_packed)):
         return variables
     out = {**variables, "params": export.unpack_params(params)}
