@@ -1,15 +1,14 @@
-"""What AdaPrune needs from a model: its layers in forward order, and each layer's inputs.
+"""What the converters need from a model: its planned kernels in forward order, each as one or
+more ``(K, N)`` matrices, and the inputs of each kernel's products.
 
-Linen: the model runs under ``nn.intercept_methods``, which sees every module call with
-the module itself, so the path, type, settings and inputs of each ``nn.Dense``/``nn.Conv``
-call are read where they happen, whatever the model's structure, without changing it.
-
-NNX has no forward hooks. Inside the traced function (never on the caller's model) the
-model is rebuilt from its state with ``nnx.merge`` and every ``nnx.Linear``/``nnx.Conv`` is
-swapped, wherever it is referenced (attributes, lists, dicts, tied layers), for a wrapper
-that records its inputs and calls the layer. This reads the same calls a forward hook would
-and leaves the caller's model untouched; patching the layer classes' ``__call__`` would also
-work but changes global state.
+The model is traced (:func:`nmjax.plan.trace_model`) and its jaxpr evaluated by a
+:class:`nmjax._graph.Rewriter` whose products compute what the model computes and record the
+other operand of every product of a planned kernel, in the kernel's canonical view
+(:class:`nmjax.plan.Layout`): a ``dot_general``'s as rows ``(batch, rows, K)``, a
+convolution's input as ``(N, *spatial, C)`` beside the convolution's own settings. So the
+layer type, its class and its parameter names play no part: a Hugging Face ``FlaxConv1D``
+storing ``(out, in)``, a ``DenseGeneral``, an ``einsum`` and layers stacked under ``nn.scan``
+are read the same way (inside a ``scan`` the records come out stacked, one per layer).
 """
 
 from __future__ import annotations
@@ -19,109 +18,168 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from flax.linen.linear import canonicalize_padding
 
+from nmjax import _graph
 from nmjax._convert_solve import Geometry
-from nmjax.nn.nnx import _children
+from nmjax.plan import (
+    LeafPlan,
+    Plan,
+    Traced,
+    _split_args,
+    as_rules,
+    plan_from_jaxpr,
+    trace_model,
+)
+from nmjax.tree import path_str
 
-Record = Callable[[str, Any, jax.Array], None]
-
-
-@dataclasses.dataclass
-class Layer:
-    """One kernel-holding layer as the forward pass met it."""
-
-    path: str                  # the kernel's path in the parameter tree
-    kind: str | None           # "dense", "conv", or None (another layer type)
-    geometry: Geometry | None  # None: AdaPrune cannot take it (``unsupported`` says why)
-    unsupported: str | None = None
-    input_shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+Key = tuple[str, Any, int]  # (path, Geometry or why the converters cannot take it, lead)
 
 
-def _tuple(x: Any, nd: int, name: str) -> tuple[int, ...]:
-    x = 1 if x is None else x
-    return (int(x),) * nd if isinstance(x, int) else tuple(int(v) for v in x)
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One planned kernel as the converters see it.
+
+    Attributes:
+      leaf: its plan (path, layout, pattern).
+      geometry: how one ``(K, N)`` matrix of its canonical view turns its inputs into rows.
+      lead: the size of the first row axis of its products' inputs (the samples).
+    """
+
+    leaf: LeafPlan
+    geometry: Geometry
+    lead: int
+
+    @property
+    def path(self) -> str:
+        return self.leaf.path
+
+    @property
+    def stacked(self) -> int:
+        return self.leaf.layout.sizes[0]
 
 
-def conv_geometry(kernel_shape: tuple[int, ...], strides: Any, padding: Any,
-                  input_dilation: Any, kernel_dilation: Any) -> Geometry:
-    """A Flax conv's settings, canonical, with the padding modes ``lax`` lacks turned into
-    an explicit ``jnp.pad`` (as Flax itself does)."""
-    nd = len(kernel_shape) - 2
-    strides = _tuple(strides, nd, "strides")
-    input_dilation = _tuple(input_dilation, nd, "input_dilation")
-    kernel_dilation = _tuple(kernel_dilation, nd, "kernel_dilation")
-    pad = canonicalize_padding(padding, nd)
-    pre_pad = None
-    if pad in ("CIRCULAR", "REFLECT"):
-        dilated = [(k - 1) * r + 1 for k, r in zip(kernel_shape[:nd], kernel_dilation,
-                                                    strict=True)]
-        pre_pad = ({"CIRCULAR": "wrap", "REFLECT": "reflect"}[pad],
-                   tuple(((k - 1) // 2, k // 2) for k in dilated))
-        pad = "VALID"
-    elif pad == "CAUSAL":
-        if nd != 1:
-            raise ValueError("CAUSAL padding is only defined for 1-D convolutions")
-        pre_pad = ("constant", ((kernel_dilation[0] * (kernel_shape[0] - 1), 0),))
-        pad = "VALID"
-    elif not isinstance(pad, str):
-        pad = tuple(tuple(int(v) for v in p) for p in pad)
-    return Geometry("conv", tuple(kernel_shape), strides, pad, input_dilation,
-                    kernel_dilation, pre_pad)
+def _conv_geometry(eqn: Any, w: jax.Array) -> Geometry | str:
+    params = eqn.params
+    if params["feature_group_count"] != 1:
+        return (f"a grouped convolution (feature_group_count={params['feature_group_count']}); "
+                "the converters take feature_group_count=1")
+    _, order = _graph.conv_view(eqn, w)
+    padding = params["padding"]
+    padding = padding if isinstance(padding, str) else tuple(tuple(int(v) for v in p)
+                                                            for p in padding)
+    return Geometry("conv", tuple(int(w.shape[a]) for a in order),
+                    tuple(params["window_strides"]), padding, tuple(params["lhs_dilation"]),
+                    tuple(params["rhs_dilation"]))
 
 
-def _conv_unsupported(groups: int, mask: Any, custom: bool) -> str | None:
-    if groups != 1:
-        return (f"a grouped convolution (feature_group_count={groups}); AdaPrune handles "
-                "feature_group_count=1")
-    if mask is not None:
-        return "a conv with a kernel mask (mask=...)"
-    if custom:
-        return "a layer with a custom conv_general_dilated"
-    return None
+class _Recorder(_graph.Rewriter):
+    """Runs the model unchanged and records the inputs of the products of ``paths``."""
+
+    def __init__(self, plan: Plan, paths: frozenset[str]):
+        super().__init__(self._product)
+        self.plan = plan
+        self.paths = paths
+
+    def _product(self, eqn: Any, x: jax.Array, w: jax.Array, live: _graph.Live, side: int
+                 ) -> jax.Array:
+        y = _graph._bind(eqn, [w, x] if side == 0 else [x, w])[0]
+        leaf = self.plan.leaves[live.leaf]
+        if leaf.path not in self.paths:
+            return y
+        if eqn.primitive.name == "dot_general":
+            view = _graph.dot_view(eqn, x.ndim, w.shape, live.dims, side, leaf.layout)
+            lead = int(x.shape[view.xf[0]]) if view.xf else 1
+            key = (leaf.path, Geometry("dense", (view.depth, view.width)), lead)
+            self.records.append((key, view.activation(x)))
+        else:
+            geometry = _conv_geometry(eqn, w)
+            x_nhwc, _ = _graph.conv_view(eqn, x)
+            key = (leaf.path, geometry, int(x_nhwc.shape[0]))
+            self.records.append((key, x_nhwc))
+        return y
 
 
-# ------------------------------------------------------------------------------- Linen
+def stacked(record: jax.Array, key: Key, count: int) -> jax.Array:
+    """A record (``scan`` axes first) as ``(S, samples, ...)``: a dense product's rows
+    ``(S, samples, P, K)``, a convolution's input ``(S, N, *spatial, C)``."""
+    _, geometry, lead = key
+    if geometry.kind == "dense":
+        return record.reshape(count, lead, -1, record.shape[-1])
+    return record.reshape(count, *record.shape[-(geometry.spatial + 2):])
 
 
-def _linen_path(mdl: nn.Module) -> str:
-    return "/".join([*(str(p) for p in mdl.scope.path), "kernel"])
+def _record(fn: Callable, plan: Plan, paths: frozenset[str], params: Any, arrays: list[Any]
+            ) -> list[tuple[Key, jax.Array]]:
+    """Runs ``fn(params, arrays)`` and returns the records of ``paths``' products."""
+    closed = jax.make_jaxpr(fn)(params, arrays)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    lives = {closed.jaxpr.invars[index[leaf.path]]: _graph.Live(
+        k, _graph.leaf_dims(leaf.shape), None, None, None, leaf.layout.stack)
+        for k, leaf in enumerate(plan.leaves)}
+    recorder = _Recorder(plan, paths)
+    recorder.run(closed.jaxpr, closed.consts, jax.tree.leaves((params, arrays)), lives)
+    return recorder.records
 
 
-def _linen_layer(mdl: nn.Module, inputs: jax.Array) -> Layer:
-    path = _linen_path(mdl)
-    if type(mdl) is nn.Dense:
-        unsupported = None
-        if mdl.dot_general is not None or mdl.dot_general_cls is not None:
-            unsupported = "a layer with a custom dot_general"
-        return Layer(path, "dense", Geometry("dense", (inputs.shape[-1], mdl.features)),
-                     unsupported)
-    ks = tuple(mdl.kernel_size) if not isinstance(mdl.kernel_size, int) else (mdl.kernel_size,)
-    shape = (*ks, inputs.shape[-1] // mdl.feature_group_count, mdl.features)
-    custom = mdl.conv_general_dilated is not None or mdl.conv_general_dilated_cls is not None
-    unsupported = _conv_unsupported(mdl.feature_group_count, mdl.mask, custom)
-    geometry = conv_geometry(shape, mdl.strides, mdl.padding, mdl.input_dilation,
-                             mdl.kernel_dilation) if unsupported is None else None
-    return Layer(path, "conv", geometry, unsupported)
+def _shapes(args: tuple[jax.Array, ...]) -> str:
+    return ", ".join(str(tuple(a.shape)) for a in args)
 
 
-class LinenModel:
-    """``(apply_fn or Module, params)``; runs ``apply_fn({"params": params, **collections},
-    *args, **call_kwargs)``."""
+class Model:
+    """A model and a plan, ready to capture the inputs of the planned kernels.
 
-    kind = "linen"
+    ``model``: an NNX module, or a pair ``(apply_fn or Linen module, params)`` called as
+    ``apply_fn({"params": params, **collections}, *args, **call_kwargs)``. ``rule``: a
+    :class:`~nmjax.plan.Plan`, or rules resolved on this model's trace.
+    """
 
-    def __init__(self, fn: Any, params: Any, collections: Mapping[str, Any],
-                 call_kwargs: Mapping[str, Any]):
+    def __init__(self, model: Any, rule: Any, args: tuple[jax.Array, ...],
+                 collections: Mapping[str, Any] | None, call_kwargs: Mapping[str, Any]):
+        self.module: nn.Module | None = None
+        self.graphdef = self.state = self.rest = None
+        self.kwargs = dict(call_kwargs)
+        self.extra: list[Any] = []
+        if isinstance(model, nnx.Module):
+            if collections:
+                raise ValueError("collections applies to Linen models; an NNX model holds its "
+                                 "own state")
+            self.graphdef, self.state, self.rest = nnx.split(model, nnx.Param, ...)
+            self.traced = trace_model(model, args, self.kwargs)
+            name = type(model).__name__
+        elif isinstance(model, tuple) and len(model) == 2:
+            self.traced = self._linen(*model, dict(collections or {}), args)
+            name = type(self.module).__name__ if self.module is not None else "apply_fn"
+        elif isinstance(model, nn.Module):
+            raise TypeError("a Linen module needs its parameters: pass (module, params)")
+        else:
+            raise TypeError(f"model must be an NNX module or a pair (apply_fn, params), got "
+                            f"{type(model).__name__}")
+        self.params = self.traced.params
+        try:
+            closed = self.traced.jaxpr()
+        except Exception as e:  # any failure of the user's forward pass on this batch
+            raise ValueError(f"running the model on calibration_batch of shape "
+                             f"{_shapes(args)} failed: {type(e).__name__}: {e}") from e
+        if isinstance(rule, Plan):
+            rule.check_params(self.params)
+            self.plan = rule
+        else:
+            self.plan = plan_from_jaxpr(closed, self.params, as_rules(rule), name)
+        self._compiled: dict[Any, tuple[list[tuple], Callable]] = {}
+
+    def _linen(self, fn: Any, params: Any, collections: dict, args: tuple) -> Traced:
         if isinstance(fn, nn.Module):
-            self.module = fn
+            self.module, apply = fn, fn.apply
         elif callable(fn):
             # module.apply (a TrainState's apply_fn) still names its module
             owner = getattr(fn, "__self__", None)
-            named_apply = getattr(fn, "__name__", None) == "apply"
-            self.module = owner if isinstance(owner, nn.Module) and named_apply else None
+            if isinstance(owner, nn.Module) and getattr(fn, "__name__", None) == "apply":
+                self.module = owner
+            apply = fn
         else:
             raise TypeError(f"model must be an NNX module or a pair (apply_fn or Linen module, "
                             f"params), got a pair whose first item is {type(fn).__name__}")
@@ -131,135 +189,83 @@ class LinenModel:
         if "params" in collections:
             raise ValueError("collections must not hold 'params': pass them as the pair's "
                              "second item")
-        self.params = params
-        self.extra = dict(collections)
-        # What the forward pass is, apart from arrays: the key of its compiled capture.
-        self.static = (fn, tuple(sorted(call_kwargs.items())))
+        _, rebuild = _split_args((args, self.kwargs))
+        self.extra = [collections]
 
-    def run(self, params: Any, args: tuple[Any, ...], record: Record,
-            layers: dict[str, Layer] | None = None) -> Any:
-        return run_linen(self.static, params, self.extra, args, record, layers)
+        def forward(p, a):
+            (a_, k), extra = rebuild(a[:-1]), a[-1]
+            return apply({"params": p, **extra}, *a_, **k)
 
+        return Traced(forward, params, self.arrays(args))
 
-def run_linen(static: Any, params: Any, collections: Any, args: tuple[Any, ...],
-              record: Record, layers: dict[str, Layer] | None = None) -> Any:
-    """Runs a Linen model; ``record(path, layer_or_None, inputs)`` sees every Dense/Conv
-    call; ``layers`` (when given) collects every kernel-holding layer met."""
-    fn, call_kwargs = static
-    apply = fn.apply if isinstance(fn, nn.Module) else fn
+    def arrays(self, args: tuple[jax.Array, ...]) -> list[Any]:
+        """The traced function's array inputs for a batch ``args``."""
+        return [*_split_args((args, self.kwargs))[0], *self.extra]
 
-    def intercept(next_fun, a, k, context):
-        mdl = context.module
-        if context.method_name != "__call__":
-            return next_fun(*a, **k)
-        if type(mdl) in (nn.Dense, nn.Conv):
-            inputs = a[0] if a else k["inputs"]
-            layer = _linen_layer(mdl, inputs) if layers is not None else None
-            if layer is not None:
-                layers.setdefault(layer.path, layer)
-            record(_linen_path(mdl), layer, inputs)
-            return next_fun(*a, **k)
-        out = next_fun(*a, **k)
-        if layers is not None and mdl.has_variable("params", "kernel"):
-            path = _linen_path(mdl)
-            layers.setdefault(path, Layer(path, None, None, f"a {type(mdl).__name__} layer"))
+    def capture(self, params: Any, args: tuple[jax.Array, ...], paths: frozenset[str]
+                ) -> dict[str, list[tuple[tuple, jax.Array]]]:
+        """``{path: [(key, record), ...]}`` for the products of ``paths`` on ``args``, in
+        forward order (``key = (path, geometry, lead)``; one compiled program per set of
+        paths and input shapes)."""
+        arrays = self.arrays(args)
+        sig = (paths, tuple((tuple(jnp.shape(a)), jnp.result_type(a))
+                            for a in jax.tree.leaves(arrays)))
+        if sig not in self._compiled:
+            keys: list[Key] = []
+            fn, plan = self.traced.fn, self.plan
+
+            def run(params, arrays):
+                records = _record(fn, plan, paths, params, arrays)
+                keys[:] = [k for k, _ in records]
+                return [x for _, x in records]
+
+            compiled = jax.jit(run).trace(params, arrays).lower().compile()
+            self._compiled[sig] = (keys, compiled)
+        keys, compiled = self._compiled[sig]
+        out: dict[str, list[tuple[tuple, jax.Array]]] = {}
+        for key, x in zip(keys, compiled(params, arrays), strict=True):
+            out.setdefault(key[0], []).append((key, x))
         return out
 
-    with nn.intercept_methods(intercept):
-        return apply({"params": params, **collections}, *args, **dict(call_kwargs))
+    def sites(self, args: tuple[jax.Array, ...], method: str) -> list[Site]:
+        """The planned kernels in forward order (first use), checked: each is used on
+        ``args`` by products of one geometry that take the samples along their inputs'
+        first row axis."""
+        found: list[Key] = []
 
+        def run(params, arrays):
+            records = _record(self.traced.fn, self.plan, frozenset(self.plan.paths), params,
+                              arrays)
+            found[:] = [k for k, _ in records]
+            return [x for _, x in records]
 
-# --------------------------------------------------------------------------------- NNX
+        jax.eval_shape(run, self.params, self.arrays(args))
+        samples = args[0].shape[0]
+        by_path: dict[str, list[Key]] = {}
+        for key in found:
+            by_path.setdefault(key[0], []).append(key)
+        out = [self._site(leaf, by_path.get(leaf.path, []), samples, method)
+               for leaf in self.plan.leaves]
+        first = {key[0]: i for i, key in reversed(list(enumerate(found)))}
+        return sorted(out, key=lambda s: first[s.path])
 
-_NNX_KINDS = {nnx.Linear: "dense", nnx.Conv: "conv"}
-
-
-class _Capture(nnx.Module):
-    """Stands in for a layer inside a traced call: reports its inputs, then calls it."""
-
-    def __init__(self, layer: nnx.Module, path: str, sink: Any):
-        self.layer = layer
-        self.path = path
-        self.sink = sink
-
-    def __call__(self, *args, **kwargs):
-        self.sink(self.path, self.layer, args[0] if args else kwargs["inputs"])
-        return self.layer(*args, **kwargs)
-
-
-def _nnx_layer(path: str, node: nnx.Module) -> Layer:
-    kind = _NNX_KINDS.get(type(node))
-    if kind is None:
-        return Layer(path, None, None, f"a {type(node).__name__} layer")
-    shape = tuple(node.kernel.get_value().shape)
-    if kind == "dense":
-        unsupported = None
-        if node.dot_general is not jax.lax.dot_general:
-            unsupported = "a layer with a custom dot_general"
-        return Layer(path, "dense", Geometry("dense", shape), unsupported)
-    custom = node.conv_general_dilated is not jax.lax.conv_general_dilated
-    unsupported = _conv_unsupported(node.feature_group_count, node.mask, custom)
-    geometry = conv_geometry(shape, node.strides, node.padding, node.input_dilation,
-                             node.kernel_dilation) if unsupported is None else None
-    return Layer(path, "conv", geometry, unsupported)
-
-
-def nnx_layers(model: nnx.Module) -> dict[str, tuple[Layer, nnx.Module]]:
-    """Every kernel-holding module of ``model`` by kernel path (first path of a tied one)."""
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and isinstance(getattr(node, "kernel", None), nnx.Param):
-            kpath = "/".join(str(p) for p in (*path, "kernel"))
-            out[kpath] = (_nnx_layer(kpath, node), node)
-    return out
-
-
-class NNXModel:
-    """An NNX module, run as ``model(*args, **call_kwargs)`` on a copy rebuilt from its state."""
-
-    kind = "nnx"
-
-    def __init__(self, model: nnx.Module, call_kwargs: Mapping[str, Any]):
-        graphdef, self.params, self.extra = nnx.split(model, nnx.Param, ...)
-        self.static = (graphdef, tuple(sorted(call_kwargs.items())))
-
-    def run(self, params: Any, args: tuple[Any, ...], record: Record,
-            layers: dict[str, Layer] | None = None) -> Any:
-        return run_nnx(self.static, params, self.extra, args, record, layers)
-
-    def merge(self, params: Any) -> nnx.Module:
-        return nnx.merge(self.static[0], params, self.extra, copy=True)
-
-
-def run_nnx(static: Any, params: Any, rest: Any, args: tuple[Any, ...], record: Record,
-            layers: dict[str, Layer] | None = None) -> Any:
-    """Runs an NNX model rebuilt from ``static = (graphdef, call_kwargs)`` and its states,
-    its Linear/Conv layers wrapped to report their inputs to ``record``."""
-    graphdef, call_kwargs = static
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    found = nnx_layers(model)
-    if layers is not None:
-        for path, (layer, _) in found.items():
-            layers.setdefault(path, layer)
-    by_id = {}
-    for path, (layer, node) in found.items():
-        if layer.kind is not None:
-            by_id[id(node)] = _Capture(node, path, lambda p, _, x, layer=layer:
-                                       record(p, layer, x))
-    containers = [node for _, node in nnx.iter_graph(model)
-                  if isinstance(node, nnx.Module | list | dict | nnx.List | nnx.Dict)]
-    for parent in containers:
-        for key, child in _children(parent):
-            wrapper = by_id.get(id(child))
-            if wrapper is None:
-                continue
-            if isinstance(parent, nnx.Module) and isinstance(key, str):
-                setattr(parent, key, wrapper)
-            else:
-                parent[key] = wrapper
-    if id(model) in by_id:
-        model = by_id[id(model)]
-    return model(*args, **dict(call_kwargs))
-
-
-RUN = {"linen": run_linen, "nnx": run_nnx}
+    @staticmethod
+    def _site(leaf: LeafPlan, keys: list[Key], samples: int, method: str) -> Site:
+        if not keys:
+            raise ValueError(f"the plan's parameter {leaf.path!r} is never used by a product "
+                             "on calibration_batch; exclude it from the rule")
+        geoms = list(dict.fromkeys(k[1] for k in keys))
+        why = next((g for g in geoms if isinstance(g, str)), None)
+        if why is not None:
+            raise ValueError(f"{leaf.path!r} is used by {why}: exclude it from the rule")
+        if len(geoms) != 1:
+            raise ValueError(f"{leaf.path!r} is used by {len(geoms)} products of different "
+                             f"shapes or settings; {method} fits one problem per kernel: "
+                             "exclude it from the rule")
+        for _, _, lead in keys:
+            if lead != samples:
+                raise ValueError(
+                    f"{leaf.path!r}: a product of it takes inputs whose first row axis has "
+                    f"{lead} entries, not calibration_batch's {samples} samples; {method} "
+                    "draws samples along axis 0 of every selected kernel's inputs")
+        return Site(leaf, geoms[0], samples)

@@ -405,11 +405,29 @@ class Rewriter:
     """Evaluates a jaxpr with the products of the selected parameters replaced.
 
     ``product(eqn, x, w, live, side)`` computes a ``dot_general`` or
-    ``conv_general_dilated`` equation whose operand ``side`` is a selected parameter.
+    ``conv_general_dilated`` equation whose operand ``side`` is a selected parameter. It
+    may append ``(key, array)`` to :attr:`records` (``key`` static): arrays recorded inside
+    a ``scan`` come out stacked along a new leading axis, those inside ``checkpoint`` as
+    its outputs.
     """
 
     def __init__(self, product: Product):
         self.product = product
+        self.records: list[tuple[Any, jax.Array]] = []
+
+    def _traced(self, fn: Callable, keys: list[Any]) -> Callable:
+        """``fn`` returning ``(its outputs, the arrays it recorded)``; their keys go to
+        ``keys`` when it is traced."""
+
+        def wrapped(*a):
+            mark = len(self.records)
+            outs = fn(*a)
+            new = self.records[mark:]
+            del self.records[mark:]
+            keys[:] = [k for k, _ in new]
+            return outs, [x for _, x in new]
+
+        return wrapped
 
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
             lives: dict[Any, Live]) -> list[Any]:
@@ -462,8 +480,12 @@ class Rewriter:
             return self.run(sub, consts, invals, inner)
 
         policy = eqn.params.get("policy")
-        return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
-                              policy=policy)(invals, masks)
+        keys: list[Any] = []
+        outs, side = jax.checkpoint(self._traced(body, keys),
+                                    prevent_cse=eqn.params.get("prevent_cse", True),
+                                    policy=policy)(invals, masks)
+        self.records += zip(keys, side, strict=True)
+        return outs
 
     def scan(self, eqn: Any, invals: list[Any], found: list[tuple[int, Live]]) -> list[Any]:
         params = eqn.params
@@ -492,8 +514,17 @@ class Rewriter:
             outs = self.run(body, body_consts, [*consts, *carry, *x_vals], inner)
             return outs[:n_carry], outs[n_carry:]
 
-        carry, ys = lax.scan(step, list(init), (list(xs), mask_xs), length=params["length"],
-                             reverse=params["reverse"], unroll=params["unroll"])
+        keys: list[Any] = []
+        traced = self._traced(step, keys)
+
+        def scan_step(carry, x):
+            (carry, ys), side = traced(carry, x)
+            return carry, (ys, side)
+
+        carry, (ys, side) = lax.scan(scan_step, list(init), (list(xs), mask_xs),
+                                     length=params["length"], reverse=params["reverse"],
+                                     unroll=params["unroll"])
+        self.records += zip(keys, side, strict=True)
         return [*carry, *ys]
 
 
@@ -533,19 +564,48 @@ def _activation_matrix(x: jax.Array, pieces: list[list[Piece]], paired: dict[int
     return jnp.transpose(x.reshape(x_split), x_order).reshape(batch, rows, depth)
 
 
-def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: int,
-                       layout: Layout, dense: Callable[..., jax.Array]) -> jax.Array:
-    """A ``dot_general`` equation whose operand ``side`` is the selected kernel ``w``, run
-    as ``dense(x2d, w2d, fwd2d, bwd2d, perm)`` on the kernel's canonical ``(K, N)`` view
-    (vmapped over ``dot_general`` batch axes), and put back in the equation's output order.
-    """
+@dataclasses.dataclass(frozen=True)
+class DotView:
+    """A ``dot_general`` whose operand ``side`` is a selected kernel, seen on the kernel's
+    canonical ``(batch, K, N)`` view: the kernel's pieces and which of them go where."""
+
+    pieces: list[list[Piece]]
+    b_items: list[tuple[int, int]]
+    c_items: list[tuple[int, int]]
+    o_items: list[tuple[int, int]]
+    natural_out: list[tuple[int, int]]
+    wb: list[int]
+    wf: list[int]
+    xf: list[int]
+    paired: dict[int, int]
+    batch: int
+    depth: int
+    width: int
+
+    def matrix(self, a: jax.Array) -> jax.Array:
+        """A kernel-shaped array as ``(batch, K, N)``."""
+        start = [sum(len(p) for p in self.pieces[:d]) for d in range(len(self.pieces))]
+        order = [start[d] + k for d, k in self.b_items + self.c_items + self.o_items]
+        split = [p[2] for ps in self.pieces for p in ps]
+        return jnp.transpose(a.reshape(split), order).reshape(self.batch, self.depth,
+                                                               self.width)
+
+    def activation(self, x: jax.Array) -> jax.Array:
+        """The other operand as ``(batch, rows, K)`` (rows: its free axes, in order)."""
+        return _activation_matrix(x, self.pieces, self.paired, self.b_items, self.c_items,
+                                  self.xf, self.batch, self.depth)
+
+
+def dot_view(eqn: Any, x_ndim: int, w_shape: Sequence[int], dims: Dims, side: int,
+             layout: Layout) -> DotView:
+    """The :class:`DotView` of a ``dot_general`` equation whose operand ``side`` is a kernel
+    of ``w_shape`` with pieces ``dims`` (contracted and output pieces in ``layout``'s order)."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if side == 1 else (rc, lc, rb, lb)
-    wf = [d for d in range(w.ndim) if d not in wc and d not in wb]
-    xf = [d for d in range(x.ndim) if d not in xc and d not in xb]
-    pieces = split_pieces(live.dims, w.shape)
-    start = [sum(len(p) for p in pieces[:d]) for d in range(w.ndim)]
-    w_split = [p[2] for ps in pieces for p in ps]
+    ndim = len(w_shape)
+    wf = [d for d in range(ndim) if d not in wc and d not in wb]
+    xf = [d for d in range(x_ndim) if d not in xc and d not in xb]
+    pieces = split_pieces(dims, w_shape)
 
     def rank(axes: tuple[int, ...]):
         return lambda item: ((axes.index(pieces[item[0]][item[1]][0])
@@ -557,28 +617,35 @@ def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: i
                      key=rank(layout.contract))
     natural_out = [(d, k) for d in wf for k in range(len(pieces[d]))]
     o_items = sorted(natural_out, key=rank(layout.out))
-    size = lambda items: _prod(pieces[d][k][2] for d, k in items)
-    batch, depth, width = size(b_items), size(c_items), size(o_items)
-
-    w_order = [start[d] + k for d, k in b_items + c_items + o_items]
-    to_matrix = lambda a: jnp.transpose(a.reshape(w_split), w_order).reshape(
-        batch, depth, width)
-    w3, fwd3 = to_matrix(w), to_matrix(live.fwd)
-    bwd3 = None if live.bwd is None else to_matrix(live.bwd)
-
+    size = lambda items: _prod(pieces[d][k][2] for d, k in items)  # noqa: E731
     paired = dict(zip(wc, xc, strict=True)) | dict(zip(wb, xb, strict=True))
-    x3 = _activation_matrix(x, pieces, paired, b_items, c_items, xf, batch, depth)
-    perm = None if live.perm is None else live.perm.reshape(batch, width)
+    return DotView(pieces, b_items, c_items, o_items, natural_out, list(wb), wf, xf, paired,
+                   size(b_items), size(c_items), size(o_items))
 
-    if b_items:
+
+def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: int,
+                       layout: Layout, dense: Callable[..., jax.Array]) -> jax.Array:
+    """A ``dot_general`` equation whose operand ``side`` is the selected kernel ``w``, run
+    as ``dense(x2d, w2d, fwd2d, bwd2d, perm)`` on the kernel's canonical ``(K, N)`` view
+    (vmapped over ``dot_general`` batch axes), and put back in the equation's output order.
+    """
+    v = dot_view(eqn, x.ndim, w.shape, live.dims, side, layout)
+    w3, fwd3 = v.matrix(w), v.matrix(live.fwd)
+    bwd3 = None if live.bwd is None else v.matrix(live.bwd)
+    x3 = v.activation(x)
+    perm = None if live.perm is None else live.perm.reshape(v.batch, v.width)
+
+    if v.b_items:
         y = jax.vmap(dense)(x3, w3, fwd3, bwd3, perm)
     else:
         y = dense(x3[0], w3[0], fwd3[0], None if bwd3 is None else bwd3[0],
                   None if perm is None else perm[0])[None]
-    nb, nf = len(b_items), len(xf)
-    y = y.reshape([pieces[d][k][2] for d, k in b_items] + [x.shape[d] for d in xf]
-                  + [pieces[d][k][2] for d, k in o_items])
-    y = jnp.transpose(y, [*range(nb + nf), *(nb + nf + o_items.index(i) for i in natural_out)])
+    pieces, xf, wb, wf = v.pieces, v.xf, v.wb, v.wf
+    nb, nf = len(v.b_items), len(xf)
+    y = y.reshape([pieces[d][k][2] for d, k in v.b_items] + [x.shape[d] for d in xf]
+                  + [pieces[d][k][2] for d, k in v.o_items])
+    y = jnp.transpose(y, [*range(nb + nf),
+                          *(nb + nf + v.o_items.index(i) for i in v.natural_out)])
     y = y.reshape([w.shape[d] for d in wb] + [x.shape[d] for d in xf] + [w.shape[d] for d in wf])
     if side == 0:  # dot_general's output: batch, lhs free (the kernel's), rhs free
         nbd = len(wb)
@@ -587,17 +654,24 @@ def sparse_dot_general(eqn: Any, x: jax.Array, w: jax.Array, live: Live, side: i
     return y.astype(eqn.outvars[0].aval.dtype)
 
 
+def conv_view(eqn: Any, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """A ``conv_general_dilated``'s input as ``(N, *spatial, C)`` and the order of the
+    kernel's axes as ``(*window, I, O)``."""
+    dn = eqn.params["dimension_numbers"]
+    lhs, rhs = dn.lhs_spec, dn.rhs_spec
+    return jnp.transpose(x, (lhs[0], *lhs[2:], lhs[1])), (*rhs[2:], rhs[1], rhs[0])
+
+
 def sparse_conv(eqn: Any, x: jax.Array, w: jax.Array, live: Live,
                 conv: Callable[..., jax.Array]) -> jax.Array:
     """A ``conv_general_dilated`` equation on the selected kernel ``w``, run as
     ``conv(x_nhwc, w_hwio, fwd, bwd, perm, **conv options)`` and put back in the
     equation's layout."""
     params = eqn.params
-    dn = params["dimension_numbers"]
-    lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-    w_order = (*rhs[2:], rhs[1], rhs[0])
-    hwio = lambda a: None if a is None else jnp.transpose(a, w_order)
-    y = conv(jnp.transpose(x, (lhs[0], *lhs[2:], lhs[1])), hwio(w), hwio(live.fwd),
+    out = params["dimension_numbers"].out_spec
+    x_nhwc, w_order = conv_view(eqn, x)
+    hwio = lambda a: None if a is None else jnp.transpose(a, w_order)  # noqa: E731
+    y = conv(x_nhwc, hwio(w), hwio(live.fwd),
              hwio(live.bwd), live.perm, strides=params["window_strides"],
              padding=params["padding"], lhs_dilation=params["lhs_dilation"],
              rhs_dilation=params["rhs_dilation"],

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import re
 import sys
@@ -34,14 +33,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import nnx
 
 from nmjax import _checks, _oneshot
 from nmjax import _convert_solve as solve
-from nmjax._convert_capture import RUN, Layer, LinenModel, NNXModel
+from nmjax._convert_capture import Model, Site, stacked
 from nmjax.masks import NM, BiMask, Custom, Masks, Pattern, Transposable, as_pattern
-from nmjax.plan import LeafPlan, Plan, from_axis
+from nmjax.plan import Plan, as_rules
 from nmjax.tree import MaskRule, apply_masks, path_str
 
 SOLVERS = ("auto", "lstsq", "adam")
@@ -191,17 +189,6 @@ class Conversion:
 # --------------------------------------------------------------------------------- checks
 
 
-def _as_rules(rule: Any) -> tuple[MaskRule, ...]:
-    if isinstance(rule, str | Pattern):
-        return (MaskRule(rule),)
-    if isinstance(rule, MaskRule):
-        return (rule,)
-    if isinstance(rule, Sequence) and rule and all(isinstance(r, MaskRule) for r in rule):
-        return tuple(rule)
-    raise TypeError(f"rule must be an nmjax.tree.MaskRule, a non-empty sequence of them, a "
-                    f"pattern spec or a string like '2:4', got {rule!r:.80}")
-
-
 def _check_finite_inputs(inputs: Any, path: str) -> None:
     """The captured inputs of a layer are finite (an earlier layer may overflow)."""
     bad = sum(int(jnp.size(x) - jnp.isfinite(x).sum()) for x in jax.tree.leaves(inputs)
@@ -263,153 +250,18 @@ def _check_key(key: Any) -> jax.Array:
     return _checks.check_key(key, "adam")
 
 
-# ----------------------------------------------------------------------------- selection
-
-
-class _Chosen(NamedTuple):
-    path: str
-    leaf: Any
-    axis: int
-    rule: MaskRule
-    layer: Layer
-
-
-def _select(params: Any, rules: tuple[MaskRule, ...], kinds: Mapping[str, Any]
-            ) -> list[tuple[str, Any, int, MaskRule]]:
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(key_path)
-        hits = []
-        for rule in rules:
-            axis = rule.select(path, leaf, kinds.get(path))
-            if axis is not None:
-                hits.append((axis, rule))
-        if len({r.pattern for _, r in hits}) > 1:
-            raise ValueError(f"leaf {path!r} is selected by {len(hits)} rules with different "
-                             f"patterns ({', '.join(r.label for _, r in hits)}); exclude it "
-                             "from all but one")
-        if hits:
-            out.append((path, leaf, hits[0][0], hits[0][1]))
-    return out
-
-
-def _discover(adapter: Any, args: tuple[jax.Array, ...], name: str
-              ) -> tuple[dict[str, Layer], list[str]]:
-    layers: dict[str, Layer] = {}
-    order: list[str] = []
-
-    def record(path, layer, inputs):
-        if path not in order:
-            order.append(path)
-        layers[path].input_shapes.append(tuple(inputs.shape))
-
-    try:
-        jax.eval_shape(lambda p, a: adapter.run(p, a, record, layers), adapter.params, args)
-    except Exception as e:  # any failure of the user's forward pass on this batch
-        raise ValueError(f"running the model on {name} of shape {_shapes(args)} failed: "
-                         f"{type(e).__name__}: {e}") from e
-    return layers, order
-
-
-def _check_chosen(chosen, layers, order, samples, rules, method) -> list[_Chosen]:
-    if not chosen:
-        kernels = [p for p, layer in layers.items() if layer.kind is not None]
-        raise ValueError(f"rule {', '.join(repr(r.label) for r in rules)} selects no layer of "
-                         f"this model (its Dense/Conv kernels: {kernels[:6]}"
-                         f"{' ...' if len(kernels) > 6 else ''}); check include/exclude")
-    out = []
-    for path, leaf, axis, rule in chosen:
-        layer = layers.get(path)
-        if layer is None or path not in order:
-            raise ValueError(f"rule {rule.label!r} selects {path!r}, but the model never calls "
-                             "that layer on calibration_batch; exclude it from the rule")
-        if layer.kind is None or layer.unsupported is not None:
-            why = layer.unsupported or "not a Dense/Linear or Conv layer"
-            raise ValueError(f"rule {rule.label!r} selects {path!r}, which is {why}; {method} "
-                             "converts Dense/Linear and Conv layers: exclude it from the rule")
-        geom = layer.geometry
-        if tuple(geom.kernel_shape) != tuple(leaf.shape):
-            raise ValueError(f"layer {path!r}: its kernel has shape {tuple(leaf.shape)} but "
-                             f"its inputs imply {geom.kernel_shape}")
-        for shape in layer.input_shapes:
-            if len(shape) < 2 + geom.spatial or shape[0] != samples:
-                raise ValueError(
-                    f"layer {path!r} received inputs of shape {shape}, whose axis 0 is not "
-                    f"calibration_batch's {samples} samples; {method} draws samples along "
-                    "axis 0 of every selected layer's input")
-        out.append(_Chosen(path, leaf, axis, rule, layer))
-    return sorted(out, key=lambda c: order.index(c.path))
-
-
-def _capture(kind: str, static: Any, paths: frozenset[str]) -> Callable:
-    """A jitted ``(params, extra, args) -> {path: (inputs of each call, ...)}``."""
-    run = RUN[kind]
-
-    def capture(params, extra, args):
-        got: dict[str, list[jax.Array]] = {}
-
-        def record(path, _, inputs):
-            if path in paths:
-                got.setdefault(path, []).append(inputs)
-
-        run(static, params, extra, args, record)
-        return {p: tuple(v) for p, v in got.items()}
-
-    return jax.jit(capture)
-
-
-# Repeated conversions of one model (patterns, solvers) reuse its compiled forward pass.
-_cached_capture = functools.lru_cache(maxsize=32)(_capture)
-
-
-def _capture_program(kind: str, static: Any, paths: frozenset[str]) -> Callable:
-    try:
-        hash(static)
-    except TypeError:  # unhashable call_kwargs or apply_fn: compile for this call only
-        return _capture(kind, static, paths)
-    return _cached_capture(kind, static, paths)
-
-
-def _replace(tree: Any, new: Mapping[str, Any]) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda kp, x: new.get(path_str(kp), x), tree)
-
-
-def _bias_path(path: str) -> str:
-    return path[: -len("kernel")] + "bias"
-
-
-def _leaves_by_path(tree: Any) -> dict[str, Any]:
-    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-@contextlib.contextmanager
-def _bars(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    from rich import progress as rp
-    from rich.console import Console
-
-    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
-                     rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-                     console=Console(file=sys.stderr)) as bars:
-        yield bars
-
-
 # ------------------------------------------------------------------------------ setup
 
 
 class _Setup(NamedTuple):
-    """What every conversion starts from: the checked batches, the model, its chosen layers
-    in forward order and the jitted capture of their inputs."""
+    """What every conversion starts from: the checked batches, the model with its plan, and
+    the planned kernels in forward order."""
 
-    rules: tuple[MaskRule, ...]
     args: tuple[jax.Array, ...]
     held: tuple[jax.Array, ...] | None
     samples: int
-    adapter: Any
-    chosen: list[_Chosen]
-    capture: Callable
+    model: Model
+    sites: list[Site]
 
 
 def _check_bools(**values: Any) -> None:
@@ -420,9 +272,9 @@ def _check_bools(**values: Any) -> None:
 
 def _setup(model: Any, calibration_batch: Any, rule: Any, held_out: Any, collections: Any,
            call_kwargs: Any, method: str) -> _Setup:
-    rules = _as_rules(rule)
+    if not isinstance(rule, Plan):
+        as_rules(rule)  # a wrong rule fails before the model runs
     args = _as_args(calibration_batch, "calibration_batch")
-    samples = args[0].shape[0]
     held = None
     if held_out is not None:
         held = _as_args(held_out, "held_out")
@@ -431,38 +283,307 @@ def _setup(model: Any, calibration_batch: Any, rule: Any, held_out: Any, collect
             raise ValueError(f"held_out of shape {_shapes(held)} must match calibration_batch "
                              f"of shape {_shapes(args)} except along axis 0 (and in dtype)")
     call_kwargs = {} if call_kwargs is None else dict(call_kwargs)
-    if isinstance(model, nnx.Module):
-        if collections:
-            raise ValueError("collections applies to Linen models; an NNX model holds its "
-                             "own state")
-        adapter: Any = NNXModel(model, call_kwargs)
-    elif isinstance(model, tuple) and len(model) == 2:
-        adapter = LinenModel(model[0], model[1], collections or {}, call_kwargs)
-    elif isinstance(model, nn.Module):
-        raise TypeError("a Linen module needs its parameters: pass (module, params)")
-    else:
-        raise TypeError(f"model must be an NNX module or a pair (apply_fn, params), got "
-                        f"{type(model).__name__}")
-
-    layers, order = _discover(adapter, args, "calibration_batch")
+    captured = Model(model, rule, args, collections, call_kwargs)
+    sites = captured.sites(args, method)
     if held is not None:
-        _discover(adapter, held, "held_out")
-    kinds = {path: layer.kind for path, layer in layers.items()}
-    chosen = _check_chosen(_select(adapter.params, rules, kinds), layers, order, samples, rules,
-                           method)
-    program = _capture_program(adapter.kind, adapter.static,
-                               frozenset(c.path for c in chosen))
-    capture = lambda params, batch_args: program(params, adapter.extra, batch_args)  # noqa: E731
-    return _Setup(rules, args, held, samples, adapter, chosen, capture)
+        captured.sites(held, method)
+    return _Setup(args, held, args[0].shape[0], captured, sites)
+
+
+# ------------------------------------------------------------------------ the layer loop
+
+
+class _Unit(NamedTuple):
+    """One ``(K, N)`` matrix to convert: a planned kernel, or one layer of a stacked one."""
+
+    site: Site
+    index: int
+
+    @property
+    def name(self) -> str:
+        return self.site.path if self.site.stacked == 1 else f"{self.site.path}[{self.index}]"
+
+    def matrix(self, kernel: Any) -> jax.Array:
+        """This unit's ``(K, N)`` matrix of a kernel-shaped array."""
+        return self.site.leaf.layout.to_canonical(jnp.asarray(kernel))[self.index]
+
+
+class _Solved(NamedTuple):
+    """A solver's answer for one unit: augmented weights ``(K + 1, N)`` (the bias last),
+    the masks of the ``(K, N)`` matrix, the solver's name, whether the bias was fitted."""
+
+    new: np.ndarray
+    masks: Masks
+    solver: str
+    fit_bias: bool = False
+
+
+class _Bars:
+    """A rich progress bar per layer (on stderr), fed by the solvers' in-loop callbacks."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _Bars:
+        if self.enabled:
+            from rich import progress as rp
+            from rich.console import Console
+
+            self.progress = rp.Progress(
+                rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                rp.TimeElapsedColumn(), console=Console(file=sys.stderr))
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def layer(self, label: str, total: int):
+        """Yields whether the solver should report progress (a bar is shown)."""
+        if self.progress is None:
+            yield False
+            return
+        self.task = self.progress.add_task(label, total=total)
+        task = self.task
+        solve.PROGRESS.set(lambda done: self.progress.update(task, completed=done))
+        try:
+            yield True
+        finally:
+            solve.PROGRESS.set(None)
+
+    def done(self, description: str) -> None:
+        if self.progress is not None and self.task is not None:
+            total = self.progress.tasks[-1].total
+            self.progress.update(self.task, completed=total, description=description)
+
+
+def _bias_of(flat: Mapping[str, Any], unit: _Unit) -> Any:
+    """The bias beside a unit's kernel (the leaf ``bias`` next to it, ``(N,)``, or
+    ``(S, N)`` for a stacked kernel), or ``None``."""
+    site = unit.site
+    path = site.path
+    if not path.endswith("kernel"):
+        return None
+    bias = flat.get(path[: -len("kernel")] + "bias")
+    width = site.geometry.out
+    if bias is None or math.prod(np.shape(bias)) != site.stacked * width:
+        return None
+    return jnp.reshape(bias, (site.stacked, width))[unit.index]
+
+
+def _inputs(setup: _Setup, params: Any, batch: tuple[jax.Array, ...], unit: _Unit
+            ) -> tuple[jax.Array, ...]:
+    """The unit's inputs on ``batch``, one array per call, samples first."""
+    path = unit.site.path
+    records = setup.model.capture(params, batch, frozenset({path}))[path]
+    return tuple(stacked(x, key, unit.site.stacked)[unit.index] for key, x in records)
+
+
+def _write(params: Any, unit: _Unit, kernel2: np.ndarray, bias: np.ndarray | None) -> Any:
+    """``params`` with the unit's ``(K, N)`` matrix (and bias) replaced."""
+    layout = unit.site.leaf.layout
+    flat = _leaves_by_path(params)
+    old = flat[unit.site.path]
+    canonical = layout.to_canonical(jnp.asarray(old)).at[unit.index].set(kernel2)
+    new = {unit.site.path: layout.from_canonical(canonical).astype(old.dtype)}
+    if bias is not None:
+        bias_path = unit.site.path[: -len("kernel")] + "bias"
+        old_bias = flat[bias_path]
+        rows = jnp.reshape(jnp.asarray(old_bias), (unit.site.stacked, -1))
+        rows = rows.at[unit.index].set(bias)
+        new[bias_path] = rows.reshape(np.shape(old_bias)).astype(old_bias.dtype)
+    return _replace(params, new)
+
+
+def _replace(tree: Any, new: Mapping[str, Any]) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, x: new.get(path_str(kp), x), tree)
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _errors(geom: solve.Geometry, inputs: Any, w: jax.Array, candidates: tuple) -> np.ndarray:
+    ref, errs = solve.output_errors(geom, inputs, w, candidates)
+    return np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
+
+
+SolveUnit = Callable[[int, _Unit, tuple, jax.Array, Masks, bool, "_Bars"], _Solved]
+
+
+def _convert(setup: _Setup, solve_unit: SolveUnit, *, sequential: bool, progress: bool
+             ) -> Conversion:
+    """The layer loop of every conversion: for each unit in forward order, its inputs (from
+    the model converted so far with ``sequential``), the pattern's magnitude masks,
+    ``solve_unit(index, unit, inputs, w (K + 1, N), magnitude masks (K, N), has_bias,
+    bars)``, the errors against magnitude, the report."""
+    dense = setup.model.params
+    dense_flat = _leaves_by_path(dense)
+    current = dense
+    found: dict[str, list[Masks]] = {}
+    magnitude: dict[str, Masks] = {}
+    reports = []
+    units = [_Unit(site, s) for site in setup.sites for s in range(site.stacked)]
+    with _Bars(progress) as bars:
+        for index, unit in enumerate(units):
+            t0 = time.perf_counter()
+            leaf = unit.site.leaf
+            source = current if sequential else dense
+            inputs = _inputs(setup, source, setup.args, unit)
+            _check_finite_inputs(inputs, unit.name)
+            held = (_inputs(setup, source, setup.held, unit) if setup.held is not None
+                    else None)
+            kernel = dense_flat[leaf.path]
+            if leaf.path not in magnitude:
+                magnitude[leaf.path] = leaf.masks(jnp.asarray(kernel))
+            mag = magnitude[leaf.path]
+            fwd2 = unit.matrix(mag.fwd)
+            bias = _bias_of(dense_flat, unit)
+            w, mag_w, _ = solve.prepare(
+                unit.matrix(kernel), fwd2,
+                bias if bias is not None else jnp.zeros((unit.site.geometry.out,)), axis=0,
+                m=0)
+            perm = None if mag.perm is None else jnp.reshape(
+                mag.perm, (unit.site.stacked, -1))[unit.index]
+            solved = solve_unit(index, unit, inputs, w,
+                                Masks(fwd2, unit.matrix(mag.bwd), perm), bias is not None, bars)
+            if not np.isfinite(solved.new).all():
+                raise ValueError(f"layer {unit.name!r}: the {solved.solver} solve gave "
+                                 f"non-finite weights{_NON_FINITE_HINT.get(solved.solver, '')}")
+            d = unit.site.geometry.d
+            candidates = (mag_w, jnp.asarray(solved.new))
+            fit_err = _errors(unit.site.geometry, inputs, w, candidates)
+            held_err = (_errors(unit.site.geometry, held, w, candidates) if held is not None
+                        else fit_err)
+            current = _write(current, unit, solved.new[:d],
+                             solved.new[d] if solved.fit_bias and bias is not None else None)
+            found.setdefault(leaf.path, []).append(solved.masks)
+            size = d * unit.site.geometry.out
+            reports.append(LayerReport(
+                unit.name, leaf.shape, leaf.pattern.label, solved.solver,
+                float(np.count_nonzero(solve.as_numpy(unit.matrix(kernel)))) / size,
+                float(np.count_nonzero(solve.as_numpy(solved.masks.fwd))) / size,
+                float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
+                time.perf_counter() - t0))
+            bars.done(f"{unit.name} {leaf.pattern.label} [{solved.solver}] rel. error "
+                      f"{held_err[0]:.3f} -> {held_err[1]:.3f}")
+    masks = {path: _leaf_masks(setup, path, parts) for path, parts in found.items()}
+    return _conversion(setup, current, masks, magnitude, reports)
+
+
+_NON_FINITE_HINT = {"adam": "; lower lr", "sparsegpt": "; raise damping",
+                    "lstsq": "; its least-squares system is singular or ill-conditioned: pass "
+                             "damping > 0 (or raise it)"}
+
+
+def _leaf_masks(setup: _Setup, path: str, parts: list[Masks]) -> Masks:
+    """A kernel's :class:`Masks` from those of its ``(K, N)`` matrices."""
+    layout = setup.model.plan.by_path[path].layout
+    stack = lambda name: layout.from_canonical(  # noqa: E731
+        jnp.stack([getattr(m, name) for m in parts]))
+    perm = None
+    if parts[0].perm is not None:
+        perm = jnp.stack([m.perm for m in parts]).reshape(layout.perm_shape)
+    return Masks(stack("fwd"), stack("bwd"), perm)
+
+
+def _conversion(setup: _Setup, params: Any, masks: Mapping[str, Masks],
+                magnitude: Mapping[str, Masks], reports: list[LayerReport]) -> Conversion:
+    """The :class:`Conversion` of ``params`` with ``masks`` (by kernel path); the baseline is
+    the dense model under the ``magnitude`` masks."""
+    model = setup.model
+    dense = model.params
+    tree = lambda by_path: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda kp, _: by_path.get(path_str(kp)), dense)
+    plan = model.plan
+    used = tuple(dict.fromkeys(leaf.rule for leaf in plan.leaves))
+    sparse_model = None
+    if model.graphdef is not None:
+        sparse_model = nnx.merge(model.graphdef, model.state, model.rest, copy=True)
+        state = nnx.state(sparse_model, nnx.Param)
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(sparse_model, state)
+        params = state
+        sparse_model = _sparse_nnx(sparse_model, plan, masks)
+    elif model.module is not None:
+        from nmjax import nn as sparse_nn
+
+        sparse_model = sparse_nn.sparsify(model.module, plan, mode="static")
+    return Conversion(params, tree(masks), apply_masks(dense, tree(magnitude)), tuple(reports),
+                      used, sparse_model, setup.held is not None, plan)
+
+
+def _sparse_nnx(model: nnx.Module, plan: Plan, masks: Mapping[str, Masks]) -> nnx.Module:
+    from nmjax import nn as sparse_nn
+    from nmjax.nn import _sparsify
+
+    sparse = sparse_nn.sparsify(model, plan, mode="static")
+    _sparsify.set_nnx_masks(sparse, dict(masks))
+    return sparse
 
 
 # ------------------------------------------------------------------------------ adaprune
 
 
+@dataclasses.dataclass(frozen=True)
+class _AdaPrune:
+    """AdaPrune's options, checked; :meth:`__call__` solves one unit."""
+
+    solver: str
+    iters: int
+    lr: float
+    bias_lr: float
+    batch: int
+    damping: float
+    bias: bool
+    absorb_mean: bool
+    key: jax.Array
+    samples: int
+
+    def pick(self, unit: _Unit, inputs: tuple, kmax: int) -> str:
+        """``solver``, or for ``"auto"`` the cheaper by the measured cost model."""
+        if self.solver != "auto":
+            return self.solver
+        geom = unit.site.geometry
+        per_sample = solve.rows_per_sample(geom, inputs)
+        cheap = (solve.lstsq_cost(geom, self.samples * per_sample, kmax)
+                 <= solve.adam_cost(geom, per_sample, self.iters, self.batch))
+        return "lstsq" if cheap or self.batch > self.samples else "adam"
+
+    def __call__(self, index: int, unit: _Unit, inputs: tuple, w: jax.Array, masks: Masks,
+                 has_bias: bool, bars: _Bars) -> _Solved:
+        geom, pattern = unit.site.geometry, unit.site.leaf.pattern
+        fwd2 = solve.as_numpy(masks.fwd)
+        fit_bias = self.bias and has_bias
+        start = jnp.where(jnp.concatenate([masks.fwd, jnp.ones((1, geom.out), bool)]), w, 0.0)
+        if self.absorb_mean:
+            start = start.at[:-1].set(solve.absorb_mean(w[:-1], masks.fwd, pattern.fwd_nm[1]))
+        # Host-side counts: no device program to compile per layer shape.
+        kmax = int(fwd2.sum(0).max()) + int(fit_bias)
+        picked = self.pick(unit, inputs, kmax)
+        block = solve.solve_block(kmax)
+        total = self.iters if picked == "adam" else -(-geom.out // block)
+        with bars.layer(f"{unit.name} {pattern.label} [{picked}]", total) as report:
+            if picked == "lstsq":
+                new = solve.lstsq(geom, inputs, w, fwd2, start, jnp.float32(self.damping),
+                                  fit_bias=fit_bias, kmax=kmax, block=block, progress=report)
+            else:
+                new = solve.adam(geom, inputs, w, fwd2, start, jnp.float32(self.lr),
+                                 jnp.float32(self.bias_lr), jax.random.fold_in(self.key, index),
+                                 iters=self.iters, batch=self.batch, fit_bias=fit_bias,
+                                 progress=report)
+            new = solve.as_numpy(jax.block_until_ready(new))
+        return _Solved(new, masks, picked, fit_bias)
+
+
 def adaprune(
     model: Any,
     calibration_batch: Any,
-    rule: MaskRule | Pattern | str | Sequence[MaskRule],
+    rule: MaskRule | Pattern | str | Sequence[MaskRule] | Plan,
     *,
     held_out: Any = None,
     solver: str = "auto",
@@ -564,227 +685,75 @@ def adaprune(
         size, a least-squares system that is singular (``damping=0``).
     """
     _checks.check_choice(solver, "solver", SOLVERS)
-    iters = _checks.check_count(iters, "iters", 1)
-    batch = _checks.check_count(batch, "batch", 1)
-    lr, bias_lr = _check_positive(lr, "lr"), _check_positive(bias_lr, "bias_lr")
-    damping = _check_positive(damping, "damping", zero=True)
     _check_bools(bias=bias, absorb_mean=absorb_mean, sequential=sequential, progress=progress)
-    key = _check_key(key)
+    options = _AdaPrune(
+        solver, _checks.check_count(iters, "iters", 1), _check_positive(lr, "lr"),
+        _check_positive(bias_lr, "bias_lr"), _checks.check_count(batch, "batch", 1),
+        _check_positive(damping, "damping", zero=True), bias, absorb_mean, _check_key(key), 0)
     setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs,
                    "AdaPrune")
-    adapter, args, held, samples, chosen = (setup.adapter, setup.args, setup.held,
-                                            setup.samples, setup.chosen)
-    if solver == "adam" and batch > samples:
-        raise ValueError(f"batch={batch} exceeds calibration_batch's {samples} samples "
-                         f"(shape {_shapes(args)}); lower batch or pass more samples")
+    if solver == "adam" and batch > setup.samples:
+        raise ValueError(f"batch={batch} exceeds calibration_batch's {setup.samples} samples "
+                         f"(shape {_shapes(setup.args)}); lower batch or pass more samples")
     if absorb_mean:
-        for c in chosen:
-            if c.rule.pattern.fwd_nm is None:
-                raise ValueError(f"absorb_mean needs an N:M pattern; rule {c.rule.label!r} "
-                                 "declares no fwd_nm")
-
-    capture = setup.capture
-    dense = adapter.params
-    dense_leaves = _leaves_by_path(dense)
-    current = dense
-    masks_by_path: dict[str, Masks] = {}
-    reports = []
-    fit_inputs = held_inputs = None
-    with _bars(progress) as bars:
-        for index, c in enumerate(chosen):
-            t0 = time.perf_counter()
-            if fit_inputs is None or sequential:
-                fit_inputs = capture(current, args)
-                held_inputs = capture(current, held) if held is not None else None
-            geom = c.layer.geometry
-            d, out = geom.d, geom.out
-            kernel = jnp.asarray(c.leaf)
-            masks = c.rule.masks(kernel, c.axis)
-            masks_by_path[c.path] = masks
-            fwd2 = solve.as_numpy(masks.fwd).reshape(d, out)
-            bias_leaf = dense_leaves.get(_bias_path(c.path))
-            has_bias = bias_leaf is not None and tuple(bias_leaf.shape) == (out,)
-            b = bias_leaf if has_bias else np.zeros((out,), np.float32)
-            m = c.rule.pattern.fwd_nm[1] if absorb_mean else 0
-            w, magnitude, start = solve.prepare(kernel, masks.fwd, b, axis=c.axis, m=m)
-            fit_bias = bias and has_bias
-            inputs = fit_inputs[c.path]
-            _check_finite_inputs(inputs, c.path)
-            # Host-side counts: no device program to compile per layer shape.
-            kept_per_column = fwd2.sum(0)
-            kmax = int(kept_per_column.max()) + int(fit_bias)
-            per_sample = solve.rows_per_sample(geom, inputs)
-            picked = solver
-            if solver == "auto":
-                cheap = (solve.lstsq_cost(geom, samples * per_sample, kmax)
-                         <= solve.adam_cost(geom, per_sample, iters, batch))
-                picked = "lstsq" if cheap or batch > samples else "adam"
-            block = solve.solve_block(kmax)
-            total = iters if picked == "adam" else -(-out // block)
-            task = None
-            if bars is not None:
-                task = bars.add_task(f"{c.path} {c.rule.label} [{picked}]", total=total)
-                solve.PROGRESS.set(lambda done, task=task: bars.update(task, completed=done))
-            try:
-                if picked == "lstsq":
-                    new = solve.lstsq(geom, inputs, w, fwd2, start, jnp.float32(damping),
-                                      fit_bias=fit_bias, kmax=kmax, block=block,
-                                      progress=task is not None)
-                else:
-                    new = solve.adam(geom, inputs, w, fwd2, start, jnp.float32(lr),
-                                     jnp.float32(bias_lr), jax.random.fold_in(key, index),
-                                     iters=iters, batch=batch, fit_bias=fit_bias,
-                                     progress=task is not None)
-                new = jax.block_until_ready(new)
-            finally:
-                solve.PROGRESS.set(None)
-            new_host = solve.as_numpy(new)
-            if not np.isfinite(new_host).all():
-                raise ValueError(
-                    f"layer {c.path!r}: the {picked} solve gave non-finite weights"
-                    + ("; lower lr" if picked == "adam" else
-                       "; its least-squares system is singular: pass damping > 0"
-                       if damping == 0 else "; its least-squares system is ill-conditioned: "
-                       "raise damping"))
-            candidates = (magnitude, new)
-            ref, errs = solve.output_errors(geom, inputs, w, candidates)
-            fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
-            held_err = fit_err
-            if held_inputs is not None:
-                ref_h, errs_h = solve.output_errors(geom, held_inputs[c.path], w, candidates)
-                held_err = np.sqrt(solve.as_numpy(errs_h) / max(float(ref_h), 1e-30))
-            updates = {c.path: jnp.asarray(new_host[:d].reshape(kernel.shape), kernel.dtype)}
-            if fit_bias:
-                updates[_bias_path(c.path)] = jnp.asarray(new_host[d], bias_leaf.dtype)
-            current = _replace(current, updates)
-            size = math.prod(kernel.shape)
-            reports.append(LayerReport(
-                c.path, tuple(kernel.shape), c.rule.label, picked,
-                float(np.count_nonzero(solve.as_numpy(kernel))) / size,
-                float(kept_per_column.sum()) / size,
-                float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
-                time.perf_counter() - t0))
-            if bars is not None:
-                bars.update(task, completed=total,
-                            description=f"{c.path} {c.rule.label} [{picked}] rel. error "
-                                        f"{held_err[0]:.3f} -> {held_err[1]:.3f}")
-
-    return _conversion(setup, current, masks_by_path, masks_by_path, reports)
-
-
-def _conversion(setup: _Setup, params: Any, masks: Mapping[str, Masks],
-                magnitude: Mapping[str, Masks], reports: list[LayerReport]) -> Conversion:
-    """The :class:`Conversion` of ``params`` with ``masks`` (by kernel path); the baseline is
-    the dense model under the ``magnitude`` masks."""
-    dense = setup.adapter.params
-    tree = lambda by_path: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda kp, _: by_path.get(path_str(kp)), dense)
-    used = tuple(dict.fromkeys(c.rule for c in setup.chosen))
-    return Conversion(params, tree(masks), apply_masks(dense, tree(magnitude)), tuple(reports),
-                      used, _sparse_model(setup.adapter, params, masks, setup.chosen),
-                      setup.held is not None, _conversion_plan(setup.chosen))
+        for site in setup.sites:
+            if site.leaf.pattern.fwd_nm is None:
+                raise ValueError(f"absorb_mean needs an N:M pattern; {site.path!r} has "
+                                 f"{site.leaf.pattern.label!r}, which declares no fwd_nm")
+    options = dataclasses.replace(options, samples=setup.samples)
+    return _convert(setup, options, sequential=sequential, progress=progress)
 
 
 # ------------------------------------------------------------------------------ one-shot
 
 
-def _check_one_shot(chosen: list[_Chosen], method: str) -> None:
-    for c in chosen:
-        pattern = c.rule.pattern
+def _check_one_shot(setup: _Setup, method: str) -> None:
+    for site in setup.sites:
+        pattern = site.leaf.pattern
         if not isinstance(pattern, NM | Transposable | BiMask):
             raise ValueError(f"{method} takes N:M, transposable N:M and Bi-Mask patterns; "
-                             f"rule {c.rule.label!r} has a {type(pattern).__name__} pattern")
-        ndim = len(c.leaf.shape)
-        if c.axis != ndim - 2:
-            raise ValueError(f"{method} groups a kernel along the axis next to its output axis "
-                             f"(Dense (in, out): 0; conv (..., I, O): I); rule {c.rule.label!r} "
-                             f"groups {c.path!r} of shape {tuple(c.leaf.shape)} along axis "
-                             f"{c.axis}")
-
-
-def _one_shot(setup: _Setup, method: str, layer_fn: Callable, *, sequential: bool,
-              progress: bool, total: Callable[[_Chosen], int]) -> Conversion:
-    """The layer loop of :func:`sparsegpt` and :func:`wanda`: for each chosen layer in forward
-    order, its inputs (from the model converted so far with ``sequential``), then
-    ``layer_fn(index, chosen, inputs, w (d, out)) -> (new (d, out), Masks)``, the errors, the
-    report."""
-    adapter = setup.adapter
-    dense_leaves = _leaves_by_path(adapter.params)
-    current = adapter.params
-    masks_by_path: dict[str, Masks] = {}
-    magnitude_by_path: dict[str, Masks] = {}
-    reports = []
-    with _bars(progress) as bars:
-        for index, c in enumerate(setup.chosen):
-            t0 = time.perf_counter()
-            # Only this layer's inputs are captured (a program per layer): memory for one
-            # layer's calibration rows, not every selected layer's.
-            program = _capture_program(adapter.kind, adapter.static, frozenset({c.path}))
-            source = current if sequential else adapter.params
-            inputs = program(source, adapter.extra, setup.args)[c.path]
-            held_inputs = (program(source, adapter.extra, setup.held)[c.path]
-                           if setup.held is not None else None)
-            geom = c.layer.geometry
-            d, out = geom.d, geom.out
-            kernel = jnp.asarray(c.leaf)
-            magnitude_masks = c.rule.masks(kernel, c.axis)
-            magnitude_by_path[c.path] = magnitude_masks
-            bias_leaf = dense_leaves.get(_bias_path(c.path))
-            has_bias = bias_leaf is not None and tuple(bias_leaf.shape) == (out,)
-            b = bias_leaf if has_bias else np.zeros((out,), np.float32)
-            w, magnitude, _ = solve.prepare(kernel, magnitude_masks.fwd, b, axis=c.axis, m=0)
-            label = f"{c.path} {c.rule.label} [{method}]"
-            task = None
-            if bars is not None:
-                task = bars.add_task(label, total=total(c))
-                solve.PROGRESS.set(lambda done, task=task: bars.update(task, completed=done))
-            try:
-                new2, masks = layer_fn(index, c, inputs, w[:d], task is not None)
-                new2 = jax.block_until_ready(new2)
-            finally:
-                solve.PROGRESS.set(None)
-            new2_host = solve.as_numpy(new2)
-            if not np.isfinite(new2_host).all():
-                raise ValueError(f"layer {c.path!r}: {method} gave non-finite weights; raise "
-                                 "damping")
-            masks_by_path[c.path] = masks
-            new = jnp.concatenate([jnp.asarray(new2_host), w[d:]], axis=0)
-            candidates = (magnitude, new)
-            ref, errs = solve.output_errors(geom, inputs, w, candidates)
-            fit_err = np.sqrt(solve.as_numpy(errs) / max(float(ref), 1e-30))
-            held_err = fit_err
-            if held_inputs is not None:
-                ref_h, errs_h = solve.output_errors(geom, held_inputs, w, candidates)
-                held_err = np.sqrt(solve.as_numpy(errs_h) / max(float(ref_h), 1e-30))
-            current = _replace(current, {c.path: jnp.asarray(
-                new2_host.reshape(kernel.shape), kernel.dtype)})
-            size = math.prod(kernel.shape)
-            reports.append(LayerReport(
-                c.path, tuple(kernel.shape), c.rule.label, method,
-                float(np.count_nonzero(solve.as_numpy(kernel))) / size,
-                float(np.count_nonzero(solve.as_numpy(masks.fwd))) / size,
-                float(held_err[0]), float(held_err[1]), float(fit_err[0]), float(fit_err[1]),
-                time.perf_counter() - t0))
-            if bars is not None:
-                bars.update(task, completed=total(c),
-                            description=f"{label} rel. error {held_err[0]:.3f} -> "
-                                        f"{held_err[1]:.3f}")
-    return _conversion(setup, current, masks_by_path, magnitude_by_path, reports)
+                             f"{site.path!r} has a {type(pattern).__name__} pattern "
+                             f"({pattern.label!r})")
 
 
 def _with_backward(pattern: Pattern, kernel_new: jax.Array, fwd: jax.Array, key: jax.Array
                    ) -> Masks:
-    """The layer's :class:`Masks` for a forward mask (kernel-shaped): Bi-Mask's backward
-    mask by the pattern's permutation search on the converted weights; else ``fwd`` twice."""
+    """The :class:`Masks` of a ``(K, N)`` matrix for a forward mask: Bi-Mask's backward mask
+    by the pattern's permutation search on the converted weights; else ``fwd`` twice."""
     if isinstance(pattern, BiMask):
         return _oneshot.bimask_backward(pattern, kernel_new, fwd, key)
     return Masks(fwd, fwd, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SparseGPT:
+    damping: float
+    block: int
+    key: jax.Array
+
+    def blocks(self, unit: _Unit) -> tuple[int, int]:
+        """``(rows per block, blocks)`` of the unit's sweep."""
+        d = unit.site.geometry.d
+        size = min(self.block, d)
+        return size, -(-d // size)
+
+    def __call__(self, index: int, unit: _Unit, inputs: tuple, w: jax.Array, masks: Masks,
+                 has_bias: bool, bars: _Bars) -> _Solved:
+        pattern = unit.site.leaf.pattern
+        size, count = self.blocks(unit)
+        with bars.layer(f"{unit.name} {pattern.label} [sparsegpt]", count) as report:
+            new2, fwd2 = _oneshot.sparsegpt(unit.site.geometry, inputs, w[:-1],
+                                            jnp.float32(self.damping), pattern=pattern,
+                                            block=size, progress=report)
+            new2 = jax.block_until_ready(new2)
+        found = _with_backward(pattern, new2, fwd2, jax.random.fold_in(self.key, index))
+        return _Solved(solve.as_numpy(jnp.concatenate([new2, w[-1:]])), found, "sparsegpt")
+
+
 def sparsegpt(
     model: Any,
     calibration_batch: Any,
-    rule: MaskRule | Pattern | str | Sequence[MaskRule],
+    rule: MaskRule | Pattern | str | Sequence[MaskRule] | Plan,
     *,
     held_out: Any = None,
     damping: float = 0.01,
@@ -877,43 +846,46 @@ def sparsegpt(
         grouped along another axis than the one next to its output, ``block`` not a
         multiple of a pattern's ``m``, non-finite weights (raise ``damping``).
     """
-    damping = _check_positive(damping, "damping")
-    block = _checks.check_count(block, "block", 1)
+    options = _SparseGPT(_check_positive(damping, "damping"),
+                         _checks.check_count(block, "block", 1), _check_key(key))
     _check_bools(sequential=sequential, progress=progress)
-    key = _check_key(key)
     setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs,
                    "SparseGPT")
-    _check_one_shot(setup.chosen, "SparseGPT")
-    for c in setup.chosen:
-        m = c.rule.pattern.fwd_nm[1]
-        if block % m:
-            raise ValueError(f"block={block} must be a multiple of m={m} (rule "
-                             f"{c.rule.label!r}): a group of m rows must not straddle blocks")
-        if isinstance(c.rule.pattern, Transposable) and c.rule.pattern.method == "lp":
-            raise ValueError(f"rule {c.rule.label!r}: method='lp' solves on the host and "
-                             "cannot run inside SparseGPT's compiled sweep; use 'auto' or "
-                             "'exact'")
+    _check_one_shot(setup, "SparseGPT")
+    for site in setup.sites:
+        pattern = site.leaf.pattern
+        if block % pattern.fwd_nm[1]:
+            raise ValueError(f"block={block} must be a multiple of m={pattern.fwd_nm[1]} "
+                             f"({site.path!r}: {pattern.label!r}): a group of m rows must not "
+                             "straddle blocks")
+        if isinstance(pattern, Transposable) and pattern.method == "lp":
+            raise ValueError(f"{site.path!r} ({pattern.label!r}): method='lp' solves on the "
+                             "host and cannot run inside SparseGPT's compiled sweep; use "
+                             "'auto' or 'exact'")
+    return _convert(setup, options, sequential=sequential, progress=progress)
 
-    def layer_block(c: _Chosen) -> int:
-        return min(block, c.layer.geometry.d)
 
-    def layer_fn(index, c, inputs, w, report):
-        new2, fwd2 = _oneshot.sparsegpt(c.layer.geometry, inputs, w, jnp.float32(damping),
-                                        pattern=c.rule.pattern, block=layer_block(c),
-                                        progress=report)
-        shape = c.leaf.shape
-        masks = _with_backward(c.rule.pattern, new2.reshape(shape), fwd2.reshape(shape),
-                               jax.random.fold_in(key, index))
-        return new2, masks
+@dataclasses.dataclass(frozen=True)
+class _Wanda:
+    key: jax.Array
 
-    return _one_shot(setup, "sparsegpt", layer_fn, sequential=sequential, progress=progress,
-                     total=lambda c: -(-c.layer.geometry.d // layer_block(c)))
+    def __call__(self, index: int, unit: _Unit, inputs: tuple, w: jax.Array, masks: Masks,
+                 has_bias: bool, bars: _Bars) -> _Solved:
+        pattern = unit.site.leaf.pattern
+        with bars.layer(f"{unit.name} {pattern.label} [wanda]", 1) as report:
+            norms = _oneshot.input_norms(unit.site.geometry, inputs)
+            fwd = jnp.asarray(_oneshot.select(pattern, jnp.abs(w[:-1]) * norms[:, None], 0))
+            new2 = jnp.where(fwd, w[:-1], 0.0)
+            if report:
+                solve.PROGRESS(1)
+        found = _with_backward(pattern, new2, fwd, jax.random.fold_in(self.key, index))
+        return _Solved(solve.as_numpy(jnp.concatenate([new2, w[-1:]])), found, "wanda")
 
 
 def wanda(
     model: Any,
     calibration_batch: Any,
-    rule: MaskRule | Pattern | str | Sequence[MaskRule],
+    rule: MaskRule | Pattern | str | Sequence[MaskRule] | Plan,
     *,
     held_out: Any = None,
     sequential: bool = True,
@@ -959,45 +931,10 @@ def wanda(
     layer errors after Wanda are in ``error_adaprune``.
     """
     _check_bools(sequential=sequential, progress=progress)
-    key = _check_key(key)
+    options = _Wanda(_check_key(key))
     setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs, "Wanda")
-    _check_one_shot(setup.chosen, "Wanda")
-
-    def layer_fn(index, c, inputs, w, report):
-        geom, shape = c.layer.geometry, c.leaf.shape
-        scores = (jnp.abs(w) * _oneshot.input_norms(geom, inputs)[:, None]).reshape(shape)
-        fwd = jnp.asarray(_oneshot.select(c.rule.pattern, scores, c.axis))
-        new = jnp.where(fwd, w.reshape(shape), 0.0)
-        masks = _with_backward(c.rule.pattern, new, fwd, jax.random.fold_in(key, index))
-        if report:
-            solve.PROGRESS(1)
-        return new.reshape(w.shape), masks
-
-    return _one_shot(setup, "wanda", layer_fn, sequential=sequential, progress=progress,
-                     total=lambda c: 1)
-
-
-def _sparse_model(adapter: Any, params: Any, masks: Mapping[str, Masks],
-                  chosen: list[_Chosen]) -> Any:
-    """The model with the converted layers in static sparse mode, through the same plan the
-    optimizer takes (``Conversion.plan``)."""
-    from nmjax import nn as sparse_nn
-    from nmjax.nn import _sparsify
-
-    plan = _conversion_plan(chosen)
-    if isinstance(adapter, LinenModel):
-        if adapter.module is None:
-            return None
-        return sparse_nn.sparsify(adapter.module, plan, mode="static")
-    model = sparse_nn.sparsify(adapter.merge(params), plan, mode="static")
-    _sparsify.set_nnx_masks(model, dict(masks))
-    return model
-
-
-def _conversion_plan(chosen: list[_Chosen]) -> Plan:
-    op = lambda c: "dot_general" if c.layer.kind == "dense" else "conv_general_dilated"
-    return Plan(tuple(LeafPlan(c.path, op(c), from_axis(tuple(c.leaf.shape), c.axis, c.path),
-                               c.rule.pattern, c.rule) for c in chosen))
+    _check_one_shot(setup, "Wanda")
+    return _convert(setup, options, sequential=sequential, progress=progress)
 
 
 # ------------------------------------------------------------------- unstructured models

@@ -18,7 +18,7 @@ from flax import nnx
 
 import nmjax
 from nmjax import _convert_solve
-from nmjax._convert_capture import conv_geometry
+from nmjax._convert_capture import Model, stacked
 from nmjax.convert import (
     adaprune,
     choose_n,
@@ -325,9 +325,13 @@ def test_conv_rows_times_the_kernel_are_the_layers_output(settings):
     layer = nn.Conv(use_bias=False, **settings)
     params = layer.init(jax.random.key(2), x)["params"]
     kernel = params["kernel"]
-    geom = conv_geometry(kernel.shape, layer.strides, layer.padding, layer.input_dilation,
-                         layer.kernel_dilation)
-    rows = jax.jit(_convert_solve.rows, static_argnums=0)(geom, x)
+    # The captured input of the conv equation (after Flax's own CIRCULAR/CAUSAL padding)
+    # and the geometry read from the equation.
+    model = Model((layer, params), MaskRule("1:2"), (x,), None, {})
+    (site,) = model.sites((x,), "test")
+    (key, record), = model.capture(params, (x,), frozenset({"kernel"}))["kernel"]
+    rows = jax.jit(_convert_solve.rows, static_argnums=0)(site.geometry,
+                                                          stacked(record, key, 1)[0])
     want = layer.apply({"params": params}, x).reshape(len(x), -1, kernel.shape[-1])
     np.testing.assert_allclose(rows @ kernel.reshape(-1, kernel.shape[-1]), want, atol=1e-5)
 
@@ -369,7 +373,7 @@ def test_bad_input_fails_with_a_clear_message():
     with pytest.raises(ValueError, match=r"held_out of shape \(64, 12\) must match "
                                          r"calibration_batch of shape \(64, 16\)"):
         adaprune(model, X, RULE, held_out=X_HELD[:, :12], progress=False)
-    with pytest.raises(ValueError, match=r"'2:4 nm' selects no layer.*Dense_0/kernel"):
+    with pytest.raises(ValueError, match=r"'2:4 nm' selects no parameter of MLP.*Dense_0/kernel"):
         adaprune(model, X, MaskRule("2:4", include="nothing/kernel$", axis=0), progress=False)
     with pytest.raises(ValueError, match=r"'head/kernel' of shape \(16, 10\) cannot take "
                                          r"pattern '2:4 transposable'"):
@@ -389,7 +393,8 @@ def test_bad_input_fails_with_a_clear_message():
         adaprune(model, X, RULE, damping=-1.0, progress=False)
     # A feature that is always 0 makes XᵀX singular: without damping that is an error.
     dead = X.at[:, :4].set(0.0)
-    with pytest.raises(ValueError, match="'Dense_0/kernel'.*singular: pass damping > 0"):
+    with pytest.raises(ValueError, match="'Dense_0/kernel'.*singular or ill-conditioned: "
+                                         "pass damping > 0"):
         adaprune(model, dead, MaskRule("2:4", exclude=["head", "Dense_1"]), solver="lstsq",
                  damping=0.0, progress=False)
 
@@ -428,10 +433,13 @@ def test_layers_adaprune_cannot_take_are_refused_by_name():
             nn.Dense(8, name="spare")
             return nn.Dense(16, name="body")(x)
 
+    # A kernel no op of the traced call uses is not a product weight: the plan leaves it
+    # out, and the conversion leaves it as it is.
     params = {"body": PARAMS["Dense_1"], "spare": PARAMS["Dense_1"]}
-    with pytest.raises(ValueError, match="'spare/kernel', but the model never calls"):
-        adaprune((Unused(), params), jnp.ones((8, 32)), MaskRule("2:4", include="kernel$",
-                                                                axis=0), progress=False)
+    conv = adaprune((Unused(), params), jnp.ones((8, 32)), MaskRule("2:4", include="kernel$"),
+                    solver="lstsq", progress=False)
+    assert conv.plan.paths == ("body/kernel",)
+    np.testing.assert_array_equal(conv.params["spare"]["kernel"], params["spare"]["kernel"])
 
 
 # -------------------------------------------------------------------- N from density

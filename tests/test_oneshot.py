@@ -270,7 +270,9 @@ def test_bad_input_fails_with_a_clear_message():
             fn(model, X[:, :15], rule, progress=False)
         with pytest.raises(TypeError, match="sequential must be a bool"):
             fn(model, X, rule, sequential=1, progress=False)
-    with pytest.raises(ValueError, match="groups a kernel along the axis next to its output"):
+    # The contraction axis comes from the op: a rule's axis that contradicts it is refused.
+    with pytest.raises(ValueError, match=r"says axis=1 for 'Dense_1/kernel', but the op that "
+                                         r"uses it contracts axes \(0,\)"):
         wanda(model, X, MaskRule("2:4", include="Dense_1/kernel", axis=1), progress=False)
 
 

@@ -596,3 +596,64 @@ def test_batch_stats_dropout_and_flags_through_resolve_and_sparsify():
     np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"]["mean"],
                                want_updates["batch_stats"]["BatchNorm_0"]["mean"], rtol=1e-5,
                                atol=1e-6)
+
+
+# ------------------------------------------------ one-shot conversion on the same models
+
+
+@pytest.mark.parametrize(("method", "pattern"), [
+    ("sparsegpt", "2:4 transposable"), ("wanda", "2:4 bimask"), ("adaprune", "2:4")])
+def test_conversions_take_gpt2_from_its_plan(gpt2, method, pattern):
+    # GPT-2's FlaxConv1D stores (out, in) and contracts axis 1: the converters read that
+    # from the op, as the training path does, and never from the layer's class or name.
+    hf, inputs = gpt2
+    batch = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+    options = dict(solver="lstsq") if method == "adaprune" else {}
+    conv = getattr(nmjax.convert, method)((hf.module, hf.params), batch, MaskRule(pattern),
+                                          progress=False, **options)
+    assert [r.path for r in conv.layers] == [p for p, _, _ in GPT2_AXES]
+    assert bool(conv.plan.valid(conv.masks))
+    for path, contract, out in GPT2_AXES:
+        masks = leaf(conv.masks, path)
+        check_masks(masks, pattern, contract, out)
+        kernel = np.asarray(leaf(conv.params, path))
+        assert not kernel[~np.asarray(masks.fwd)].any()         # 0 outside the mask
+    for r in conv.layers:
+        assert r.error_adaprune <= r.error_magnitude + 1e-6, r
+    # The returned static-sparse model computes the dense model on the converted weights.
+    got = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, *batch)
+    want = hf.module.apply({"params": conv.params}, *batch)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+class Unrolled(nn.Module):
+    """Scanned's twin with three separate layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = nn.relu(nn.Dense(16, name=f"fc{i}")(x))
+        return nn.Dense(4, name="head")(x)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "adaprune"])
+def test_conversions_take_scanned_layers_one_by_one(method):
+    # A kernel stacked for nn.scan (inside nn.remat) is converted layer by layer, in order,
+    # each layer on the inputs of the already-converted layers below it: as its unrolled twin.
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    params = Scanned().init(jax.random.key(1), x)["params"]
+    twin = {f"fc{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"]["fc"])
+            for i in range(3)} | {"head": params["head"]}
+    fn = getattr(nmjax.convert, method)
+    options = dict(solver="lstsq") if method == "adaprune" else {}
+    conv = fn((Scanned(), params), x, MaskRule("2:4", exclude="head"), progress=False,
+              **options)
+    ref = fn((Unrolled(), twin), x, MaskRule("2:4", exclude="head"), progress=False, **options)
+    assert [r.path for r in conv.layers] == [f"layers/fc/kernel[{i}]" for i in range(3)]
+    masks = conv.masks["layers"]["fc"]["kernel"]
+    for i in range(3):
+        np.testing.assert_allclose(conv.params["layers"]["fc"]["kernel"][i],
+                                   ref.params[f"fc{i}"]["kernel"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(masks.fwd[i], ref.masks[f"fc{i}"]["kernel"].fwd)
+        assert conv.layers[i].error_adaprune == pytest.approx(ref.layers[i].error_adaprune,
+                                                              rel=1e-3, abs=1e-6)
