@@ -38,8 +38,8 @@ from flax import nnx
 from nmjax import _checks, _oneshot
 from nmjax import _convert_solve as solve
 from nmjax._convert_capture import Model, Site, stacked
-from nmjax.masks import NM, BiMask, Custom, Masks, Pattern, Transposable, as_pattern
-from nmjax.plan import Plan, as_rules
+from nmjax.masks import NM, BiMask, Masks, Pattern, Transposable, as_pattern
+from nmjax.plan import LeafPlan, Plan, _matches, as_rules, layout_reason, plan_for_params
 from nmjax.tree import MaskRule, apply_masks, path_str
 
 SOLVERS = ("auto", "lstsq", "adam")
@@ -971,44 +971,40 @@ def choose_n(density: float, m: int, *, confidence: float = 0.95) -> int:
     return m
 
 
-def _selector(include: Any, exclude: Any, predicate: Any) -> MaskRule:
-    # The pattern is never applied: a Custom one declares no N:M, so no divisibility check.
-    return MaskRule(Custom(lambda w, axis: w != 0), include=include, exclude=exclude,
-                    predicate=predicate)
+def _kernels(params: Any, plan: Plan | None, include: Any, exclude: Any, predicate: Any
+             ) -> list[tuple[str, Any, LeafPlan]]:
+    """``(path, leaf, its LeafPlan)`` of the kernels ``plan`` names, or without a plan those
+    ``include``/``exclude``/``predicate`` select among the kernels whose layout the tree shows
+    (:func:`nmjax.plan.plan_for_params`; the 1:1 pattern keeps every weight, so only the
+    selection counts)."""
+    if plan is None:
+        plan = plan_for_params(params, MaskRule(NM(1, 1), include=include, exclude=exclude,
+                                                predicate=predicate))
+    elif not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an nmjax.plan.Plan (nmjax.resolve), got "
+                        f"{type(plan).__name__}")
+    flat = plan.check_params(params)
+    return [(leaf.path, flat[leaf.path], leaf) for leaf in plan.leaves]
 
 
-def _selected_leaves(params, include, exclude, predicate, kinds):
-    rule = _selector(include, exclude, predicate)
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(key_path)
-        axis = rule.select(path, leaf, "infer" if kinds is None else kinds.get(path))
-        if axis is not None:
-            out.append((path, leaf, axis))
-    if not out:
-        some = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        raise ValueError(f"no leaf selected (include={include!r}, exclude={exclude!r}); the "
-                         f"tree's leaves include {some[:5]}")
-    return out
-
-
-def layer_densities(params: Any, *, include: Any = None, exclude: Any = (),
-                    predicate: Callable | None = None, kinds: Mapping[str, Any] | None = None
-                    ) -> dict[str, float]:
-    """``{kernel path: nonzero fraction}`` of the Dense/Conv kernels (or those ``include``,
-    ``exclude``, ``predicate`` select, as in :class:`~nmjax.tree.MaskRule`).
+def layer_densities(params: Any, plan: Plan | None = None, *, include: Any = None,
+                    exclude: Any = (), predicate: Callable | None = None) -> dict[str, float]:
+    """``{kernel path: nonzero fraction}`` of the kernels ``plan`` names (a model's plan,
+    :func:`nmjax.resolve`), or without one of the Linen auto-named ``Dense_<i>``/``Conv_<i>``
+    kernels that ``include``, ``exclude``, ``predicate`` select (as in
+    :class:`~nmjax.tree.MaskRule`).
 
     >>> import jax.numpy as jnp
     >>> layer_densities({"Dense_0": {"kernel": jnp.array([[0., 1.], [2., 0.]])}})
     {'Dense_0/kernel': 0.5}
     """
     return {path: float(jnp.count_nonzero(leaf)) / max(math.prod(leaf.shape), 1)
-            for path, leaf, _ in _selected_leaves(params, include, exclude, predicate, kinds)}
+            for path, leaf, _ in _kernels(params, plan, include, exclude, predicate)}
 
 
-def rules_for_density(params: Any, m: int, *, kind: str = "nm", confidence: float = 0.95,
-                      include: Any = None, exclude: Any = (), predicate: Callable | None = None,
-                      kinds: Mapping[str, Any] | None = None) -> tuple[MaskRule, ...]:
+def rules_for_density(params: Any, m: int, plan: Plan | None = None, *, kind: str = "nm",
+                      confidence: float = 0.95, include: Any = None, exclude: Any = (),
+                      predicate: Callable | None = None) -> tuple[MaskRule, ...]:
     """One :class:`~nmjax.tree.MaskRule` per N: each selected kernel gets the N that
     :func:`choose_n` picks from its density, for :func:`adaprune`.
 
@@ -1022,26 +1018,29 @@ def rules_for_density(params: Any, m: int, *, kind: str = "nm", confidence: floa
       params: parameters of an unstructured-sparse model (e.g.
         :func:`global_magnitude_prune`).
       m: the group size of every pattern.
+      plan: the kernels and their layouts (a model's plan, :func:`nmjax.resolve`); without
+        one, the Linen auto-named kernels that ``include``/``exclude``/``predicate`` select.
       kind: ``"nm"``, ``"transposable"`` or ``"bimask"``.
       confidence: as :func:`choose_n`.
-      include, exclude, predicate, kinds: which kernels, as :class:`~nmjax.tree.MaskRule`
-        and :func:`nmjax.tree.build_masks`.
 
     Raises:
-      ValueError: a kernel that the chosen pattern cannot take (the leaf is named).
+      ValueError: a kernel that the chosen pattern cannot take along its layout (the leaf
+        is named).
     """
-    groups: dict[tuple[int, int], list[str]] = {}
-    leaves = _selected_leaves(params, include, exclude, predicate, kinds)
-    for path, leaf, axis in leaves:
+    groups: dict[str, list[str]] = {}
+    kernels = _kernels(params, plan, include, exclude, predicate)
+    for path, leaf, _ in kernels:
         density = float(jnp.count_nonzero(leaf)) / max(math.prod(leaf.shape), 1)
-        n = choose_n(density, m, confidence=confidence)
-        groups.setdefault((n, axis), []).append(path)
-    rules = tuple(MaskRule(as_pattern(f"{n}:{m}", kind),
-                           include=tuple(f"^{re.escape(p)}$" for p in paths), axis=axis)
-                  for (n, axis), paths in groups.items())
-    for path, leaf, _ in leaves:  # fail here, naming the leaf, not later in adaprune
-        for r in rules:
-            r.select(path, leaf, None)
+        groups.setdefault(f"{choose_n(density, m, confidence=confidence)}:{m}", []).append(path)
+    rules = tuple(MaskRule(as_pattern(nm, kind), include=tuple(f"^{re.escape(p)}$"
+                                                               for p in paths))
+                  for nm, paths in groups.items())
+    for path, _, leaf_plan in kernels:  # fail here, naming the leaf, not later in adaprune
+        pattern = next(r.pattern for r in rules if _matches(r, path, None))
+        reason = layout_reason(pattern, leaf_plan.layout)
+        if reason is not None:
+            raise ValueError(f"{path!r} of shape {leaf_plan.shape} cannot take pattern "
+                             f"{pattern.label!r}: {reason}; exclude it")
     return rules
 
 
@@ -1053,9 +1052,9 @@ class Pruned(NamedTuple):
     masks: Any
 
 
-def global_magnitude_prune(params: Any, density: float, *, include: Any = None,
-                           exclude: Any = (), predicate: Callable | None = None,
-                           kinds: Mapping[str, Any] | None = None) -> Pruned:
+def global_magnitude_prune(params: Any, density: float, plan: Plan | None = None, *,
+                           include: Any = None, exclude: Any = (),
+                           predicate: Callable | None = None) -> Pruned:
     """Unstructured magnitude pruning over all selected kernels together: keeps the
     ``round(density · total)`` largest ``|w|`` of the Dense/Conv kernels (or those
     ``include``/``exclude``/``predicate`` select), ties to the earlier leaf and index.
@@ -1075,13 +1074,14 @@ def global_magnitude_prune(params: Any, density: float, *, include: Any = None,
     Args:
       params: a parameter pytree (Linen dict or NNX ``State``).
       density: kept fraction in ``(0, 1]``.
-      include, exclude, predicate, kinds: which leaves, as :class:`~nmjax.tree.MaskRule`.
+      plan: the kernels to prune (a model's plan, :func:`nmjax.resolve`); without one, the
+        Linen auto-named kernels that ``include``/``exclude``/``predicate`` select.
     """
     if isinstance(density, bool) or not isinstance(density, int | float | np.number):
         raise TypeError(f"density must be a real number, got {density!r}")
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    leaves = _selected_leaves(params, include, exclude, predicate, kinds)
+    leaves = _kernels(params, plan, include, exclude, predicate)
     scores = jnp.concatenate([jnp.abs(jnp.asarray(leaf, jnp.float32)).ravel()
                               for _, leaf, _ in leaves])
     keep = int(round(float(density) * scores.size))

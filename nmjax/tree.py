@@ -27,10 +27,6 @@ from nmjax import _checks
 from nmjax.masks import Masks, Pattern, Transposable, as_pattern, transposable_mask_lp
 
 Path = str
-KINDS = ("dense", "conv")
-# A Linen auto-generated layer name ("Dense_0", "Einsum_3") names the layer's class.
-_LINEN_AUTO_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_\d+$")
-_LINEN_CLASS_KIND = {"Dense": "dense", "Conv": "conv"}
 
 
 def path_str(key_path: Sequence[Any]) -> Path:
@@ -67,47 +63,6 @@ def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
     return out
 
 
-def leaf_kind(path: Path, leaf: Any) -> tuple[str | None, int | None]:
-    """Classifies a parameter leaf as ``("dense", 0)``, ``("conv", ndim - 2)`` or
-    ``(None, None)`` from its path and rank alone (:meth:`MaskRule.select` with
-    ``kind="infer"``; the AdaPrune converter passes the layer types it captured instead).
-
-    * A ``kernel`` under a Linen auto-named layer (``Dense_0``, ``Conv_1``, ``Einsum_0``)
-      has a known class: ``Dense`` (rank 2) is dense, ``Conv`` (rank 3-5) a conv, any
-      other class (``Einsum``, ``DenseGeneral``, ``ConvTranspose``, ...) is not selected.
-    * Under any other layer name (``head``, an NNX attribute ``fc1``) the class is unknown:
-      a rank-2 ``kernel`` is taken as Dense ``(in, out)``, a rank 3-5 ``kernel`` as a conv
-      only when the layer's name contains "conv" (``conv1``).
-    * Everything else is not selected.
-
-    This is a guess, kept for the converter's helpers; masks for training come from a
-    :class:`nmjax.plan.Plan` (:func:`nmjax.resolve`), which reads each kernel's axes from
-    the op that uses it, and a rule without a model (:func:`nmjax.plan.plan_for_params`)
-    takes only the Linen auto-named layouts and refuses the rest.
-    """
-    parts = path.rsplit("/", 2)
-    ndim = getattr(leaf, "ndim", 0)
-    if parts[-1] != "kernel":
-        return None, None
-    layer = parts[-2] if len(parts) > 1 else ""
-    auto = _LINEN_AUTO_NAME.match(layer)
-    if auto is not None:
-        kind = _LINEN_CLASS_KIND.get(auto.group(1))
-    elif ndim == 2:
-        kind = "dense"
-    else:
-        kind = "conv" if "conv" in layer.lower() else None
-    return _kind_axis(kind, ndim)
-
-
-def _kind_axis(kind: str | None, ndim: int) -> tuple[str | None, int | None]:
-    if kind == "dense" and ndim == 2:
-        return "dense", 0
-    if kind == "conv" and ndim in (3, 4, 5):
-        return "conv", ndim - 2
-    return None, None
-
-
 def _as_tuple(x: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if x is None:
         return None
@@ -130,12 +85,15 @@ class MaskRule:
       pattern: a pattern spec (:class:`nmjax.masks.NM`, ``Transposable``, ``BiMask``,
         ``Custom``) or its shorthand (``"2:4"``, ``"2:4 transposable"``).
       include: regex(es) searched in the leaf path (``"params/Dense_0/kernel"``). ``None``
-        (default) selects every Dense/Linear and Conv kernel (:func:`leaf_kind`, or the
-        layer types given to :func:`build_masks`).
+        (default) selects every parameter that a product uses as its weight
+        (:func:`nmjax.resolve` reads them from the model's ops; without a model,
+        :func:`nmjax.plan.plan_for_params` takes the Linen auto-named ``Dense_<i>`` and
+        ``Conv_<i>`` kernels).
       exclude: regex(es); a leaf whose path matches any is left dense.
       predicate: optional ``fn(path, leaf) -> bool``; a leaf must also satisfy it.
-      axis: contraction axis to use for every selected leaf; ``None`` uses the leaf kind's
-        axis. Required for leaves selected by ``include`` whose kind is unknown.
+      axis: the contraction axis of a selected leaf whose layout the tree alone cannot show
+        (:func:`nmjax.plan.plan_for_params`: rank 2 ``(in, out)`` 0 or ``(out, in)`` 1, a
+        conv ``ndim - 2``); a resolved plan reads it from the op and refuses another.
       skip_indivisible: leave a selected leaf dense (instead of raising) when the pattern
         cannot take it: its contraction axis (or, for transposable and Bi-Mask, its output
         axis) is not divisible by ``m`` -- e.g. a 10-class head.
@@ -179,53 +137,6 @@ class MaskRule:
     def label(self) -> str:
         return self.pattern.label
 
-    def select(self, path: Path, leaf: Any, kind: str | None = "infer") -> int | None:
-        """The grouped axis of ``leaf`` if this rule masks it, else ``None``.
-
-        ``kind``: the layer type (``"dense"``, ``"conv"``, or ``None`` for any other layer)
-        where the caller knows it; ``"infer"`` (default) reads it from the path
-        (:func:`leaf_kind`).
-
-        Raises:
-          ValueError: a leaf matched by ``include`` has no known contraction axis and the
-            rule names none, or the pattern cannot take the leaf (and ``skip_indivisible``
-            is off); the message names the leaf.
-        """
-        shape = tuple(getattr(leaf, "shape", ()))
-        if kind == "infer":
-            kind, kind_axis = leaf_kind(path, leaf)
-        elif kind is None or kind in KINDS:
-            kind, kind_axis = _kind_axis(kind, len(shape))
-        else:
-            raise ValueError(f"kind must be 'dense', 'conv', None or 'infer', got {kind!r}")
-        include = _as_tuple(self.include)
-        if include is None:
-            chosen = kind is not None
-        else:
-            chosen = any(re.search(p, path) for p in include)
-        if not chosen or any(re.search(p, path) for p in _as_tuple(self.exclude)):
-            return None
-        if self.predicate is not None and not self.predicate(path, leaf):
-            return None
-        axis = self.axis if self.axis is not None else kind_axis
-        if axis is None:
-            raise ValueError(
-                f"leaf {path!r} of shape {shape} matches include={self.include!r}, but its "
-                "contraction axis is unknown (not a Dense or Conv kernel); pass MaskRule(axis=...)"
-            )
-        axis = _checks.check_axis(axis, len(shape), f"axis for leaf {path!r}")
-        reason = self.pattern.check_leaf(shape, axis)
-        if reason is not None:
-            if self.skip_indivisible:
-                return None
-            raise ValueError(
-                f"leaf {path!r} of shape {shape} cannot take pattern {self.label!r}: {reason}. "
-                "Exclude it (MaskRule(exclude=...)), or pass skip_indivisible=True")
-        return axis
-
-    def masks(self, w: jax.Array, axis: int) -> Masks:
-        """Applies the pattern to one leaf grouped along ``axis``."""
-        return self.pattern(w, axis)
 
 
 def build_masks(params: Any, rule: Any) -> Any:
@@ -455,7 +366,6 @@ def build_masks_lp(
 
 
 __all__ = [
-    "KINDS",
     "LeafSummary",
     "MaskRule",
     "MaskSummary",
@@ -465,7 +375,6 @@ __all__ = [
     "check_structure",
     "forward_mask",
     "is_masks_leaf",
-    "leaf_kind",
     "path_str",
     "summarize",
 ]

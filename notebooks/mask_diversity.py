@@ -59,7 +59,6 @@ from train import CNN, Config, rule_for, train  # noqa: E402
 
 import nmjax  # noqa: E402
 from nmjax.masks import log10_mask_diversity  # noqa: E402
-from nmjax.tree import path_str  # noqa: E402
 
 print(machine())
 
@@ -109,17 +108,15 @@ def diversity(n, m, kind):
     """log10 of the number of masks the structure allows on this CNN's sparse kernels."""
     rule = rule_for(pattern_string(n, m, "nm"))  # the same kernels for every structure
     total = 0.0
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        axis = rule.select(path_str(key_path), leaf)
-        if axis is None:
-            continue
+    for planned in nmjax.plan.plan_for_params(params, rule).leaves:
+        shape, axis = planned.shape, planned.layout.contract[-1]
         if kind == "transposable":
-            total += log10_mask_diversity("transposable", leaf.shape, n, m,
-                                          axes=(axis, leaf.ndim - 1))
+            total += log10_mask_diversity("transposable", shape, n, m,
+                                          axes=(axis, len(shape) - 1))
         elif kind in ("nm", "bimask"):
-            total += log10_mask_diversity("nm", leaf.shape, n, m, axis=axis)
+            total += log10_mask_diversity("nm", shape, n, m, axis=axis)
         else:
-            total += log10_mask_diversity("unstructured", leaf.shape, n, m)
+            total += log10_mask_diversity("unstructured", shape, n, m)
     return total
 
 

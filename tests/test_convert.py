@@ -477,9 +477,13 @@ def test_global_magnitude_prune_keeps_the_largest_weights_across_layers():
     densities = layer_densities(pruned.params, exclude="head")
     assert set(densities) == {"Dense_0/kernel", "Dense_1/kernel"}
     assert densities["Dense_0/kernel"] == pytest.approx(kept[0].mean())
-    # NNX states prune alike.
-    state = nnx.state(nnx_twin(PARAMS), nnx.Param)
-    pruned_nnx = global_magnitude_prune(state, 0.3, exclude="head")
+    # NNX states prune alike, given the model's plan (their layer names show no layout).
+    twin = nnx_twin(PARAMS)
+    state = nnx.state(twin, nnx.Param)
+    with pytest.raises(ValueError, match="cannot be known from the parameters alone"):
+        global_magnitude_prune(state, 0.3, exclude="head")
+    plan = nmjax.resolve(twin, MaskRule("2:4", exclude="head"), X)
+    pruned_nnx = global_magnitude_prune(state, 0.3, plan)
     np.testing.assert_array_equal(pruned_nnx.params["layers"][1]["kernel"].get_value(),
                                   pruned.params["Dense_1"]["kernel"])
     with pytest.raises(ValueError, match="density must be in"):
@@ -490,17 +494,21 @@ def test_rules_for_density_pick_n_per_layer_and_adaprune_takes_them():
     pruned = global_magnitude_prune(PARAMS, 0.35, exclude="head").params
     densities = layer_densities(pruned, exclude="head")
     rules = rules_for_density(pruned, 8, exclude="head")
+    planned = nmjax.plan.plan_for_params(pruned, rules).by_path
     for path, density in densities.items():
-        hits = [r for r in rules if r.select(path, jnp.zeros(
-            pruned[path.split("/")[0]]["kernel"].shape), None) is not None]
-        assert len(hits) == 1 and hits[0].pattern == as_pattern(f"{choose_n(density, 8)}:8")
+        assert planned[path].pattern == as_pattern(f"{choose_n(density, 8)}:8")
     conv = adaprune((MLP(), pruned), X, rules, solver="lstsq", progress=False)
     assert {r.pattern for r in conv.layers} == {r.label for r in rules}
     for r in conv.layers:
         assert r.density == pytest.approx(densities[r.path])
         assert r.fit_error_adaprune <= r.fit_error_magnitude + 1e-6
     with pytest.raises(ValueError, match=r"'head/kernel' of shape \(16, 10\) cannot take"):
-        rules_for_density(pruned, 8, kind="transposable")
+        rules_for_density(pruned, 8, nmjax.resolve(MLP(), "2:4", X, params=pruned),
+                          kind="transposable")
+    # With a model's plan: the kernels and layouts it names (here, head left out).
+    plan = nmjax.resolve(MLP(), MaskRule("2:4", exclude="head"), X, params=pruned)
+    assert layer_densities(pruned, plan) == densities
+    assert rules_for_density(pruned, 8, plan) == rules
 
 
 # --------------------------------------------------------------- report and fine-tune

@@ -61,11 +61,15 @@ def test_train_example_unstructured_pattern_keeps_the_density():
     import jax.numpy as jnp
     from train import rule_for
 
+    import nmjax.plan
+
     rule = rule_for("2:8 unstructured")
     w = jax.random.normal(jax.random.key(0), (64, 32))
     masks = rule.pattern(w)
     assert int(masks.fwd.sum()) == 64 * 32 // 4
     kept = jnp.abs(w)[masks.fwd]
     assert float(kept.min()) >= float(jnp.abs(w)[~masks.fwd].max())
-    assert rule.select("Conv_0/kernel", jnp.zeros((3, 3, 1, 8))) is None   # I = 1: dense
-    assert rule.select("Conv_1/kernel", jnp.zeros((3, 3, 8, 16))) == 2
+    plan = nmjax.plan.plan_for_params({"Conv_0": {"kernel": jnp.zeros((3, 3, 1, 8))},
+                                       "Conv_1": {"kernel": jnp.zeros((3, 3, 8, 16))}}, rule)
+    assert plan.paths == ("Conv_1/kernel",)                              # I = 1: dense
+    assert plan.by_path["Conv_1/kernel"].layout.contract == (0, 1, 2)
