@@ -1,7 +1,7 @@
 """One-shot N:M pruning of a trained byte-level Transformer LM: magnitude, Wanda, SparseGPT
 and AdaPrune at 2:4 and 4:8, plain, transposable and Bi-Mask; then a short sparse fine-tune.
 
-Run: ``python benchmarks/oneshot.py [--fast] [--out benchmarks/results/oneshot.md]``.
+Run: ``python benchmarks/oneshot.py [--fast] [--model lm|gpt2] [--out FILE]``.
 
 1. Trains the Linen Transformer of ``examples/lm.py`` dense on the Python documentation
    bytes (:func:`nmjax.datasets.text`).
@@ -15,9 +15,13 @@ Run: ``python benchmarks/oneshot.py [--fast] [--out benchmarks/results/oneshot.m
    many steps with plain Adam (the control).
 4. Converts with the method of the lowest 2:4 loss on calibration sets of growing size.
 
+``--model gpt2`` runs the same on a Hugging Face ``FlaxGPT2LMHeadModel`` built from a tiny
+config (byte vocabulary, random init, nothing downloads) and trained dense here with Adam:
+every ``FlaxConv1D`` kernel (``c_attn``, ``c_proj``, ``c_fc``, ``c_proj``; stored ``(out,
+in)``) is converted, the head being tied to the embedding and dense.
+
 ``--memory`` instead compiles SparseGPT's per-layer program for wide layers and prints
-XLA's peak memory (no run). The Hugging Face Flax GPT-2 is not measured: its ``FlaxConv1D``
-layers are not the Flax ``Dense``/``Conv`` layers whose inputs the conversions capture.
+XLA's peak memory (no run).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from nmjax.optim import linen_collection, masks_of, sparse  # noqa: E402
 from nmjax.tree import MaskRule, apply_masks, build_masks  # noqa: E402
 
 METHODS = {"wanda": wanda, "sparsegpt": sparsegpt, "adaprune": adaprune}
+# What stays dense: the LM's 256-way head; GPT-2's head is tied to the embedding (dense by
+# the plan).
+EXCLUDE = {"lm": "head", "gpt2": ()}
 PATTERNS = ("2:4", "4:8", "2:4 transposable", "4:8 transposable", "bimask 2:4")
 FAST = dict(d_model=32, layers=1, context=32, steps=30, batch=8, eval_windows=32,
             train_limit=200_000, warmup=5, eval_every=30, calib=16, finetune_steps=5,
@@ -66,8 +73,48 @@ def _md_table(head, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
+def gpt2_inputs(tokens):
+    """GPT-2's positional inputs for a batch of token windows."""
+    tokens = jnp.asarray(tokens)
+    return (tokens, jnp.ones_like(tokens),
+            jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+
+
+def train_gpt2(cfg, data):
+    """A tiny Hugging Face Flax GPT-2 (byte vocabulary) trained dense with the LM's recipe
+    (Adam, warmup and cosine decay, gradient clipping, the same windows)."""
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    config = GPT2Config(vocab_size=256, n_positions=cfg.context, n_embd=cfg.d_model,
+                        n_layer=cfg.layers, n_head=cfg.heads, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = FlaxGPT2LMHeadModel(config, seed=cfg.seed)
+    module = hf.module
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
+                                                  cfg.lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+    @jax.jit
+    def step(params, state, windows):
+        def loss(p):
+            return lm._loss(module.apply({"params": p}, *gpt2_inputs(windows[:, :-1])).logits,
+                            windows[:, 1:])
+
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = hf.params, tx.init(hf.params)
+    train = data.train if cfg.train_limit is None else data.train[:cfg.train_limit]
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(cfg.steps):
+        starts = rng.integers(0, len(train) - cfg.context - 1, cfg.batch)
+        params, state = step(params, state, lm._windows(train, starts, cfg.context))
+    return module, params
+
+
 class Bench:
-    """The trained LM, its data, and the evaluation and fine-tuning it shares."""
+    """The trained model, its data, and the evaluation and fine-tuning it shares."""
 
     def __init__(self, s, data):
         self.s, self.data = s, data
@@ -75,12 +122,21 @@ class Bench:
                           context=s["context"], d_model=s["d_model"], layers=s["layers"],
                           warmup=s["warmup"], eval_every=s["eval_every"],
                           eval_windows=s["eval_windows"], train_limit=s["train_limit"])
+        self.gpt2 = s["model"] == "gpt2"
         t0 = time.perf_counter()
-        result = lm.train(cfg, data, progress=False)
+        if self.gpt2:
+            self.model, self.params = train_gpt2(cfg, data)
+            self.inputs = gpt2_inputs
+            self.logits = lambda out: out.logits
+        else:
+            self.params = lm.train(cfg, data, progress=False)["params"]
+            self.model = lm.TransformerLM(cfg.d_model, cfg.heads, cfg.layers, cfg.context)
+            self.inputs = lambda tokens: (tokens,)
+            self.logits = lambda out: out
         self.train_s = time.perf_counter() - t0
-        self.cfg, self.params = cfg, result["params"]
-        self.model = lm.TransformerLM(cfg.d_model, cfg.heads, cfg.layers, cfg.context)
-        predict = jax.jit(lambda p, tokens: self.model.apply({"params": p}, tokens))
+        self.cfg = cfg
+        predict = jax.jit(lambda p, tokens: self.logits(
+            self.model.apply({"params": p}, *self.inputs(tokens))))
         self.predict = lambda p, _masks, tokens: predict(p, tokens)
         rng = np.random.default_rng(123)
         starts = rng.integers(0, len(data.train) - cfg.context - 1, max(s["sizes"]))
@@ -109,8 +165,8 @@ class Bench:
             def step(params, state, windows):
                 def loss(p):
                     out = net.apply({"params": p, "nm_masks": linen_collection(state)},
-                                    windows[:, :-1])
-                    return lm._loss(out, windows[:, 1:])
+                                    *self.inputs(windows[:, :-1]))
+                    return lm._loss(self.logits(out), windows[:, 1:])
 
                 grads = jax.grad(loss)(params)
                 updates, state = tx.update(grads, state, params)
@@ -141,9 +197,8 @@ class Bench:
 
         @jax.jit
         def step(params, state, windows):
-            grads = jax.grad(lambda p: lm._loss(self.model.apply({"params": p},
-                                                                 windows[:, :-1]),
-                                                windows[:, 1:]))(params)
+            grads = jax.grad(lambda p: lm._loss(self.logits(self.model.apply(
+                {"params": p}, *self.inputs(windows[:, :-1]))), windows[:, 1:]))(params)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
@@ -155,7 +210,8 @@ class Bench:
 
 def convert(bench, method, rule, calib):
     t0 = time.perf_counter()
-    conv = METHODS[method]((bench.model, bench.params), calib, rule, progress=False)
+    conv = METHODS[method]((bench.model, bench.params), bench.inputs(calib), rule,
+                           progress=False)
     return conv, time.perf_counter() - t0
 
 
@@ -173,7 +229,7 @@ def run(s) -> str:
     rows, ft_rows, time_rows, errors, by_pattern = [], [], [], {}, {}
     tuned_by_pattern = {}
     for pattern in s["patterns"]:
-        rule = MaskRule(as_pattern(pattern), exclude="head")
+        rule = MaskRule(as_pattern(pattern), exclude=EXCLUDE[s["model"]])
         losses, tuned, seconds = {}, {}, {}
         convs = {}
         for method in METHODS:
@@ -202,7 +258,7 @@ def run(s) -> str:
                                                       for r in convs["wanda"].layers]))
 
     # The calibration-set size curve of the best method at 2:4.
-    rule = MaskRule("2:4", exclude="head")
+    rule = MaskRule("2:4", exclude=EXCLUDE[s["model"]])
     best = min(METHODS, key=lambda k: by_pattern["2:4"][k])
     tuned_24 = tuned_by_pattern["2:4"]
     curve = []
@@ -215,12 +271,18 @@ def run(s) -> str:
     total = time.perf_counter() - t_start
 
     n_params = sum(x.size for x in jax.tree.leaves(bench.params))
+    what = ("Hugging Face `FlaxGPT2LMHeadModel` (transformers "
+            f"{_version('transformers')}) from a tiny config, byte vocabulary, "
+            if bench.gpt2 else "`examples/lm.py`'s Transformer, ")
+    converted = ("every `FlaxConv1D` kernel (c_attn, attn c_proj, c_fc, mlp c_proj of each "
+                 "block, stored (out, in)); the head is tied to the embedding and stays dense"
+                 if bench.gpt2 else "every Dense kernel but the 256-way head (query, key, "
+                 "value, out, mlp_in, mlp_out of each block)")
     out = [
-        f"Model: `examples/lm.py`'s Transformer, d_model {s['d_model']}, {s['layers']} "
+        f"Model: {what}d_model {s['d_model']}, {s['layers']} "
         f"block(s), context {s['context']}, {n_params} parameters; trained dense for "
         f"{s['steps']} steps of batch {s['batch']} in {bench.train_s:.0f} s on "
-        f"{data.name}. Converted: every Dense kernel but the 256-way head (query, key, "
-        f"value, out, mlp_in, mlp_out of each block). Calibration: {s['calib']} training "
+        f"{data.name}. Converted: {converted}. Calibration: {s['calib']} training "
         f"windows of {s['context']} bytes; validation loss in nats per byte over "
         f"{s['eval_windows']} windows, perplexity = exp(loss). Conversions with their "
         "defaults (SparseGPT damping 0.01, block 128; AdaPrune solver auto), sequential. "
@@ -247,6 +309,12 @@ def run(s) -> str:
         *targets(dense, by_pattern, tuned_24),
     ]
     return "\n".join(out)
+
+
+def _version(name):
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def targets(dense, by_pattern, tuned_24) -> list[str]:
@@ -304,11 +372,13 @@ def main(argv=None) -> None:
     parser.add_argument("--memory", action="store_true",
                         help="compile SparseGPT for wide layers and print XLA's peak memory")
     parser.add_argument("--out", help="write the markdown here (default: stdout)")
+    parser.add_argument("--model", choices=("lm", "gpt2"), default="lm",
+                        help="examples/lm.py's Transformer or a tiny Hugging Face GPT-2")
     for key, value in FULL.items():
         if isinstance(value, int):
             parser.add_argument(f"--{key.replace('_', '-')}", type=int)
     args = parser.parse_args(argv)
-    s = dict(FAST if args.fast else FULL)
+    s = dict(FAST if args.fast else FULL, model=args.model)
     s.update({k: v for k, v in vars(args).items() if k in s and v is not None})
     load = os.getloadavg()
     started = datetime.datetime.now(datetime.UTC)
