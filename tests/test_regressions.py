@@ -75,6 +75,16 @@ def test_every_decay_taker_refuses_the_same_values(decay, error):
             pytest.fail(f"{name} accepted decay={decay!r}")
 
 
+def test_decay_has_one_owner_in_static_mode():
+    # Once: sparsify(..., mode="static", decay=λ) with optim.sparse(..., decay=λ) applied 2λ.
+    for decay in (2e-4, jnp.float32(2e-4)):
+        with pytest.raises(ValueError, match=r"mode='static'.*nmjax.optim.sparse\(\.\.\., "
+                                             r"decay=λ\)"):
+            Sparsity("2:4", mode="static", decay=decay)
+    assert Sparsity("2:4", mode="static", decay=0).decay == 0.0
+    assert Sparsity("2:4", mode="dynamic", decay=2e-4).decay == 2e-4
+
+
 # --------------------------------------------------------------------- specs as values
 
 

@@ -117,7 +117,8 @@ def _train_linen(model, prep, mode, rule):
     x_train, x_test = prep(X_TRAIN), prep(X_TEST)
     params = model.init(_key(0), x_train[:1])["params"]
     rule = nmjax.resolve(model, rule, x_train[:1])                 # the plan: axes from ops
-    net = model if mode == "dense" else sparsify(model, rule, mode=mode, decay=2e-4)
+    decay = 2e-4 if mode == "dynamic" else 0.0    # static: the optimizer would own it
+    net = model if mode == "dense" else sparsify(model, rule, mode=mode, decay=decay)
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)
     masks = linen_masks(params, rule) if mode == "static" else None
@@ -181,7 +182,7 @@ def _train_nnx(cls, prep, mode, rule):
     model = cls(nnx.Rngs(_key(0)))
     if mode != "dense":
         rule = nmjax.resolve(model, rule, x_train[:1])
-        model = sparsify(model, rule, mode=mode, decay=2e-4)
+        model = sparsify(model, rule, mode=mode, decay=2e-4 if mode == "dynamic" else 0.0)
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     @nnx.jit

@@ -49,9 +49,11 @@ class Sparsity:
         ``"pallas"``, ``"cusparselt"`` or an :class:`nmjax.backends.Backend`.
       decay: SR-STE ``λ`` ≥ 0 (finite): adds ``λ · (1 − fwd) ⊙ W`` to the kernel's
         gradient. A float, or a JAX scalar (e.g. traced from a schedule inside a jitted
-        step); ``0`` leaves the term out. Give the decay one owner: when
-        :func:`nmjax.optim.sparse` trains the model with its own ``decay=``, leave this 0
-        (both would apply it: 2λ).
+        step); ``0`` leaves the term out. Dynamic mode only: the decay has one owner per
+        mode, and in static mode that is whoever owns the masks,
+        :func:`nmjax.optim.sparse` (its ``decay=``), so a static layer's own decay is
+        refused rather than applied twice (2λ). With dynamic layers, leave
+        :func:`nmjax.optim.sparse`'s ``decay`` 0 if you use it.
     """
 
     pattern: Pattern | str = "2:4"
@@ -65,6 +67,12 @@ class Sparsity:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "backend", backends.check_backend(self.backend))
         object.__setattr__(self, "decay", _checks.check_decay(self.decay))
+        if self.mode == "static" and not (isinstance(self.decay, float) and self.decay == 0):
+            raise ValueError(
+                f"decay={self.decay!r} with mode='static': static masks come from the "
+                "optimizer, which owns SR-STE's decay: pass it there "
+                "(nmjax.optim.sparse(..., decay=λ)) and leave the layers' decay 0; the "
+                "layers' decay is for mode='dynamic'")
 
     def _key(self):
         return (self.pattern, self.mode, self.backend, _decay_key(self.decay))
