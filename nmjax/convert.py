@@ -716,13 +716,16 @@ def _check_one_shot(setup: _Setup, method: str) -> None:
                              f"({pattern.label!r})")
 
 
-def _with_backward(pattern: Pattern, kernel_new: jax.Array, fwd: jax.Array, key: jax.Array
-                   ) -> Masks:
-    """The :class:`Masks` of a ``(K, N)`` matrix for a forward mask: Bi-Mask's backward mask
-    by the pattern's permutation search on the converted weights; else ``fwd`` twice."""
+def _pruned(pattern: Pattern, new2: jax.Array, fwd: jax.Array, w: jax.Array, key: jax.Array,
+            method: str) -> _Solved:
+    """A one-shot method's answer for a ``(K, N)`` matrix pruned to ``new2`` under ``fwd``:
+    the bias row of ``w`` unchanged; Bi-Mask's backward mask by the pattern's permutation
+    search on the pruned weights, else ``fwd`` twice."""
     if isinstance(pattern, BiMask):
-        return _oneshot.bimask_backward(pattern, kernel_new, fwd, key)
-    return Masks(fwd, fwd, None)
+        masks = _oneshot.bimask_backward(pattern, new2, fwd, key)
+    else:
+        masks = Masks(fwd, fwd, None)
+    return _Solved(solve.as_numpy(jnp.concatenate([new2, w[-1:]])), masks, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -746,8 +749,7 @@ class _SparseGPT:
                                             jnp.float32(self.damping), pattern=pattern,
                                             block=size, progress=report)
             new2 = jax.block_until_ready(new2)
-        found = _with_backward(pattern, new2, fwd2, jax.random.fold_in(self.key, index))
-        return _Solved(solve.as_numpy(jnp.concatenate([new2, w[-1:]])), found, "sparsegpt")
+        return _pruned(pattern, new2, fwd2, w, jax.random.fold_in(self.key, index), "sparsegpt")
 
 
 def sparsegpt(
@@ -878,8 +880,7 @@ class _Wanda:
             new2 = jnp.where(fwd, w[:-1], 0.0)
             if report:
                 solve.PROGRESS(1)
-        found = _with_backward(pattern, new2, fwd, jax.random.fold_in(self.key, index))
-        return _Solved(solve.as_numpy(jnp.concatenate([new2, w[-1:]])), found, "wanda")
+        return _pruned(pattern, new2, fwd, w, jax.random.fold_in(self.key, index), "wanda")
 
 
 def wanda(
