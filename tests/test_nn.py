@@ -20,7 +20,7 @@ from nmjax.masks import (
     nm_mask,
     transposable_mask,
 )
-from nmjax.nn import Sparsity, linen_masks, sparsify
+from nmjax.nn import Sparsity, refresh, sparsify
 from nmjax.nn import linen as nl
 from nmjax.nn import nnx as nx
 from nmjax.tree import MaskRule
@@ -283,7 +283,7 @@ def test_linen_sparsify_restores_dense_checkpoint_and_masks_selected_layers(mode
     ref = model.apply({"params": masked_params(params["params"], plan)}, x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(y - model.apply(params, x)).max()) > 1e-3  # it is not the dense model
-    built = linen_masks(params["params"], plan)
+    built = refresh(params["params"], plan)
     assert set(built) == {p.split("/")[0] for p in plan.paths}
     assert "head" not in built
     for path, m in jax.tree_util.tree_leaves_with_path(
@@ -297,7 +297,7 @@ def test_linen_static_mode_reads_the_nm_masks_collection():
     static = sparsify(MLP(), plan, mode="static")
     variables = static.init(key(2), X)
     assert set(variables) == {"params", nmjax.nn.MASKS}
-    masks = linen_masks(params, plan)
+    masks = refresh(params, plan)
     assert shapes(variables[nmjax.nn.MASKS]) == shapes(masks)
     y = static.apply({"params": params, nmjax.nn.MASKS: masks}, X)
     np.testing.assert_allclose(y, MLP().apply({"params": masked_params(params, plan)}, X),
@@ -375,7 +375,7 @@ def test_nnx_sparsify_keeps_params_and_restores_dense_state(cls, mode):
     other = cls(rngs(7))
     nnx.update(sparse, nnx.state(other, nnx.Param))
     if mode == "static":
-        nmjax.nn.refresh_masks(sparse)
+        nmjax.nn.refresh(sparse)
     y = nnx.jit(lambda m, x: m(x))(sparse, x)
     np.testing.assert_allclose(y, _nnx_masked_reference(other, plan, x), rtol=1e-5, atol=1e-5)
     n_masks = len(jax.tree.leaves(nnx.state(sparse, nx.NMMask)))
@@ -436,7 +436,7 @@ def test_nnx_general_layers_bimask_convs_and_indivisible_kernels():
     conv_model = sparsify(cnn, plan_of(cnn, MaskRule("2:4 bimask", exclude="head"), IMG),
                           mode="static")
     before = conv_model.nm_masks["conv2.kernel"]["perm"][...]
-    nmjax.nn.search_perms(conv_model, key(3))
+    nmjax.nn.search(conv_model, key(3))
     assert conv_model.nm_masks["conv2.kernel"]["perm"][...].shape == before.shape == (12,)
     assert conv_model(IMG).shape == (2, 10)
 
@@ -478,7 +478,7 @@ def test_dynamic_bimask_uses_a_searched_permutation():
     rule = MaskRule(BiMask(2, 4, search="random", num_candidates=8), exclude="head")
     params = MLP().init(key(6), X)["params"]
     plan = plan_of(MLP(), rule, X)
-    perms = nmjax.nn.linen_perms(params, plan, key(7))
+    perms = nmjax.nn.search(params, key(7), plan)
     assert shapes(perms) == {"Dense_0": {"kernel": (16,)}, "Dense_1": {"kernel": (12,)}}
     sparse = sparsify(MLP(), plan)
     y = sparse.apply({"params": params, nmjax.nn.MASKS: perms}, X)
@@ -497,8 +497,8 @@ def test_dynamic_bimask_uses_a_searched_permutation():
         return nn.Dense(10).apply({"params": params["head"]}, h).sum()
 
     np.testing.assert_allclose(dx, jax.grad(reference)(X), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="linen_perms needs a plan with Bi-Mask patterns"):
-        nmjax.nn.linen_perms(params, plan_of(MLP(), RULE_T, X), key(7))
+    with pytest.raises(ValueError, match="search needs a plan with Bi-Mask patterns"):
+        nmjax.nn.search(params, key(7), plan_of(MLP(), RULE_T, X))
 
 
 @jax.custom_vjp

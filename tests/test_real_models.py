@@ -584,7 +584,7 @@ def test_batch_stats_dropout_and_flags_through_resolve_and_sparsify():
                          rngs={"dropout": jax.random.key(2)})
     assert plan.paths == ("Conv_0/kernel", "Dense_0/kernel")
     sparse = nmjax.nn.sparsify(NormDropout(), plan, mode="static")
-    masks = nmjax.nn.linen_masks(variables["params"], plan)
+    masks = nmjax.nn.refresh(variables["params"], plan)
     y, updates = jax.jit(lambda v, k: sparse.apply(
         {**v, "nm_masks": masks}, x, train=True, rngs={"dropout": k},
         mutable=["batch_stats"]))(variables, jax.random.key(3))

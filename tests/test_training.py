@@ -18,7 +18,7 @@ from flax import nnx
 
 import nmjax
 from nmjax.masks import Transposable, is_nm, is_transposable
-from nmjax.nn import USED_MASKS, linen_masks, model_masks, sparsify
+from nmjax.nn import USED_MASKS, model_masks, refresh, sparsify
 from nmjax.tree import MaskRule
 
 datasets = pytest.importorskip("sklearn.datasets")  # in the "dev" extra; shipped, no download
@@ -121,7 +121,7 @@ def _train_linen(model, prep, mode, rule):
     net = model if mode == "dense" else sparsify(model, rule, mode=mode, decay=decay)
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)
-    masks = linen_masks(params, rule) if mode == "static" else None
+    masks = refresh(params, rule) if mode == "static" else None
 
     def variables(params, masks):
         return {"params": params} if masks is None else {"params": params, "nm_masks": masks}
@@ -141,7 +141,7 @@ def _train_linen(model, prep, mode, rule):
     valid = True
     for t in range(STEPS):
         if mode == "static" and t and t % REFRESH == 0:
-            masks = linen_masks(params, rule)
+            masks = refresh(params, rule)
         idx = BATCHES[t]
         params, opt_state, (_, _, ok, n_masked) = step(params, opt_state, masks, x_train[idx],
                                                        Y_TRAIN[idx])
@@ -199,7 +199,7 @@ def _train_nnx(cls, prep, mode, rule):
     valid = True
     for t in range(STEPS):
         if mode == "static" and t and t % REFRESH == 0:
-            nmjax.nn.refresh_masks(model)
+            nmjax.nn.refresh(model)
         idx = BATCHES[t]
         _, _, ok, n_masked = step(model, opt, x_train[idx], Y_TRAIN[idx])
         valid &= bool(ok)

@@ -15,15 +15,14 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
+from nmjax.nn._lifecycle import refresh, search
 from nmjax.nn._packed import PackedLinear, pack_model, packed_variables
 from nmjax.nn._sparsify import SparseModel, model_masks
-from nmjax.nn.linen import SparseDense, linen_masks, linen_perms, to_collection
+from nmjax.nn.linen import SparseDense, to_collection
 from nmjax.nn.nnx import (
     NMDecay,
     NMMask,
     SparseLinear,
-    refresh_masks,
-    search_perms,
     set_masks,
     sparse_layers,
 )
@@ -116,14 +115,12 @@ __all__ = [
     "SparseModel",
     "Sparsity",
     "linen",
-    "linen_masks",
-    "linen_perms",
     "model_masks",
     "nnx",
     "pack_model",
     "packed_variables",
-    "refresh_masks",
-    "search_perms",
+    "refresh",
+    "search",
     "set_masks",
     "sparse_layers",
     "sparsify",

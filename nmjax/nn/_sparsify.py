@@ -27,7 +27,7 @@ __all__ = ["SparseModel", "masks_by_path", "run_sparse"]
 
 def masks_by_path(masks: Any) -> dict[str, Any]:
     """``{parameter path: Masks}`` of a mask tree or an ``"nm_masks"`` collection (a bare
-    array there is a Bi-Mask permutation for dynamic mode: :func:`nmjax.nn.linen_perms`)."""
+    array there is a Bi-Mask permutation for dynamic mode: :func:`nmjax.nn.search`)."""
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
     return {path_str(p): m for p, m in flat if m is not None}
 

@@ -35,12 +35,12 @@ def _layer_masks(mdl: nn.Module, kernel: jax.Array, axis: int, sp: Sparsity) -> 
             raise ValueError(
                 f"static masks: the {MASKS!r} collection has no mask for {path!r}. Pass the "
                 f"{MASKS!r} collection that init returned, or "
-                f"nmjax.nn.linen_masks(params, rule) as variables[{MASKS!r}]")
+                f"nmjax.nn.refresh(params, plan) as variables[{MASKS!r}]")
         masks = mdl.variable(MASKS, "kernel", _core.compute_masks, kernel, axis, sp, path).value
         if not isinstance(masks, Masks):
             raise TypeError(f"static masks for {path!r} must be an nmjax.masks.Masks "
                             f"(fwd, bwd, perm), got {type(masks).__name__}; build them with "
-                            "nmjax.nn.linen_masks(params, rule)")
+                            "nmjax.nn.refresh(params, plan)")
         _core.check_mask_shapes(masks, kernel.shape, path)
     if not mdl.is_initializing():  # keep init's variables those of the dense model
         mdl.sow(USED_MASKS, "kernel", masks, init_fn=lambda: None, reduce_fn=lambda _, new: new)
@@ -135,37 +135,16 @@ class SparseConv(nn.Conv):
         return conv_call(self, inputs, self.sparsity)
 
 
-def linen_perms(params: Any, rule: Any, key: jax.Array, *, previous: Any = None
-                ) -> dict[str, Any]:
-    """Bi-Mask permutations for dynamic mode, laid out like ``params`` (an int32 array at
-    each Bi-Mask parameter: one ``(N,)`` row per stacked matrix).
-
-    The Bi-Mask recipe: every I steps (the paper: 100) search a permutation of each
-    kernel's output channels on the current weights (the pattern's search settings), and
-    pass the result as ``variables["nm_masks"]`` to a dynamic :func:`nmjax.nn.sparsify`
-    model; forward and backward masks are still recomputed from the weights at every call,
-    the backward one in that permutation's order. Without it the identity is used.
-
-    Example (every I steps of a training loop)::
-
-      plan = nmjax.resolve(model, MaskRule(BiMask(2, 4), exclude="head"), x)
-      sparse = nmjax.nn.sparsify(model, plan, decay=2e-4)
-      perms = linen_perms(params, plan, jax.random.key(step), previous=perms)
-      logits = sparse.apply({"params": params, "nm_masks": perms}, x)
-
-    Args:
-      params: the ``params`` pytree.
-      rule: a :class:`~nmjax.plan.Plan` (or rule) whose patterns are Bi-Mask.
-      key: PRNG key; split across layers.
-      previous: the last result, to warm-start a ``"swap"`` search from.
-    """
+def perms_collection(params: Any, rule: Any, key: jax.Array, *, previous: Any = None
+                     ) -> dict[str, Any]:
+    """Bi-Mask permutations laid out like ``params``: :func:`nmjax.nn.search` for Linen."""
     from nmjax.optim import select
     from nmjax.plan import layout_search
 
     chosen = [(path, w, leaf) for path, w, leaf in select(params, rule)
               if isinstance(leaf.pattern, BiMask)]
     if not chosen:
-        raise ValueError("linen_perms needs a plan with Bi-Mask patterns; this one has none")
+        raise ValueError("search needs a plan with Bi-Mask patterns; this one has none")
     keys = jax.random.split(key, len(chosen))
     flat_prev = {}
     if previous is not None:
@@ -197,15 +176,8 @@ def to_collection(masks: Any) -> dict[str, Any]:
     return prune(masks)
 
 
-def linen_masks(params: Any, rule: Any) -> dict[str, Any]:
-    """The ``"nm_masks"`` collection for ``params``: :func:`nmjax.tree.build_masks` without
-    the leaves left dense (a dict laid out like ``params``, a
-    :class:`~nmjax.masks.Masks` at each sparse kernel). ``rule``: a
-    :class:`~nmjax.plan.Plan` (or a rule, as :func:`nmjax.tree.build_masks` takes).
-
-    Call it on the current ``params`` to refresh static masks during training (or let
-    :mod:`nmjax.optim` do it).
-    """
+def masks_collection(params: Any, rule: Any) -> dict[str, Any]:
+    """The ``"nm_masks"`` collection for ``params``: :func:`nmjax.nn.refresh` for Linen."""
     return to_collection(build_masks(params, rule))
 
 
@@ -214,7 +186,7 @@ __all__ = [
     "SparseDense",
     "conv_call",
     "dense_call",
-    "linen_masks",
-    "linen_perms",
+    "masks_collection",
+    "perms_collection",
     "to_collection",
 ]

@@ -74,7 +74,7 @@ def _masks(layer: Any, kernel: jax.Array, axis: int) -> Masks:
     if layer.sparsity.mode == "dynamic":
         return _core.compute_masks(kernel, axis, layer.sparsity, perm=perm)
     if layer.fwd_mask is None:
-        raise ValueError("static masks are missing; call nmjax.nn.nnx.refresh_masks(model)")
+        raise ValueError("static masks are missing; call nmjax.nn.refresh(model)")
     masks = Masks(layer.fwd_mask.get_value(), layer.bwd_mask.get_value(), perm)
     _core.check_mask_shapes(masks, kernel.shape, "kernel")
     return masks
@@ -193,7 +193,7 @@ def sparse_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
             for path, node in nnx.iter_graph(model) if isinstance(node, SPARSE_LAYERS)]
 
 
-def search_perms(model: nnx.Module, key: jax.Array) -> None:
+def search_model(model: nnx.Module, key: jax.Array) -> None:
     """Searches a new Bi-Mask permutation for every Bi-Mask layer of ``model`` (in place),
     warm-started from its current one, with its pattern's search settings.
 
@@ -216,7 +216,7 @@ def search_perms(model: nnx.Module, key: jax.Array) -> None:
             refresh_layer(layer)
 
 
-def refresh_masks(model: nnx.Module) -> None:
+def refresh_model(model: nnx.Module) -> None:
     """Recomputes the static masks of ``model`` from its current weights (in place, the NNX
     way): a model from :func:`nmjax.nn.sparsify` with a plan (``mode="static"``; a stored
     Bi-Mask permutation is kept), or every static sparse layer of a model built from
@@ -238,8 +238,8 @@ __all__ = [
     "SparseConv",
     "SparseLinear",
     "refresh_layer",
-    "refresh_masks",
-    "search_perms",
+    "refresh_model",
+    "search_model",
     "set_masks",
     "sparse_layers",
 ]
