@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -38,6 +37,7 @@ from flax import nnx
 from nmjax import _checks, _oneshot
 from nmjax import _convert_solve as solve
 from nmjax._convert_capture import Model, Site, stacked
+from nmjax._progress import Bars
 from nmjax.masks import NM, BiMask, Masks, Pattern, Transposable, as_pattern
 from nmjax.plan import LeafPlan, Plan, _matches, as_rules, layout_reason, plan_for_params
 from nmjax.tree import MaskRule, apply_masks, path_str
@@ -318,47 +318,22 @@ class _Solved(NamedTuple):
     fit_bias: bool = False
 
 
-class _Bars:
-    """A rich progress bar per layer (on stderr), fed by the solvers' in-loop callbacks."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Bars:
-        if self.enabled:
-            from rich import progress as rp
-            from rich.console import Console
-
-            self.progress = rp.Progress(
-                rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                rp.TimeElapsedColumn(), console=Console(file=sys.stderr))
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+class _Bars(Bars):
+    """:class:`nmjax._progress.Bars` whose items also feed the solvers' in-loop progress
+    callbacks (``solve.PROGRESS``)."""
 
     @contextlib.contextmanager
     def layer(self, label: str, total: int):
         """Yields whether the solver should report progress (a bar is shown)."""
-        if self.progress is None:
-            yield False
-            return
-        self.task = self.progress.add_task(label, total=total)
-        task = self.task
-        solve.PROGRESS.set(lambda done: self.progress.update(task, completed=done))
-        try:
-            yield True
-        finally:
-            solve.PROGRESS.set(None)
-
-    def done(self, description: str) -> None:
-        if self.progress is not None and self.task is not None:
-            total = self.progress.tasks[-1].total
-            self.progress.update(self.task, completed=total, description=description)
+        with self.item(label, total) as update:
+            if update is None:
+                yield False
+                return
+            solve.PROGRESS.set(update)
+            try:
+                yield True
+            finally:
+                solve.PROGRESS.set(None)
 
 
 def _bias_of(flat: Mapping[str, Any], unit: _Unit) -> Any:

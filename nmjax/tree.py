@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TextIO
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax import _checks
+from nmjax._progress import Bars
 from nmjax.masks import Masks, Pattern, Transposable, as_pattern, transposable_mask_lp
 
 Path = str
@@ -321,8 +321,8 @@ def build_masks_lp(
       rule: a :class:`nmjax.plan.Plan` or rule (as :func:`build_masks`) whose pattern is
         ``Transposable``.
       batch_tiles: tiles per LP (memory grows linearly with it).
-      progress: print the progress bar.
-      file: stream for the bar.
+      progress: show a progress bar per leaf (rich).
+      file: stream for the bars (default stderr).
 
     Returns:
       A pytree of ``params``' structure with ``Masks(mask, mask, None)`` (numpy masks) at
@@ -336,32 +336,25 @@ def build_masks_lp(
     if bad:
         raise ValueError(f"build_masks_lp needs a Transposable pattern, got {bad[0]!r}")
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    stream = file if file is not None else sys.stderr
     t0 = time.perf_counter()
     solved: dict[Path, Masks] = {}
     total = len(plan.leaves)
-
-    def bar(done: int, path: str, tiles_done: int, tiles_total: int) -> None:
-        width = 24
-        filled = int(width * done / max(total, 1))
-        stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] leaf {done + 1}/{total} "
-            f"{path} tiles {tiles_done}/{tiles_total} {time.perf_counter() - t0:.1f}s")
-        stream.flush()
-
-    for done, leaf in enumerate(plan.leaves):
-        spec, layout = leaf.pattern, leaf.layout
-        scores = np.asarray(layout.to_canonical(jnp.asarray(spec.score_fn(
-            np.asarray(flat[leaf.path])))))
-        report = (lambda a, b, d=done, p=leaf.path: bar(d, p, a, b)) if progress else None
-        mask = np.stack([transposable_mask_lp(matrix, spec.n, spec.m, axes=(0, 1),
-                                              batch_tiles=batch_tiles, progress=report)
-                         for matrix in scores])
-        mask = np.asarray(layout.from_canonical(jnp.asarray(mask)))
-        solved[leaf.path] = Masks(mask, mask, None)
-    if progress and total:
-        stream.write(f"\n{total} leaves solved in {time.perf_counter() - t0:.1f}s\n")
-        stream.flush()
+    with Bars(progress, file=file) as bars:
+        for done, leaf in enumerate(plan.leaves):
+            spec, layout = leaf.pattern, leaf.layout
+            scores = np.asarray(layout.to_canonical(jnp.asarray(spec.score_fn(
+                np.asarray(flat[leaf.path])))))
+            with bars.item(f"leaf {done + 1}/{total} {leaf.path} tiles", 0) as update:
+                report = None if update is None else (lambda a, b, u=update: u(a, total=b))
+                mask = np.stack([transposable_mask_lp(matrix, spec.n, spec.m, axes=(0, 1),
+                                                      batch_tiles=batch_tiles, progress=report)
+                                 for matrix in scores])
+            bars.done(f"leaf {done + 1}/{total} {leaf.path}")
+            mask = np.asarray(layout.from_canonical(jnp.asarray(mask)))
+            solved[leaf.path] = Masks(mask, mask, None)
+        if bars.progress is not None and total:
+            bars.progress.console.print(f"{total} leaves solved in "
+                                        f"{time.perf_counter() - t0:.1f}s")
     return jax.tree_util.tree_map_with_path(lambda kp, _: solved.get(path_str(kp)), params)
 
 
