@@ -178,7 +178,7 @@ def test_masks_are_valid_along_the_contraction_axis(method, pattern):
         assert np.isfinite(r.error_adaprune) and r.error_adaprune != r.fit_error_adaprune
     # The baseline is the dense model under the pattern's magnitude masks.
     mag = conv.magnitude_params["Dense_0"]["kernel"]
-    np.testing.assert_array_equal(mag, rule.masks(PARAMS["Dense_0"]["kernel"], 0).fwd
+    np.testing.assert_array_equal(mag, rule.pattern(PARAMS["Dense_0"]["kernel"], 0).fwd
                                   * PARAMS["Dense_0"]["kernel"])
     # The static sparse model runs on the conversion.
     y = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, X)
