@@ -602,15 +602,14 @@ def test_batch_stats_dropout_and_flags_through_resolve_and_sparsify():
 
 
 @pytest.mark.parametrize(("method", "pattern"), [
-    ("sparsegpt", "2:4 transposable"), ("wanda", "2:4 bimask"), ("adaprune", "2:4")])
+    ("sparsegpt", "2:4"), ("wanda", "2:4 transposable")])
 def test_conversions_take_gpt2_from_its_plan(gpt2, method, pattern):
     # GPT-2's FlaxConv1D stores (out, in) and contracts axis 1: the converters read that
     # from the op, as the training path does, and never from the layer's class or name.
     hf, inputs = gpt2
     batch = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
-    options = dict(solver="lstsq") if method == "adaprune" else {}
     conv = getattr(nmjax.convert, method)((hf.module, hf.params), batch, MaskRule(pattern),
-                                          progress=False, **options)
+                                          progress=False)
     assert [r.path for r in conv.layers] == [p for p, _, _ in GPT2_AXES]
     assert bool(conv.plan.valid(conv.masks))
     for path, contract, out in GPT2_AXES:
@@ -618,8 +617,9 @@ def test_conversions_take_gpt2_from_its_plan(gpt2, method, pattern):
         check_masks(masks, pattern, contract, out)
         kernel = np.asarray(leaf(conv.params, path))
         assert not kernel[~np.asarray(masks.fwd)].any()         # 0 outside the mask
-    for r in conv.layers:
-        assert r.error_adaprune <= r.error_magnitude + 1e-6, r
+    if method == "sparsegpt":      # Wanda is a heuristic: no such promise
+        for r in conv.layers:
+            assert r.error_adaprune <= r.error_magnitude + 1e-6, r
     # The returned static-sparse model computes the dense model on the converted weights.
     got = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, *batch)
     want = hf.module.apply({"params": conv.params}, *batch)
