@@ -1,7 +1,16 @@
-"""GPU timings of the transposable N:M solvers: 8192x8192 at 2:4, 4:8 and 8:16.
+"""GPU timings of the mask solvers: the transposable ones at 8192x8192 (2:4, 4:8, 8:16),
+and a refresh at LLM layer shapes against one dense training step of the same layer.
 
   python benchmarks/gpu_masks.py OUT.md                 # on a machine with a GPU
   python benchmarks/gpu_masks.py OUT.md --budget 60     # at most ~60 s of timing per case
+  python benchmarks/gpu_masks.py OUT.md --parts llm     # only the LLM shapes
+
+The LLM part (issue 22): at 4096x11008 and 8192x28672 (``in x out``), N:M 2:4, exact24
+transposable 2:4, exact transposable 4:8, Bi-Mask 2:4's masks for a given permutation and its
+permutation search (swap), each beside one dense bf16 training step of the same layer (the
+forward product and both gradients, 4096 tokens), with the refresh time per billion weights
+and the number of training steps one refresh costs, so a reader can choose
+``refresh_every``.
 
 Writes a markdown table to ``OUT.md`` after every case (so a run killed by an outer
 timeout keeps the rows it finished) and prints each row as it goes. Each case runs under
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 import sys
 import time
@@ -32,12 +42,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nmjax.masks import is_transposable, transposable_mask  # noqa: E402
+from nmjax.masks import BiMask, is_transposable, nm_mask, transposable_mask  # noqa: E402
 
 SIZE = (8192, 8192)
 CASES = (((2, 4), ("exact24", "exact", "greedy", "greedy+repair")),
          ((4, 8), ("exact", "greedy", "greedy+repair")),
          ((8, 16), ("exact", "greedy", "greedy+repair")))
+LLM_SHAPES = ((4096, 11008), (8192, 28672))
+LLM_TOKENS = 4096
+LLM_CASES = (
+    ("2:4 nm", lambda w, s, p: nm_mask(s, 2, 4, axis=0)),
+    ("2:4 transposable (exact24)", lambda w, s, p: transposable_mask(s, 2, 4, method="exact24")),
+    ("4:8 transposable (exact)", lambda w, s, p: transposable_mask(s, 4, 8, method="exact")),
+    ("2:4 Bi-Mask masks (given permutation)", lambda w, s, p: BiMask(2, 4)(w, 0, perm=p).bwd),
+    ("2:4 Bi-Mask permutation search (swap)",
+     lambda w, s, p: BiMask(2, 4).search_permutation(w, jax.random.key(1), init=p)),
+)
 PUBLISHED = ("| 8192x8192 | 8:16 | TSENOR (published: H100, approximate, 1-10% error) | - | "
              "0.12 | - | - | - |")
 
@@ -64,30 +84,91 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timing per case")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (testing)")
+    p.add_argument("--parts", default="square,llm",
+                   help="comma-separated, in order: square (8192^2 transposable), llm")
+    p.add_argument("--shrink", type=int, default=1,
+                   help="divide every size by this (a CPU smoke run of the script)")
     args = p.parse_args()
     device = jax.devices()[0]
     if device.platform != "gpu" and not args.allow_cpu:
         sys.exit(f"no GPU: jax's first device is {device} ({device.platform}); "
                  "pass --allow-cpu to run anyway (the table then says so)")
     kind = getattr(device, "device_kind", device.platform)
-    head = [f"# Transposable N:M solvers on {kind} ({device.platform})", "",
+    head = [f"# Mask solvers on {kind} ({device.platform})", "",
             f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
             f"device {device}. Command: `python benchmarks/gpu_masks.py {' '.join(sys.argv[1:])}`",
             "", "| size | N:M | method | compile s | median s | runs | retained / exact | "
             "exactly N |", "|---|---|---|---:|---:|---:|---:|---|"]
     rows: list[str] = []
+    llm_rows: list[str] = []
+    llm_head = ["", "## Refresh at LLM layer shapes", "",
+                "| layer (in x out) | what | compile s | median s | runs | s per 1e9 weights | "
+                "dense training steps per refresh |", "|---|---|---:|---:|---:|---:|---:|"]
 
     def write() -> None:
-        args.out.write_text("\n".join([*head, *rows, PUBLISHED, ""]))
+        args.out.write_text("\n".join([*head, *rows, PUBLISHED, *llm_head, *llm_rows, ""]))
 
-    label = f"{SIZE[0]}x{SIZE[1]}"
-    w = jax.random.normal(jax.random.key(0), SIZE, jnp.float32)
+    parts = args.parts.split(",")
+    for part in parts:
+        if part == "llm":
+            llm(args, llm_rows, write)
+        elif part == "square":
+            square(args, rows, write)
+        else:
+            sys.exit(f"--parts takes square and llm, got {part!r}")
+    print(f"wrote {args.out}")
+
+
+def llm(args, rows: list[str], write) -> None:
+    """The LLM shapes: each solver's time beside one dense training step of the layer."""
+    for d_in, d_out in LLM_SHAPES:
+        d_in, d_out = d_in // args.shrink, d_out // args.shrink
+        label = f"{d_in}x{d_out}"
+        try:
+            w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32)
+            x = jax.random.normal(jax.random.key(2), (LLM_TOKENS // args.shrink, d_in),
+                                  jnp.bfloat16)
+            wb = w.astype(jnp.bfloat16)
+            step = jax.jit(jax.grad(lambda x, w: jnp.sum((x @ w).astype(jnp.float32)),
+                                    argnums=(0, 1)))
+            comp, dense, runs, _ = timed(functools.partial(step, x, wb), args.repeats,
+                                         args.budget)
+            rows.append(f"| {label} | dense bf16 training step ({x.shape[0]} tokens: "
+                        f"forward, dX, dW) | {comp} | {dense} | {runs} | - | 1 |")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            rows.append(f"| {label} | dense step | error: {type(e).__name__} | | | | |")
+            dense = "-"
+        print(rows[-1], flush=True)
+        write()
+        scores = jnp.abs(w)
+        perm = jnp.arange(d_out, dtype=jnp.int32)
+        for name, fn in LLM_CASES:
+            try:
+                solve = functools.partial(jax.jit(fn), w, scores, perm)
+                comp, med, runs, _ = timed(solve, args.repeats, args.budget)
+                per = (f"{float(med) * 1e9 / (d_in * d_out):.2f}" if runs else "-")
+                steps = (f"{float(med) / float(dense):.1f}" if runs and dense != "-" else "-")
+                rows.append(f"| {label} | {name} | {comp} | {med} | {runs} | {per} | "
+                            f"{steps} |")
+            except Exception as e:  # noqa: BLE001 - one failed case must not stop the rest
+                msg = str(e).splitlines()[0][:120] if str(e) else ""
+                rows.append(f"| {label} | {name} | error: {type(e).__name__}: {msg} | | | | |")
+                traceback.print_exc()
+            print(rows[-1], flush=True)
+            write()
+
+
+def square(args, rows: list[str], write) -> None:
+    """The transposable solvers at 8192x8192 against the exact optimum."""
+    size = (SIZE[0] // args.shrink, SIZE[1] // args.shrink)
+    label = f"{size[0]}x{size[1]}"
+    w = jax.random.normal(jax.random.key(0), size, jnp.float32)
     scores = jnp.abs(w)
     s_np = np.asarray(scores, np.float64)
     a = jnp.asarray(w, jnp.bfloat16)
     try:  # the scale of a training step: one dense bf16 product of the same size
         comp, med, runs, _ = timed(lambda: a @ a, args.repeats, args.budget)
-        rows.append(f"| {label} | - | dense bf16 matmul {SIZE[0]}^3 (for scale) | {comp} | {med} | "
+        rows.append(f"| {label} | - | dense bf16 matmul {size[0]}^3 (for scale) | {comp} | {med} | "
                     f"{runs} | - | - |")
     except Exception as e:  # noqa: BLE001 - report and go on
         rows.append(f"| {label} | - | dense bf16 matmul | error: {type(e).__name__} | | | | |")
@@ -115,7 +196,6 @@ def main() -> None:
                 traceback.print_exc()
             print(rows[-1], flush=True)
             write()
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
