@@ -66,6 +66,7 @@ SEL=()  # VARIANTS="a b": probe and check only these
 if [ -n "${VARIANTS:-}" ]; then read -ra SEL <<<"$VARIANTS"; SEL=(--variants "${SEL[@]}"); fi
 if [ "${SMOKE:-0}" = 1 ]; then  # CPU test of this script: nothing in the tree is written
   EXTRA=(--smoke --fault "${SMOKE_FAULT-v1_mf}"); CMD="SMOKE=1 $CMD"
+  SMOKE_MASKS=(--allow-cpu --shrink 32)
   cp "$MEASURED" "$T/measured_in.json"; MEASURED="$T/measured_in.json"; RESULTS_MD="$T/kernels.md"
 fi
 K=("$PY" benchmarks/kernels.py)
@@ -167,7 +168,7 @@ cusparselt_env() {
   # finish (1 file).
   if [ -f benchmarks/gpu_masks.py ]; then
     step "7 masks" "${MASKS_TIMEOUT:-45}" "$PY" benchmarks/gpu_masks.py "$O/masks_gpu.md" \
-      --budget 4 --repeats 3 --parts square,llm
+      --budget 4 --repeats 3 --parts square,llm ${SMOKE_MASKS[@]+"${SMOKE_MASKS[@]}"}
   else
     echo "== 7 masks: placeholder (benchmarks/gpu_masks.py not in this tree)"
   fi
