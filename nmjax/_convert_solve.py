@@ -39,10 +39,10 @@ class Geometry:
     Attributes:
       kind: ``"dense"`` or ``"conv"``.
       kernel_shape: the kernel's shape (``(in, out)`` or ``HWIO``-like, rank 3 to 5).
-      strides, padding, input_dilation, kernel_dilation: a conv's settings, canonical
-        (tuples; ``padding`` a string ``"SAME"``/``"VALID"`` or a tuple of pairs).
-      pre_pad: ``(mode, pads)`` applied with ``jnp.pad`` before the patches (``CIRCULAR``,
-        ``REFLECT``, ``CAUSAL`` padding), or ``None``.
+      strides, padding, input_dilation, kernel_dilation: a conv's settings as its
+        ``conv_general_dilated`` equation has them (tuples; ``padding`` a string or a tuple
+        of pairs): the input is what the equation receives, after any padding the layer
+        applied itself (Flax's ``CIRCULAR``, ``REFLECT``, ``CAUSAL``).
     """
 
     kind: str
@@ -51,7 +51,6 @@ class Geometry:
     padding: Any = "VALID"
     input_dilation: tuple[int, ...] = ()
     kernel_dilation: tuple[int, ...] = ()
-    pre_pad: Any = None
 
     @property
     def d(self) -> int:
@@ -75,9 +74,6 @@ def rows(geom: Geometry, x: jax.Array) -> jax.Array:
     nd = geom.spatial
     lead = x.shape[: x.ndim - nd - 1]
     x = x.reshape(-1, *x.shape[x.ndim - nd - 1:])
-    if geom.pre_pad is not None:
-        mode, pads = geom.pre_pad
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=mode)
     spatial = "DHW"[3 - nd:]
     dims = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
     patches = jax.lax.conv_general_dilated_patches(
