@@ -38,7 +38,8 @@ from flax import linen as nn
 
 from nmjax.convert import adaprune, global_magnitude_prune, layer_densities, rules_for_density
 from nmjax.datasets import vision
-from nmjax.optim import linen_collection, masks_of, sparse
+from nmjax.nn import collection
+from nmjax.optim import masks_of, sparse
 from nmjax.tree import MaskRule, apply_masks
 
 
@@ -131,7 +132,7 @@ def finetune(conv, rule, data, *, params, steps, batch=128, lr=3e-4, seed=1):
             for k in path:
                 got = got[k.key]
             assert bool(jnp.array_equal(got.fwd, masks.fwd)), path
-    step = _adam_step(conv.model, tx, lambda state: {"nm_masks": linen_collection(state)})
+    step = _adam_step(conv.model, tx, lambda state: {"nm_masks": collection(state)})
     params, state = _random_batches(step, params, state, data, steps=steps, batch=batch,
                                     seed=seed)
     return apply_masks(params, masks_of(state))

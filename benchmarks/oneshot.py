@@ -48,7 +48,8 @@ import lm  # noqa: E402
 import nmjax  # noqa: E402
 from nmjax.convert import adaprune, sparsegpt, wanda  # noqa: E402
 from nmjax.masks import BiMask, as_pattern  # noqa: E402
-from nmjax.optim import linen_collection, masks_of, sparse  # noqa: E402
+from nmjax.nn import collection  # noqa: E402
+from nmjax.optim import masks_of, sparse  # noqa: E402
 from nmjax.tree import MaskRule, apply_masks, build_masks  # noqa: E402
 
 METHODS = {"wanda": wanda, "sparsegpt": sparsegpt, "adaprune": adaprune}
@@ -164,7 +165,7 @@ class Bench:
             @jax.jit
             def step(params, state, windows):
                 def loss(p):
-                    out = net.apply({"params": p, "nm_masks": linen_collection(state)},
+                    out = net.apply({"params": p, "nm_masks": collection(state)},
                                     *self.inputs(windows[:, :-1]))
                     return lm._loss(self.logits(out), windows[:, 1:])
 

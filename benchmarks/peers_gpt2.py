@@ -101,7 +101,7 @@ def run_nmjax(model, batches, repeats, refresh_every):
     @jax.jit
     def step(state, ids):
         params, opt = state
-        masks = nmjax.optim.linen_collection(opt)
+        masks = nmjax.nn.collection(opt)
         grads = jax.grad(lambda p: loss_fn(sparse, p, ids, {"nm_masks": masks}))(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt

@@ -147,7 +147,7 @@ def plan_step(cfg, pattern, mesh):
                                 perm_every=100 if "bimask" in pattern else None,
                                 shardings=param_sh)
         sparse_model = nmjax.nn.sparsify(model, plan, mode="static")
-        apply, masks_of = sparse_model.apply, nmjax.optim.linen_collection
+        apply, masks_of = sparse_model.apply, nmjax.nn.collection
     state = jax.eval_shape(tx.init, params)
     state_sh = state_shardings(state, param_sh, mesh)
     data_sh = NamedSharding(mesh, P("fsdp", None))

@@ -94,7 +94,7 @@ def wrapper_step(pattern, every):
     model = nmjax.nn.sparsify(Block(), plan, mode="static")
 
     def step(params, opt_state, x):
-        masks = nmjax.optim.linen_collection(opt_state)
+        masks = nmjax.nn.collection(opt_state)
         grads = jax.grad(lambda p: _loss(model.apply({"params": p, "nm_masks": masks}, x)))(
             params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -231,8 +231,8 @@ def table(rows) -> list[str]:
 def expansion(rounds: int) -> None:
     """Prints what expanding the state's packed masks costs against one dense step, timed
     in turns in the same run: the step-cost block's two kernels, each pattern's masks
-    unpacked as ``linen_collection`` does inside a step."""
-    from nmjax.optim import linen_collection
+    unpacked as ``nmjax.nn.collection`` does inside a step."""
+    from nmjax.nn import collection
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((TOKENS, D)), jnp.float32)
@@ -241,7 +241,7 @@ def expansion(rounds: int) -> None:
     runs = []
     for label in ("2:4", "2:4 transposable", "2:4 bimask"):
         state = nmjax.optim.sparse(optax.adam(1e-3), _plan(label)).init(params)
-        runs.append((label, jax.jit(linen_collection), state))
+        runs.append((label, jax.jit(collection), state))
     ratios: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     for _ in range(rounds):
         base = statistics.median(dense.run_one() for _ in range(5))

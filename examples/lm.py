@@ -148,7 +148,7 @@ def train(cfg: LMConfig, data=None, *, progress: bool = True) -> dict[str, Any]:
     opt_state = tx.init(params)
 
     def masks_now(opt_state):
-        return nmjax.optim.linen_collection(opt_state) if rule is not None else None
+        return nmjax.nn.collection(opt_state) if rule is not None else None
 
     def apply(params, masks, tokens):
         return net.apply({"params": params, **({"nm_masks": masks} if masks else {})}, tokens)

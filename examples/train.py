@@ -183,7 +183,7 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
     def variables(params, opt_state):
         if rule is None:
             return {"params": params}
-        return {"params": params, "nm_masks": nmjax.optim.linen_collection(opt_state)}
+        return {"params": params, "nm_masks": nmjax.nn.collection(opt_state)}
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -199,7 +199,7 @@ def train(cfg: Config, data=None, *, progress: bool = True, log=print) -> dict[s
         return net.apply({"params": params, **({"nm_masks": masks} if masks else {})}, x)
 
     def masks_now(opt_state):
-        return nmjax.optim.linen_collection(opt_state) if rule is not None else None
+        return nmjax.nn.collection(opt_state) if rule is not None else None
 
     curve, evals, step_times = [], [], []
     batches = _batches(data.train, cfg.batch, cfg.steps, cfg.seed + 1, cfg.train_limit)

@@ -150,7 +150,7 @@ class Conversion:
       rules: the rules the layers were converted with.
       model: NNX: a copy of the model with the converted parameters whose selected layers
         are static-mode sparse layers holding the masks. Linen: the module sparsified in
-        static mode (read :attr:`collection` as ``variables["nm_masks"]``), or ``None``
+        static mode (``variables["nm_masks"] = nmjax.nn.collection(conversion)``), or ``None``
         when the ``apply_fn`` given is neither a module nor a module's ``apply``.
       held_out: whether the layer errors are on a held-out batch.
       plan: the :class:`~nmjax.plan.Plan` of the converted layers: pass it to
@@ -166,13 +166,6 @@ class Conversion:
     model: Any
     held_out: bool
     plan: Plan | None = None
-
-    @property
-    def collection(self) -> dict[str, Any]:
-        """The masks as Linen's ``"nm_masks"`` collection for static sparse layers."""
-        from nmjax.nn.linen import to_collection
-
-        return to_collection(self.masks)
 
     def report(self, metrics: Mapping[str, Mapping[str, float]] | None = None
                ) -> ConversionReport:
@@ -617,7 +610,9 @@ def adaprune(
     >>> kernel = conv.params["Dense_0"]["kernel"]                    # 0 outside the mask
     >>> bool(jnp.all(jnp.where(conv.masks["Dense_0"]["kernel"].fwd, True, kernel == 0)))
     True
-    >>> logits = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, x)
+    >>> import nmjax.nn
+    >>> masks = nmjax.nn.collection(conv)
+    >>> logits = conv.model.apply({"params": conv.params, "nm_masks": masks}, x)
 
     Args:
       model: an NNX module, or a pair ``(apply_fn, params)`` for Linen, where ``apply_fn``

@@ -5,8 +5,8 @@ current :class:`~nmjax.masks.Masks` of every parameter a :class:`~nmjax.tree.Mas
 selects (with Bi-Mask permutations); each update adds SR-STE's decay, runs the inner
 transformation, and refreshes the masks (and permutations) from the updated parameters on
 schedule, under ``lax.cond``, so the whole step stays one compiled program. Sparse layers in
-``mode="static"`` read the masks: :func:`linen_collection` (Linen's ``"nm_masks"``),
-:func:`sync_nnx` (NNX's ``NMMask`` variables).
+``mode="static"`` read the masks: :func:`nmjax.nn.collection` (Linen's ``"nm_masks"``),
+:func:`nmjax.nn.sync` (NNX's ``NMMask`` variables).
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ def sparse(
     SR-STE's dynamic masks do, at the cost of one mask computation per step (not one per
     forward and one per backward pass, as dynamic layers pay); larger values are "static"
     masks refreshed every ``k`` steps. Run the model's sparse layers in ``mode="static"``,
-    reading :func:`masks_of` the state (:func:`linen_collection`, :func:`sync_nnx`).
+    reading :func:`masks_of` the state (:func:`nmjax.nn.collection`, :func:`nmjax.nn.sync`).
 
     Put the wrapper outermost (or last in an ``optax.chain``): it refreshes the masks from
     ``params + inner's updates``, which it cannot tell from what the caller applies. In
@@ -523,7 +523,7 @@ def sparse(
 
       @jax.jit
       def step(params, opt_state, x, y):
-          variables = {"params": params, "nm_masks": nmjax.optim.linen_collection(opt_state)}
+          variables = {"params": params, "nm_masks": nmjax.nn.collection(opt_state)}
           grads = jax.grad(lambda p: loss(model.apply({**variables, "params": p}, x), y))(params)
           updates, opt_state = tx.update(grads, opt_state, params)
           return optax.apply_updates(params, updates), opt_state
@@ -771,51 +771,6 @@ def masks_of(opt_state: Any) -> Any:
     return find_state(opt_state).masks
 
 
-def linen_collection(opt_state: Any) -> dict[str, Any]:
-    """The current masks as Linen's ``"nm_masks"`` collection for static sparse layers:
-    ``model.apply({"params": params, "nm_masks": linen_collection(opt_state)}, x)``."""
-    from nmjax.nn.linen import to_collection
-
-    return to_collection(masks_of(opt_state))
-
-
-def sync_nnx(model: Any, opt_state: Any) -> None:
-    """Copies the current masks into an NNX model's static masks (in place).
-
-    Call it after each ``optimizer.update`` (inside the jitted step: the writes are state
-    updates). ``model``: a model from :func:`nmjax.nn.sparsify` (``mode="static"``), or
-    one built from :class:`~nmjax.nn.nnx.SparseLinear`/``SparseConv`` layers (matched by
-    kernel path, as in ``nnx.state(model, nnx.Param)``).
-
-    Raises:
-      ValueError: a static sparse layer has no mask in the state, or a mask has no layer.
-    """
-    from nmjax.nn import _sparsify
-    from nmjax.nn.nnx import set_masks, sparse_layers
-
-    flat = jax.tree_util.tree_flatten_with_path(masks_of(opt_state), is_leaf=is_masks_leaf)[0]
-    masks = {path_str(p): m for p, m in flat if isinstance(m, Masks)}
-    if _sparsify.is_sparse_nnx(model):
-        planned = _sparsify.nnx_plan(model)
-        if planned is None or getattr(model, "nm_masks", None) is None:
-            raise ValueError("sync_nnx needs a model sparsified with a plan in static mode: "
-                             "nmjax.nn.sparsify(model, plan, mode='static')")
-        if set(masks) != set(planned.paths):
-            raise ValueError(f"the optimizer's masks and the model's plan differ: masks for "
-                             f"{sorted(masks)[:4]}, plan {sorted(planned.paths)[:4]}; give both "
-                             "the same plan")
-        _sparsify.set_nnx_masks(model, masks)
-        return
-    layers = {path: layer for path, layer in sparse_layers(model)
-              if layer.sparsity.mode == "static"}
-    missing, extra = sorted(set(layers) - set(masks)), sorted(set(masks) - set(layers))
-    if missing or extra:
-        raise ValueError(f"the optimizer's masks and the model's static sparse layers differ: "
-                         f"layers without masks {missing}, masks without a static layer {extra}")
-    for path, layer in layers.items():
-        set_masks(layer, masks[path])
-
-
 def param_labels(params: Any, rule: Any, *, sparse_label: str = "sparse",
                  dense_label: str = "dense") -> Any:
     """``params``' tree of labels (``"sparse"`` where ``rule`` selects, ``"dense"``
@@ -838,7 +793,6 @@ __all__ = [
     "check_sharding",
     "check_stages",
     "find_state",
-    "linen_collection",
     "masks_of",
     "nm_schedule",
     "param_labels",
@@ -848,5 +802,4 @@ __all__ = [
     "selected",
     "sparse",
     "stage_at",
-    "sync_nnx",
 ]

@@ -66,7 +66,7 @@ def train(shard=None):
 
     @jax.jit
     def step(params, opt_state, x, y):
-        masks = nmjax.optim.linen_collection(opt_state)
+        masks = nmjax.nn.collection(opt_state)
 
         def loss(p):
             out = model.apply({"params": p, "nm_masks": masks}, x)

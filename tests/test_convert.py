@@ -27,7 +27,8 @@ from nmjax.convert import (
     rules_for_density,
 )
 from nmjax.masks import Masks, as_pattern
-from nmjax.optim import linen_collection, masks_of, sparse, sync_nnx
+from nmjax.nn import collection, sync
+from nmjax.optim import masks_of, sparse
 from nmjax.tree import MaskRule, check_structure
 
 RNG = np.random.default_rng(0)
@@ -259,7 +260,7 @@ def test_nnx_model_converts_like_its_linen_twin():
     assert conv.plan.paths == ("layers/0/kernel", "layers/1/kernel")
     np.testing.assert_array_equal(nmjax.nn.model_masks(sparse_model)["layers/0/kernel"].fwd,
                                   conv.masks["layers"][0]["kernel"].fwd)
-    linen_out = linen.model.apply({"params": linen.params, "nm_masks": linen.collection}, X)
+    linen_out = linen.model.apply({"params": linen.params, "nm_masks": collection(linen)}, X)
     np.testing.assert_allclose(sparse_model(X), linen_out, atol=1e-4)
 
 
@@ -346,7 +347,7 @@ def test_inputs_are_not_modified():
     np.testing.assert_array_equal(x, np.asarray(X))
     # module.apply (a TrainState's apply_fn) still gives the static sparse module; a bare
     # function cannot.
-    assert conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, X).shape \
+    assert conv.model.apply({"params": conv.params, "nm_masks": collection(conv)}, X).shape \
         == (64, 10)
     bare = adaprune((lambda v, x: MLP().apply(v, x), params), x, RULE, solver="lstsq",
                     progress=False)
@@ -549,15 +550,15 @@ def test_finetuning_goes_straight_on_from_the_conversion():
 
     @jax.jit
     def step(params, state):
-        grads = jax.grad(loss)(params, linen_collection(state))
+        grads = jax.grad(loss)(params, collection(state))
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     params = conv.params
-    first = loss(params, conv.collection)
+    first = loss(params, collection(conv))
     for _ in range(20):
         params, state = step(params, state)
-    assert loss(params, linen_collection(state)) < first
+    assert loss(params, collection(state)) < first
 
     # NNX: the returned sparse model trains with an nnx.Optimizer around the conversion's
     # plan (a bare rule cannot know an NNX kernel's layout: refused, never guessed).
@@ -575,7 +576,7 @@ def test_finetuning_goes_straight_on_from_the_conversion():
     def nstep(model, optimizer):
         value, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(model)
         optimizer.update(model, grads)
-        sync_nnx(model, optimizer.opt_state)
+        sync(model, optimizer.opt_state)
         return value
 
     values = [float(nstep(model, optimizer)) for _ in range(20)]

@@ -17,6 +17,7 @@ from flax import nnx
 from nmjax import _convert_solve, _oneshot
 from nmjax.convert import sparsegpt, wanda
 from nmjax.masks import NM, Custom, Masks, Transposable, as_pattern, is_nm
+from nmjax.nn import collection
 from nmjax.tree import MaskRule
 
 RNG = np.random.default_rng(0)
@@ -181,7 +182,7 @@ def test_masks_are_valid_along_the_contraction_axis(method, pattern):
     np.testing.assert_array_equal(mag, rule.pattern(PARAMS["Dense_0"]["kernel"], 0).fwd
                                   * PARAMS["Dense_0"]["kernel"])
     # The static sparse model runs on the conversion.
-    y = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, X)
+    y = conv.model.apply({"params": conv.params, "nm_masks": collection(conv)}, X)
     assert y.shape == (96, 10)
 
 

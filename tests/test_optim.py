@@ -19,9 +19,9 @@ from flax import nnx
 
 import nmjax
 from nmjax.masks import NM, BiMask, Masks, Transposable, is_nm, is_transposable
+from nmjax.nn import collection, sync
 from nmjax.optim import (
     check_stages,
-    linen_collection,
     masks_of,
     nm_schedule,
     param_labels,
@@ -29,7 +29,6 @@ from nmjax.optim import (
     selected,
     sparse,
     stage_at,
-    sync_nnx,
 )
 from nmjax.tree import MaskRule
 
@@ -118,7 +117,7 @@ def test_refresh_every_step_is_the_dynamic_layers_training(pattern):
 
     @jax.jit
     def wrapped_step(params, opt):
-        grads = jax.grad(lambda p: loss_fn(static, p, linen_collection(opt)))(params)
+        grads = jax.grad(lambda p: loss_fn(static, p, collection(opt)))(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt
 
@@ -276,7 +275,7 @@ def test_linen_train_state():
 
     @jax.jit
     def step(state):
-        masks = linen_collection(state)
+        masks = collection(state)
         grads = jax.grad(lambda p: jnp.mean(state.apply_fn(
             {"params": p, "nm_masks": masks}, X) ** 2))(state.params)
         return state.apply_gradients(grads=grads)
@@ -308,7 +307,7 @@ def test_nnx_optimizer_and_sync():
     def step(model, optimizer):
         grads = nnx.grad(lambda m: jnp.mean(m(X) ** 2))(model)
         optimizer.update(model, grads)
-        sync_nnx(model, optimizer)
+        sync(model, optimizer)
 
     for _ in range(3):
         step(model, optimizer)
@@ -322,11 +321,11 @@ def test_nnx_optimizer_and_sync():
             np.testing.assert_array_equal(a, b)
         assert bool(BiMask(2, 4).valid(got))
     assert bool(rule.valid(masks))
-    with pytest.raises(ValueError, match=r"the optimizer's masks and the model's plan differ"):
+    with pytest.raises(ValueError, match=r"the masks and the model's plan differ"):
         other_dense = NMLP(nnx.Rngs(1))
         other = nmjax.nn.sparsify(other_dense, nmjax.resolve(
             other_dense, MaskRule("2:4", exclude="head"), X), mode="static")
-        sync_nnx(other, {"x": nmjax.optim.find_state(optimizer)._replace(
+        sync(other, {"x": nmjax.optim.find_state(optimizer)._replace(
             masks=jax.tree.map(lambda m: None, masks, is_leaf=lambda m: isinstance(m, Masks)))})
 
 
@@ -338,7 +337,7 @@ def test_orbax_round_trip_continues_bit_for_bit(tmp_path):
 
     @jax.jit
     def step(params, opt):
-        grads = jax.grad(lambda p: loss_fn(model, p, linen_collection(opt)))(params)
+        grads = jax.grad(lambda p: loss_fn(model, p, collection(opt)))(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt
 

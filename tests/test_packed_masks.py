@@ -16,7 +16,8 @@ from flax import nnx
 import nmjax
 from nmjax._packed_masks import PackedMasks, pack, pack_axis, pack_bits, unpack_bits
 from nmjax.masks import Masks
-from nmjax.optim import find_state, masks_of, sparse, sync_nnx
+from nmjax.nn import sync
+from nmjax.optim import find_state, masks_of, sparse
 from nmjax.plan import Layout
 from nmjax.tree import MaskRule
 
@@ -149,7 +150,7 @@ def test_nnx_optimizer_keeps_packed_state_and_syncs(pattern):
     def step(model, optimizer):
         grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
         optimizer.update(model, grads)
-        sync_nnx(model, optimizer)
+        sync(model, optimizer)
 
     for _ in range(3):
         step(model, optimizer)

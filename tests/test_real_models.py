@@ -74,7 +74,7 @@ def readme_recipe(module, params, plan, loss_of_output, inputs, steps=20, lr=3e-
 
     @jax.jit
     def step(params, opt_state):
-        masks = nmjax.optim.linen_collection(opt_state)
+        masks = nmjax.nn.collection(opt_state)
 
         def loss(p):
             return loss_of_output(model.apply({"params": p, "nm_masks": masks}, **inputs))
@@ -100,7 +100,7 @@ def nnx_readme_recipe(model, plan, x, steps=20):
     def step(model, optimizer):
         loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
         optimizer.update(model, grads)
-        nmjax.optim.sync_nnx(model, optimizer)
+        nmjax.nn.sync(model, optimizer)
         return loss
 
     return sparse, optimizer, [float(step(sparse, optimizer)) for _ in range(steps)]
@@ -195,14 +195,14 @@ def test_hf_models_every_projection_sparse_valid_exact_and_training(name, patter
         got = sparse.apply({"params": p, "nm_masks": collection}, **inputs).logits
         return got, hf.module.apply({"params": apply_masks(p, masks)}, **inputs).logits
 
-    collection = nmjax.optim.linen_collection(opt_state)
+    collection = nmjax.nn.collection(opt_state)
     got, want = jax.jit(logits)(hf.params, collection)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert sparse_calls(lambda p: logits(p, collection)[0], hf.params) >= len(plan.leaves)
 
     @jax.jit
     def step(params, opt_state):                    # the README's static recipe
-        collection = nmjax.optim.linen_collection(opt_state)
+        collection = nmjax.nn.collection(opt_state)
         value, grads = jax.value_and_grad(lambda p: loss_of(
             sparse.apply({"params": p, "nm_masks": collection}, **inputs)))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -621,7 +621,7 @@ def test_conversions_take_gpt2_from_its_plan(gpt2, method, pattern):
         for r in conv.layers:
             assert r.error_adaprune <= r.error_magnitude + 1e-6, r
     # The returned static-sparse model computes the dense model on the converted weights.
-    got = conv.model.apply({"params": conv.params, "nm_masks": conv.collection}, *batch)
+    got = conv.model.apply({"params": conv.params, "nm_masks": nmjax.nn.collection(conv)}, *batch)
     want = hf.module.apply({"params": conv.params}, *batch)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 

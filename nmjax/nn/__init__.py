@@ -15,10 +15,10 @@ from flax import nnx as _nnx
 
 from nmjax.nn import linen, nnx
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
-from nmjax.nn._lifecycle import refresh, search
+from nmjax.nn._lifecycle import collection, refresh, search, sync
 from nmjax.nn._packed import PackedLinear, pack_model, packed_variables
 from nmjax.nn._sparsify import SparseModel, model_masks
-from nmjax.nn.linen import SparseDense, to_collection
+from nmjax.nn.linen import SparseDense
 from nmjax.nn.nnx import (
     NMDecay,
     NMMask,
@@ -74,7 +74,7 @@ def sparsify(model: Any, rule: Any, *, pattern: str | None = None, mode: str = "
       pattern: with a shorthand string rule, its kind (``"transposable"``, ``"bimask"``).
       mode: ``"dynamic"`` (masks from the current weights at every call) or ``"static"``
         (Linen: from ``variables["nm_masks"]``; NNX: from the model's ``NMMask``
-        variables, set by :func:`nmjax.optim.sync_nnx`).
+        variables, set by :func:`nmjax.nn.sync`).
       decay: SR-STE ``λ`` on the products (dynamic training without :mod:`nmjax.optim`).
       backend: product backend (:mod:`nmjax.backends`).
 
@@ -114,6 +114,7 @@ __all__ = [
     "SparseLinear",
     "SparseModel",
     "Sparsity",
+    "collection",
     "linen",
     "model_masks",
     "nnx",
@@ -124,5 +125,5 @@ __all__ = [
     "set_masks",
     "sparse_layers",
     "sparsify",
-    "to_collection",
+    "sync",
 ]

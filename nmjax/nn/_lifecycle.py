@@ -2,12 +2,14 @@
 
 * :func:`refresh`: the masks recomputed from the current weights.
 * :func:`search`: Bi-Mask permutations searched on the current weights.
+* :func:`collection`: masks from elsewhere (an optimizer state, a conversion, a mask tree)
+  as a Linen model's ``"nm_masks"`` collection.
+* :func:`sync`: the same masks copied into an NNX model.
 
 NNX models hold their masks (:class:`nmjax.nn.NMMask` variables) and are updated in place;
 a Linen model's masks are the ``"nm_masks"`` collection, returned. :func:`nmjax.optim.sparse`
-runs both steps itself on its own schedule (read its masks with
-:func:`nmjax.optim.linen_collection` / :func:`nmjax.optim.sync_nnx`); these are for
-training loops that keep the masks themselves.
+runs refresh and search itself on its own schedule: pass its state to :func:`collection` /
+:func:`sync`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 import jax
 from flax import nnx
 
+from nmjax.masks import Masks
 from nmjax.nn import linen as _linen
 from nmjax.nn import nnx as _nnx
+from nmjax.tree import is_masks_leaf, path_str
 
 
 def _linen_plan(target: Any, plan: Any, name: str) -> None:
@@ -74,4 +78,71 @@ def search(target: Any, key: jax.Array, plan: Any = None, *, previous: Any = Non
     return _linen.perms_collection(target, plan, key, previous=previous)
 
 
-__all__ = ["refresh", "search"]
+def _mask_tree(source: Any) -> Any:
+    """The mask tree of an optimizer state (:func:`nmjax.optim.sparse`'s), a
+    :class:`nmjax.convert.Conversion`, or a mask tree itself."""
+    from nmjax import optim
+    from nmjax.convert import Conversion
+
+    if isinstance(source, Conversion):
+        return source.masks
+    leaves = jax.tree_util.tree_leaves(source, is_leaf=is_masks_leaf)
+    if leaves and all(isinstance(m, Masks) for m in leaves):
+        return source
+    try:
+        return optim.masks_of(source)
+    except ValueError as e:
+        raise TypeError(f"expected nmjax.optim.sparse's state, an nmjax.convert.Conversion or "
+                        f"a tree of nmjax.masks.Masks, got {type(source).__name__} ({e})") from e
+
+
+def collection(source: Any) -> dict[str, Any]:
+    """Masks as Linen's ``"nm_masks"`` collection for a static sparse model: a dict laid out
+    like ``params`` without the leaves left dense.
+
+    ``source``: :func:`nmjax.optim.sparse`'s state (its current masks), a
+    :class:`nmjax.convert.Conversion`, or a mask tree (:func:`nmjax.tree.build_masks`)::
+
+      logits = sparse.apply({"params": params, "nm_masks": nmjax.nn.collection(opt_state)}, x)
+    """
+    return _linen.to_collection(_mask_tree(source))
+
+
+def sync(model: nnx.Module, source: Any) -> None:
+    """Copies masks into an NNX model's static masks (in place).
+
+    With :func:`nmjax.optim.sparse`, call it after each ``optimizer.update`` (inside the
+    jitted step: the writes are state updates). ``model``: a model from
+    :func:`nmjax.nn.sparsify` (``mode="static"``), or one built from
+    :class:`~nmjax.nn.nnx.SparseLinear`/``SparseConv`` layers (matched by kernel path, as in
+    ``nnx.state(model, nnx.Param)``). ``source``: as :func:`collection`.
+
+    Raises:
+      ValueError: a static sparse layer has no mask in ``source``, or a mask has no layer.
+    """
+    from nmjax.nn import _sparsify
+
+    flat = jax.tree_util.tree_flatten_with_path(_mask_tree(source), is_leaf=is_masks_leaf)[0]
+    masks = {path_str(p): m for p, m in flat if isinstance(m, Masks)}
+    if _sparsify.is_sparse_nnx(model):
+        planned = _sparsify.nnx_plan(model)
+        if planned is None or getattr(model, "nm_masks", None) is None:
+            raise ValueError("sync needs a model sparsified with a plan in static mode: "
+                             "nmjax.nn.sparsify(model, plan, mode='static')")
+        if set(masks) != set(planned.paths):
+            raise ValueError(f"the masks and the model's plan differ: masks for "
+                             f"{sorted(masks)[:4]}, plan {sorted(planned.paths)[:4]}; give both "
+                             "the same plan")
+        _sparsify.set_nnx_masks(model, masks)
+        return
+    layers = {path: layer for path, layer in _nnx.sparse_layers(model)
+              if layer.sparsity.mode == "static"}
+    missing, extra = sorted(set(layers) - set(masks)), sorted(set(masks) - set(layers))
+    if missing or extra:
+        raise ValueError(f"the masks and the model's static sparse layers differ: layers "
+                         f"without masks {missing}, masks without a static layer {extra}")
+    for path, layer in layers.items():
+        _nnx.set_masks(layer, masks[path])
+
+
+__all__ = ["collection", "refresh", "search", "sync"]

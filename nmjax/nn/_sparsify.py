@@ -59,7 +59,7 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
                 raise ValueError(
                     f"static masks: no mask for {leaf.path!r} in the {MASKS!r} collection "
                     f"(it holds {sorted(masks or {})[:4]}); pass the masks of the same plan: "
-                    "nmjax.optim.linen_collection(opt_state) or nmjax.tree.build_masks("
+                    "nmjax.nn.collection(opt_state) or nmjax.tree.build_masks("
                     "params, plan)")
             _check_shapes(given, leaf)
             m = given
@@ -120,7 +120,7 @@ class SparseModel:
     Made by :func:`nmjax.nn.sparsify`. ``init`` and ``apply`` take what the dense model's
     take; its ``params`` are exactly the dense model's. In ``mode="static"`` ``apply``
     reads the masks from ``variables["nm_masks"]`` (a tree laid out like ``params``; see
-    :func:`nmjax.optim.linen_collection`) and ``init`` returns that collection too.
+    :func:`nmjax.nn.collection`) and ``init`` returns that collection too.
 
     Attributes:
       model: the dense Linen module.
