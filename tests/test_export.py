@@ -167,8 +167,22 @@ def test_orbax_save_restore(tmp_path):
     assert_same_tree(restored, packed)
     assert_same_tree(export.unpack_params(restored), apply_masks(params, masks))
     assert_same_masks(export.unpack_masks(restored), masks)
+    # orbax reads each array with a fixed cost: the packed leaves' index metadata, flags and
+    # permutations share one flat array per dtype, so the checkpoint holds as many arrays as
+    # the dense tree's (one values array per packed leaf) plus one per index dtype.
+    layout = json.loads((tmp_path / "ckpt" / "layout" / "metadata").read_text())
+    assert len(layout["arrays"]) == len(jax.tree.leaves(params))
+    leaves = [x for x in jax.tree.leaves(packed, is_leaf=export.is_packed)
+              if export.is_packed(x)]
+    small = [x.weight.meta for x in leaves] + [x.kept for x in leaves] + \
+        [x.bwd for x in leaves] + [x.perm for x in leaves]
+    assert layout["index"] == {
+        "uint32": sum(x.size for x in small if x is not None and x.dtype == jnp.uint32),
+        "int32": 16}  # Bi-Mask's permutation of Dense_0's 16 outputs
     with pytest.raises(ValueError, match="exists"):
         export.save(tmp_path / "ckpt", packed)
+    export.save(tmp_path / "dense", params)  # no packed leaf: no index
+    assert_same_tree(export.restore(tmp_path / "dense"), params)
 
 
 def directory_bytes(path):
