@@ -392,7 +392,8 @@ def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: An
     compressed-tensors' ``sparse-24-bitmask`` format, the 2:4 format vLLM loaded.
 
     Example (a Flax GPT-2; the plan finds that its ``FlaxConv1D`` kernels are ``(out, in)``
-    and groups them along ``in``)::
+    and groups them along ``in``; a ``FlaxLlamaForCausalLM`` goes the same way with
+    ``include=r"_proj/kernel$"`` and ``architecture="LlamaForCausalLM"``)::
 
       plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"c_(attn|proj|fc)"),
                            params=model.params, input_ids=ids, attention_mask=mask,

@@ -389,6 +389,67 @@ def test_gpt2_export_decompresses_to_pytorch_names_and_layouts(tmp_path, tiny_gp
         export.save_compressed_tensors(tmp_path / "x", params, four_eight, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random-init Flax Llama (grouped-query attention), its ``*_proj`` kernels 2:4 along
+    ``in`` as the plan finds them (``nn.Dense`` kernels are ``(in, out)``)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.FlaxLlamaForCausalLM(config, seed=0)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+    ids = jnp.arange(16).reshape(2, 8) % 128
+    plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"_proj/kernel$"),
+                         params=params, input_ids=ids,
+                         attention_mask=jnp.ones((2, 8), jnp.int32),
+                         position_ids=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    assert {leaf.layout.contract for leaf in plan.leaves} == {(0,)}
+    return config, params, build_masks(params, plan), plan
+
+
+def test_llama_export_has_pytorch_names_row_wise_24_and_config(tmp_path, tiny_llama):
+    from safetensors.numpy import load_file
+
+    config, params, masks, plan = tiny_llama
+    targets = export.save_compressed_tensors(tmp_path / "llama", params, masks, config,
+                                             axes=plan, architecture="LlamaForCausalLM")
+    modules = {f"model.layers.{i}.{block}.{proj}_proj" for i in range(2)
+               for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+               for proj in projs}
+    assert sorted(targets) == sorted(modules)
+    raw = load_file(str(tmp_path / "llama" / "model.safetensors"))
+    state = ct.decompress(raw)
+    # transformers' PyTorch LlamaForCausalLM names and shapes, recorded in the fixture by
+    # the real library run (benchmarks/compressed_tensors_check.py); the head is untied.
+    torch_shapes = json.loads(load_fixture()[2]["llama_state_dict"])
+    assert {k: list(v.shape) for k, v in state.items()} == torch_shapes
+    masked = apply_masks(params, masks)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(masked)[0]:
+        name, _ = ct.torch_name_and_axes(ct._key_parts(kp), leaf.ndim)
+        want = np.asarray(leaf).T if ct._key_parts(kp)[-1] == "kernel" else np.asarray(leaf)
+        want = np.ascontiguousarray(want)
+        np.testing.assert_array_equal(bits(state[name]), bits(want))  # weights [out, in]
+    for module in modules:  # 2:4 along each row (in): what row-wise kernels (vLLM) read
+        *path, proj = module.split(".")
+        kernel_t = np.ascontiguousarray(
+            np.asarray(masked["model"]["layers"][path[2]][path[3]][proj]["kernel"]).T)
+        rows, cols = kernel_t.shape
+        kept = np.unpackbits(raw[f"{module}.bitmask"], axis=-1, count=cols,
+                             bitorder="little").astype(bool)
+        assert (kept.reshape(rows, cols // 4, 4).sum(-1) == 2).all()
+        assert not (kernel_t[~kept] != 0).any()
+        np.testing.assert_array_equal(bits(raw[f"{module}.compressed"]),
+                                      bits(kernel_t[kept].reshape(rows, cols // 2)))
+    config_json = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert config_json["architectures"] == ["LlamaForCausalLM"]
+    assert (config_json["model_type"], config_json["num_key_value_heads"],
+            config_json["tie_word_embeddings"]) == ("llama", 2, False)
+    sparsity = config_json["quantization_config"]["sparsity_config"]
+    assert (sparsity["format"], sparsity["sparsity_structure"]) == ("sparse-24-bitmask", "2:4")
+    assert sorted(sparsity["targets"]) == sorted(modules)
+
+
 def test_flags_round_trip():
     flags = jax.random.bernoulli(jax.random.key(0), 0.3, (5, 70))
     words = nmf.pack_flags(flags, axis=1)
