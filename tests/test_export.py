@@ -293,6 +293,49 @@ def test_nnx_packed_inference(pattern):
         pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
 
+def test_nnx_packed_linear_feeds_a_kernel_the_packed_operand(monkeypatch):
+    """With a kernel backend that takes the packed operand (the Pallas sparse-wgmma GEMM;
+    here its emulated branch in Pallas interpret mode, as no GPU runs the tests),
+    PackedLinear's forward hands it the packed values and metadata: no dense kernel is
+    built (the unpacking functions are disabled), and the result is the kernel reference's
+    on the dense masked kernel."""
+    import importlib
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from nmjax import backends
+    from nmjax.kernels import SparseMatmulConfig, pack_24, sparse_matmul_24_reference
+    from nmjax.nn import PackedLinear
+
+    pallas = importlib.import_module("nmjax.kernels._backend")._Pallas(
+        SparseMatmulConfig(tile_m=64, tile_n=64, max_concurrent_steps=2), branch="emulate",
+        interpret=plgpu.InterpretGPUParams())
+    emulated = backends.Backend("pallas-emulated", pallas.forward, pallas.input_grad,
+                                lambda problem: None, forward_packed=pallas.forward_packed)
+    keys = jax.random.split(jax.random.key(5), 3)
+    w = jax.random.normal(keys[0], (256, 128), jnp.bfloat16)  # (in, out)
+    masks = build_masks({"kernel": w}, MaskRule("2:4", axis=0))
+    packed = export.pack_params({"kernel": w}, masks, axes=0)["kernel"]
+    bias = jax.random.normal(keys[1], (128,), jnp.bfloat16)
+    x = jax.random.normal(keys[2], (4, 16, 256), jnp.bfloat16)
+    forward = nnx.jit(lambda layer, x: layer(x))
+    dense_path = forward(PackedLinear(packed, bias, backend="reference"), x)
+    for name in ("unpack_leaf", "leaf_masks"):
+        monkeypatch.setattr(export, name, lambda *a: pytest.fail("the kernel was unpacked"))
+    got = forward(PackedLinear(packed, bias, backend=emulated), x)
+    fwd = masks["kernel"].fwd
+    want = sparse_matmul_24_reference(pack_24(w.T, fwd.T), x.reshape(64, 256),
+                                      transpose_out=True).reshape(4, 16, 128) + bias
+    assert got.shape == (4, 16, 128) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense_path, np.float32),
+                               rtol=2e-2, atol=2e-2)
+    if backends.device_facts()[0] != "gpu":  # an explicit kernel backend does not fall back
+        with pytest.raises(ValueError, match="sm_90"):
+            PackedLinear(packed, bias, backend="pallas")(x)
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")

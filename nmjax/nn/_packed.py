@@ -9,13 +9,16 @@ them inside the forward, so only the packed arrays are resident between calls.
 * NNX: :func:`pack_model` returns a copy of a model whose :class:`~nmjax.nn.SparseLinear`
   layers are :class:`PackedLinear` layers holding a :class:`PackedParam`.
 
-On a GPU a kernel that takes the packed operand can replace the unpack; here the unpacked
-kernel feeds the same dense product as the dense layer, so the outputs equal the dense
-model's on masked weights.
+:class:`PackedLinear` runs its product through a backend: a kernel that takes the packed
+operand (the Pallas sparse-wgmma GEMM, on an sm_90 GPU) reads the packed values and
+metadata directly; elsewhere the unpacked kernel feeds the same dense product as the dense
+layer, so the outputs equal the dense model's on masked weights. Linen layers read their
+kernel through ``self.param`` and always get it unpacked.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -23,7 +26,8 @@ from flax import nnx, struct
 from flax.core import meta
 from flax.nnx.nn import dtypes
 
-from nmjax import export
+from nmjax import backends, export
+from nmjax.backends import Backend, Problem
 from nmjax.export import PackedLeaf, is_packed
 from nmjax.nn.nnx import SparseLinear
 
@@ -103,16 +107,26 @@ class PackedParam(nnx.Param):
 
 
 class PackedLinear(nnx.Module):
-    """``nnx.Linear`` for inference with a packed kernel ``(in, out)``: unpacks it and runs
-    the same product as ``nnx.Linear``.
+    """``nnx.Linear`` for inference with a packed kernel ``(in, out)``.
+
+    The forward product runs through a backend (:mod:`nmjax.backends`), resolved per call
+    shape like :func:`nmjax.ops.nm_dense`'s: a kernel backend with a ``forward_packed``
+    entry (the Pallas sparse-wgmma GEMM on an sm_90 GPU) takes the packed values and index
+    metadata directly, reshuffled into its operand (:func:`nmjax.kernels.forward_operand`),
+    and no dense kernel is built; a kernel backend without one gets the unpacked kernel and
+    its mask; the reference (every CPU, and ``"auto"`` where no kernel is measured faster)
+    unpacks the kernel and runs the same product as ``nnx.Linear``, so the outputs equal
+    the dense layer's on the masked kernel bit for bit.
 
     Attributes:
       kernel: :class:`PackedParam` of the packed ``(in, out)`` kernel.
       bias: ``nnx.Param`` ``(out,)`` or ``None``.
+      backend: ``"auto"`` (default), ``"reference"``, a kernel factory's name or a
+        :class:`~nmjax.backends.Backend`.
     """
 
     def __init__(self, kernel: PackedLeaf, bias: jax.Array | None = None, *,
-                 dtype: Any = None, precision: Any = None):
+                 dtype: Any = None, precision: Any = None, backend: Any = "auto"):
         if not is_packed(kernel) or len(kernel.shape) != 2:
             raise TypeError(f"kernel must be a rank-2 nmjax.export.PackedLeaf, got "
                             f"{type(kernel).__name__} {getattr(kernel, 'shape', '')}")
@@ -121,16 +135,38 @@ class PackedLinear(nnx.Module):
         self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
         self.dtype = dtype
         self.precision = precision
+        self.backend = backends.check_backend(backend)
+
+    def _backend(self, inputs: jax.Array, packed: PackedLeaf) -> tuple[Backend, Problem]:
+        dtype = dtypes.canonicalize_dtype(inputs, packed.weight.values, dtype=self.dtype)
+        w = packed.weight
+        nm = (w.n, w.m) if w.axis == 0 else None  # groups along in: the forward's N:M
+        rows = math.prod(inputs.shape[:-1])
+        problem = Problem("forward", rows, self.in_features, self.out_features, dtype,
+                          *backends.device_facts(), nm, False, self.precision)
+        return backends.resolve(self.backend, problem), problem
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Unpack only once the inputs exist, so that XLA does not unpack every layer's kernel
         # up front (6 layers 512x512 f32: 2 MiB of temporaries instead of 9).
         packed, inputs = jax.lax.optimization_barrier((self.kernel.get_value(), inputs))
-        kernel = export.unpack_leaf(packed)
         bias = self.bias.get_value() if self.bias is not None else None
-        inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
+        backend, problem = self._backend(inputs, packed)
+        if backend is backends.REFERENCE:
+            kernel = export.unpack_leaf(packed)
+            inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias),
+                                                        dtype=self.dtype)
+            y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                    precision=self.precision)
+        else:
+            x2d = inputs.reshape(-1, self.in_features).astype(problem.dtype)
+            if backend.forward_packed is not None:
+                y = backend.forward_packed(x2d, packed.weight, precision=self.precision)
+            else:
+                y = backend.run(problem, x2d, export.unpack_leaf(packed),
+                                export.leaf_masks(packed).fwd)
+            y = y.reshape(*inputs.shape[:-1], self.out_features)
+            bias = None if bias is None else bias.astype(y.dtype)
         return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
@@ -138,7 +174,8 @@ def _packed_linear(layer: SparseLinear) -> PackedLinear:
     kernel = layer.kernel.get_value()
     packed = export.pack_params({"kernel": kernel}, {"kernel": layer.masks()}, axes=0)
     bias = layer.bias.get_value() if layer.bias is not None else None
-    return PackedLinear(packed["kernel"], bias, dtype=layer.dtype, precision=layer.precision)
+    return PackedLinear(packed["kernel"], bias, dtype=layer.dtype, precision=layer.precision,
+                        backend=layer.sparsity.backend)
 
 
 def pack_model(model: nnx.Module) -> nnx.Module:
