@@ -293,12 +293,12 @@ def test_nnx_packed_inference(pattern):
         pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
 
-def test_nnx_packed_linear_feeds_a_kernel_the_packed_operand(monkeypatch):
+def test_packed_layers_feed_a_kernel_the_packed_operand(monkeypatch):
     """With a kernel backend that takes the packed operand (the Pallas sparse-wgmma GEMM;
-    here its emulated branch in Pallas interpret mode, as no GPU runs the tests),
-    PackedLinear's forward hands it the packed values and metadata: no dense kernel is
-    built (the unpacking functions are disabled), and the result is the kernel reference's
-    on the dense masked kernel."""
+    here its emulated branch in Pallas interpret mode, as no GPU runs the tests), NNX's
+    PackedLinear and Linen's SparseDense (packed_variables) hand it the packed values and
+    metadata: no dense kernel is built (the unpacking functions are disabled), and the
+    result is the kernel reference's on the dense masked kernel."""
     import importlib
 
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -331,6 +331,12 @@ def test_nnx_packed_linear_feeds_a_kernel_the_packed_operand(monkeypatch):
                                rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense_path, np.float32),
                                rtol=2e-2, atol=2e-2)
+    # Linen: a SparseDense served from packed_variables takes the same route.
+    layer = SparseDense(128, param_dtype=jnp.bfloat16,
+                        sparsity=Sparsity("2:4", mode="static", backend=emulated))
+    variables = packed_variables({"kernel": packed, "bias": bias})
+    linen = jax.jit(layer.apply)(variables, x)
+    np.testing.assert_array_equal(np.asarray(linen, np.float32), np.asarray(got, np.float32))
     if backends.device_facts()[0] != "gpu":  # an explicit kernel backend does not fall back
         with pytest.raises(ValueError, match="sm_90"):
             PackedLinear(packed, bias, backend="pallas")(x)

@@ -9,11 +9,12 @@ them inside the forward, so only the packed arrays are resident between calls.
 * NNX: :func:`pack_model` returns a copy of a model whose :class:`~nmjax.nn.SparseLinear`
   layers are :class:`PackedLinear` layers holding a :class:`PackedParam`.
 
-:class:`PackedLinear` runs its product through a backend: a kernel that takes the packed
-operand (the Pallas sparse-wgmma GEMM, on an sm_90 GPU) reads the packed values and
-metadata directly; elsewhere the unpacked kernel feeds the same dense product as the dense
-layer, so the outputs equal the dense model's on masked weights. Linen layers read their
-kernel through ``self.param`` and always get it unpacked.
+:class:`PackedLinear` and Linen's :class:`~nmjax.nn.SparseDense` run their product
+through a backend (:func:`packed_product`): a kernel that takes the packed operand (the
+Pallas sparse-wgmma GEMM, on an sm_90 GPU) reads the packed values and metadata directly;
+elsewhere the unpacked kernel feeds the same dense product as the dense layer, so the
+outputs equal the dense model's on masked weights. Other Linen layers read their kernel
+through ``self.param`` and always get it unpacked.
 """
 
 from __future__ import annotations
@@ -137,37 +138,57 @@ class PackedLinear(nnx.Module):
         self.precision = precision
         self.backend = backends.check_backend(backend)
 
-    def _backend(self, inputs: jax.Array, packed: PackedLeaf) -> tuple[Backend, Problem]:
-        dtype = dtypes.canonicalize_dtype(inputs, packed.weight.values, dtype=self.dtype)
-        w = packed.weight
-        nm = (w.n, w.m) if w.axis == 0 else None  # groups along in: the forward's N:M
-        rows = math.prod(inputs.shape[:-1])
-        problem = Problem("forward", rows, self.in_features, self.out_features, dtype,
-                          *backends.device_facts(), nm, False, self.precision)
-        return backends.resolve(self.backend, problem), problem
-
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Unpack only once the inputs exist, so that XLA does not unpack every layer's kernel
         # up front (6 layers 512x512 f32: 2 MiB of temporaries instead of 9).
         packed, inputs = jax.lax.optimization_barrier((self.kernel.get_value(), inputs))
         bias = self.bias.get_value() if self.bias is not None else None
-        backend, problem = self._backend(inputs, packed)
-        if backend is backends.REFERENCE:
+        y = packed_product(inputs, packed, backend=self.backend, dtype=self.dtype,
+                           precision=self.precision)
+        if y is None:  # the reference: unpack, and the product of nnx.Linear
             kernel = export.unpack_leaf(packed)
             inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias),
                                                         dtype=self.dtype)
             y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                                     precision=self.precision)
-        else:
-            x2d = inputs.reshape(-1, self.in_features).astype(problem.dtype)
-            if backend.forward_packed is not None:
-                y = backend.forward_packed(x2d, packed.weight, precision=self.precision)
-            else:
-                y = backend.run(problem, x2d, export.unpack_leaf(packed),
-                                export.leaf_masks(packed).fwd)
-            y = y.reshape(*inputs.shape[:-1], self.out_features)
-            bias = None if bias is None else bias.astype(y.dtype)
+        elif bias is not None:
+            bias = bias.astype(y.dtype)
         return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def packed_product(inputs: jax.Array, packed: PackedLeaf, *, backend: Backend | str,
+                   dtype: Any = None, precision: Any = None) -> jax.Array | None:
+    """``inputs @ W`` through a kernel backend, ``W`` the ``(in, out)`` kernel held packed:
+    ``(..., in) -> (..., out)`` in the compute dtype; ``None`` where the backend resolved for
+    this product (:func:`nmjax.backends.resolve`) is the reference, for the caller to unpack
+    and run its own dense product (bit for bit the dense layer's).
+
+    A backend with ``forward_packed`` (the Pallas sparse-wgmma GEMM) takes the packed
+    values and metadata directly; another kernel backend gets the unpacked kernel and its
+    mask. Forward only (inference): the kernel path defines no gradient for ``W``.
+
+    Args:
+      inputs: ``(..., in)``.
+      packed: the kernel ``(in, out)`` (2:4 along ``in``, axis 0, for the Pallas kernel).
+      backend: a validated ``backend=`` value (:func:`nmjax.backends.check_backend`).
+      dtype: the compute dtype (``None``: promoted from ``inputs`` and the kernel, as
+        ``nnx.Linear`` does); precision: as ``nnx.Linear``'s.
+    """
+    n_in, n_out = packed.shape
+    dtype = dtypes.canonicalize_dtype(inputs, packed.weight.values, dtype=dtype)
+    w = packed.weight
+    nm = (w.n, w.m) if w.axis == 0 else None  # groups along in: the forward's N:M
+    problem = Problem("forward", math.prod(inputs.shape[:-1]), n_in, n_out, dtype,
+                      *backends.device_facts(), nm, False, precision)
+    chosen = backends.resolve(backend, problem)
+    if chosen is backends.REFERENCE:
+        return None
+    x2d = inputs.reshape(-1, n_in).astype(dtype)
+    if chosen.forward_packed is not None:
+        y = chosen.forward_packed(x2d, w, precision=precision)
+    else:
+        y = chosen.run(problem, x2d, export.unpack_leaf(packed), export.leaf_masks(packed).fwd)
+    return y.reshape(*inputs.shape[:-1], n_out)
 
 
 def _packed_linear(layer: SparseLinear) -> PackedLinear:
