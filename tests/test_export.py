@@ -293,25 +293,40 @@ def test_nnx_packed_inference(pattern):
         pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
 
+def emulated_pallas(calls=None):
+    """The Pallas backend with its kernel's emulated branch in Pallas interpret mode (no GPU
+    runs the tests); ``calls`` counts its ``forward_packed`` calls."""
+    import importlib
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from nmjax import backends
+    from nmjax.kernels import SparseMatmulConfig
+
+    pallas = importlib.import_module("nmjax.kernels._backend")._Pallas(
+        SparseMatmulConfig(tile_m=64, tile_n=64, max_concurrent_steps=2), branch="emulate",
+        interpret=plgpu.InterpretGPUParams())
+
+    def forward_packed(x2d, packed, **kw):
+        if calls is not None:
+            calls.append(packed.shape)
+        return pallas.forward_packed(x2d, packed, **kw)
+
+    return backends.Backend("pallas-emulated", pallas.forward, pallas.input_grad,
+                            lambda problem: None, forward_packed=forward_packed)
+
+
 def test_packed_layers_feed_a_kernel_the_packed_operand(monkeypatch):
     """With a kernel backend that takes the packed operand (the Pallas sparse-wgmma GEMM;
     here its emulated branch in Pallas interpret mode, as no GPU runs the tests), NNX's
     PackedLinear and Linen's SparseDense (packed_variables) hand it the packed values and
     metadata: no dense kernel is built (the unpacking functions are disabled), and the
     result is the kernel reference's on the dense masked kernel."""
-    import importlib
-
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     from nmjax import backends
-    from nmjax.kernels import SparseMatmulConfig, pack_24, sparse_matmul_24_reference
+    from nmjax.kernels import pack_24, sparse_matmul_24_reference
     from nmjax.nn import PackedLinear
 
-    pallas = importlib.import_module("nmjax.kernels._backend")._Pallas(
-        SparseMatmulConfig(tile_m=64, tile_n=64, max_concurrent_steps=2), branch="emulate",
-        interpret=plgpu.InterpretGPUParams())
-    emulated = backends.Backend("pallas-emulated", pallas.forward, pallas.input_grad,
-                                lambda problem: None, forward_packed=pallas.forward_packed)
+    emulated = emulated_pallas()
     keys = jax.random.split(jax.random.key(5), 3)
     w = jax.random.normal(keys[0], (256, 128), jnp.bfloat16)  # (in, out)
     masks = build_masks({"kernel": w}, MaskRule("2:4", axis=0))
@@ -524,3 +539,32 @@ def test_op_level_sparse_model_serves_from_packed_params(pattern):
     want = gpt2.module.apply({"params": apply_masks(gpt2.params, masks)}, **inputs).logits
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert export.nbytes(packed) < 0.8 * export.nbytes(gpt2.params)
+
+
+
+def test_op_level_sparse_model_feeds_a_kernel_the_packed_operand():
+    """A GPT-2 sparsified with a plan, served from packed parameters with a kernel backend
+    that takes the packed operand (emulated, interpret mode): the planned FlaxConv1D
+    kernel's forward (``(out, in)``, grouped along ``in``) reaches the kernel packed, and
+    the logits are those of the reference backend on the same packed tree."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=128, n_layer=1,
+                                  n_head=4)
+    gpt2 = transformers.FlaxGPT2LMHeadModel(cfg, seed=0, dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), gpt2.params)
+    ids = jax.random.randint(jax.random.key(0), (2, 32), 0, 64)  # 64 rows: one kernel tile
+    inputs = dict(input_ids=ids, attention_mask=jnp.ones_like(ids),
+                  position_ids=jnp.broadcast_to(jnp.arange(32), (2, 32)))
+    plan = nmjax.resolve(gpt2.module, MaskRule("2:4", include=r"mlp/c_fc/kernel$"),
+                         params=params, **inputs)
+    packed = export.pack_params(params, build_masks(params, plan), axes=plan)
+    calls = []
+    logits = {}
+    for name, backend in (("kernel", emulated_pallas(calls)), ("reference", "reference")):
+        sparse = nmjax.nn.sparsify(gpt2.module, plan, mode="static", backend=backend)
+        logits[name] = np.asarray(jax.jit(
+            lambda p, s=sparse: s.apply({"params": p}, **inputs).logits)(packed), np.float32)
+    assert calls == [(128, 512)]  # c_fc's (in, out) view, once
+    np.testing.assert_allclose(logits["kernel"], logits["reference"], rtol=1e-2, atol=1e-2)
+    dense = np.asarray(gpt2.module.apply({"params": params}, **inputs).logits, np.float32)
+    assert np.abs(dense - logits["reference"]).max() > 0.1  # the mask shows in the logits
