@@ -42,31 +42,38 @@ def check_folder(folder: Path, expected_file: Path) -> dict:
     return got
 
 
-def check_logits(folder: Path, state: dict, tokens: np.ndarray, flax_logits: np.ndarray):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def check_logits(folder: Path, architecture: str, state: dict, tokens: np.ndarray,
+                 flax_logits: np.ndarray):
+    import transformers
 
-    config = GPT2Config.from_pretrained(str(folder))
-    model = GPT2LMHeadModel(config).eval()
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model = getattr(transformers, architecture)(config).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
-    assert set(missing) <= {"lm_head.weight"}, missing  # tied to wte
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    assert set(missing) == tied, missing
     model.tie_weights()
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens).long()).logits.numpy()
     err = float(np.abs(logits - flax_logits).max())
     assert err < 1e-4, f"PyTorch logits differ from Flax by {err}"
-    print(f"PyTorch GPT2LMHeadModel on the decompressed weights: logits within {err:.1e} of "
+    print(f"PyTorch {architecture} on the decompressed weights: logits within {err:.1e} of "
           "the Flax model on masked weights")
 
 
-def write_fixture(path: Path, gpt2_folder: Path) -> None:
+def write_fixture(path: Path, folders: dict) -> None:
     """A small nn.Linear-layout state dict, 2:4 along the last axis, compressed by the
     library itself; the dense input, the library's config and the names and shapes of
-    transformers' PyTorch GPT2LMHeadModel (the check's tiny config) are stored beside it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    transformers' PyTorch GPT2LMHeadModel and LlamaForCausalLM (the check's tiny configs)
+    are stored beside it."""
+    import transformers
 
-    gpt2 = GPT2LMHeadModel(GPT2Config.from_pretrained(str(gpt2_folder)))
-    gpt2_names = {k: list(v.shape) for k, v in gpt2.state_dict().items()}
+    shapes = {}
+    for name, (folder, architecture) in folders.items():
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        model = getattr(transformers, architecture)(config)
+        shapes[f"{name}_state_dict"] = json.dumps(
+            {k: list(v.shape) for k, v in model.state_dict().items()})
     gen = torch.Generator().manual_seed(0)
     dense = {
         "model.layers.0.mlp.up_proj.weight": torch.randn(16, 32, generator=gen),
@@ -85,8 +92,8 @@ def write_fixture(path: Path, gpt2_folder: Path) -> None:
               metadata={"compressed_tensors": compressed_tensors.__version__,
                         "torch": torch.__version__,
                         "config": json.dumps(config.model_dump()),
-                        "gpt2_state_dict": json.dumps(gpt2_names),
-                        "gpt2_config": (gpt2_folder / "config.json").read_text()})
+                        **shapes,
+                        "gpt2_config": (folders["gpt2"][0] / "config.json").read_text()})
     save_file(dense, str(path.with_name(path.stem + "_input.safetensors")))
     print(f"wrote {path} ({len(compressed)} tensors) with compressed-tensors "
           f"{compressed_tensors.__version__}")
@@ -98,15 +105,16 @@ def main() -> None:
     parser.add_argument("--fixture", type=Path)
     args = parser.parse_args()
     info = json.loads((args.folder / "info.json").read_text())
-    for name in info:
-        state = check_folder(Path(info[name]["folder"]),
-                             args.folder / f"{name}_expected.safetensors")
-        if name == "f32":
-            check_logits(Path(info[name]["folder"]), state,
-                         np.load(args.folder / "tokens.npy"),
-                         np.load(args.folder / "flax_logits.npy"))
+    tokens = np.load(args.folder / "tokens.npy")
+    for name, entry in info.items():
+        state = check_folder(Path(entry["folder"]), args.folder / f"{name}_expected.safetensors")
+        if "logits" in entry:
+            check_logits(Path(entry["folder"]), entry["architecture"], state, tokens,
+                         np.load(entry["logits"]))
     if args.fixture is not None:
-        write_fixture(args.fixture, Path(info["f32"]["folder"]))
+        write_fixture(args.fixture, {
+            model: (Path(info[f"{model}_f32"]["folder"]), info[f"{model}_f32"]["architecture"])
+            for model in ("gpt2", "llama")})
     return 0
 
 

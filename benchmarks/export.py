@@ -96,7 +96,8 @@ def main() -> None:
     lines = [
         f"# Packed checkpoints and packed inference ({datetime.date.today()})",
         "",
-        f"Command: `benchmarks/export.py{' --quick' if args.quick else ''}`; machine: "
+        f"Command: `benchmarks/export.py{' --quick' if args.quick else ''}"
+        f"{f' --repeats {args.repeats}' if not args.quick else ''}`; machine: "
         f"shared 2-core CPU ({platform.machine()}), jax {jax.__version__}, CPU backend. "
         f"Model: Flax GPT-2, n_embd={embd}, {layers} layers, vocab {config.vocab_size}, "
         f"bfloat16, {dense_bytes / 2**20:.1f} MiB of parameters. Restore: median of "
@@ -146,7 +147,11 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp)
     text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    kept = out.read_text().split("\n## compressed-tensors check", 1) if out.exists() else []
+    if len(kept) == 2:  # benchmarks/compressed_tensors_check.py --record's section
+        text += "\n## compressed-tensors check" + kept[1]
+    out.write_text(text)
     print(text)
 
 

@@ -100,6 +100,11 @@ class Backend:
       speedup: ``(Problem) -> float``: measured time of dense XLA over this backend's time
         for the product on this device (> 1: faster); ``"auto"`` picks the largest above 1.
         ``0.0`` when nothing was measured.
+      forward_packed: ``(x2d: (rows, in), packed: nmjax.format.PackedNM, *, precision) ->
+        (rows, out)``: the forward product from the masked kernel held packed (2-D, 2:4,
+        ``(in, out)`` grouped along ``in``, axis 0), without a dense weight (packed
+        inference); ``None`` when the backend has no such entry (a packed layer then unpacks
+        the kernel and calls ``forward``).
     """
 
     name: str
@@ -107,6 +112,7 @@ class Backend:
     input_grad: Callable[[Array, Array, Array, Array | None], Array]
     supports: Callable[[Problem], str | None]
     speedup: Callable[[Problem], float] = lambda problem: 0.0
+    forward_packed: Callable[..., Array] | None = None
 
     def run(self, problem: Problem, *args: Any) -> Array:
         """Runs ``problem``'s product (``forward`` or ``input_grad``) on ``args`` at

@@ -274,17 +274,32 @@ def nbytes(tree: Any) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def _to_checkpoint(tree: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
-    """``(arrays, layout)``: the tree as nested dicts of arrays (a packed leaf becomes a dict
-    of its arrays, a list a dict keyed by index) and, by path, every array's shape and dtype
-    and every packed leaf's static layout (JSON)."""
+_INDEX_FIELDS = ("meta", "kept", "bwd", "perm")
+
+
+def _to_checkpoint(tree: Any, index: dict[str, list[np.ndarray]],
+                   path: str = "") -> tuple[Any, dict[str, Any]]:
+    """``(arrays, layout)``: the tree as nested dicts of arrays (a packed leaf becomes
+    ``{"values": ...}``, a list a dict keyed by index) and, by path, every array's shape and
+    dtype and every packed leaf's static layout (JSON).
+
+    A packed leaf's small arrays (``meta``, ``kept``, ``bwd``, ``perm``) are appended,
+    flattened, to ``index`` (one list per dtype) and the layout records where: orbax reads
+    each array of a checkpoint with a fixed cost, so the packed tree restores as fast as the
+    dense one only if it holds no more arrays."""
     if is_packed(tree):
         w = tree.weight
-        entry = {"values": w.values, "meta": w.meta}
-        entry.update({k: getattr(tree, k) for k in ("kept", "bwd", "perm")
-                      if getattr(tree, k) is not None})
-        arrays, layout = _to_checkpoint(entry, path)
-        layout["packed"][path] = [w.n, w.m, w.axis, list(w.shape)]
+        arrays, layout = _to_checkpoint({"values": w.values}, index, path)
+        where = {}
+        for field in _INDEX_FIELDS:
+            x = w.meta if field == "meta" else getattr(tree, field)
+            if x is None:
+                continue
+            x = np.asarray(x)
+            chunks = index.setdefault(x.dtype.name, [])
+            where[field] = [x.dtype.name, sum(c.size for c in chunks), list(x.shape)]
+            chunks.append(x.ravel())
+        layout["packed"][path] = {"nm": [w.n, w.m, w.axis, list(w.shape)], "index": where}
         return arrays, layout
     items = (tree.items() if isinstance(tree, Mapping)
              else enumerate(tree) if isinstance(tree, list | tuple) else None)
@@ -299,26 +314,31 @@ def _to_checkpoint(tree: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
         key = str(key)
         if "/" in key:
             raise ValueError(f"save cannot store the key {key!r} (it holds a '/')")
-        arrays[key], sub = _to_checkpoint(value, f"{path}/{key}" if path else key)
+        arrays[key], sub = _to_checkpoint(value, index, f"{path}/{key}" if path else key)
         layout["arrays"].update(sub["arrays"])
         layout["packed"].update(sub["packed"])
     return arrays, layout
 
 
-def _from_checkpoint(arrays: Any, packed: Mapping[str, Any], path: str = "") -> Any:
+def _from_checkpoint(arrays: Any, packed: Mapping[str, Any], index: Mapping[str, Any],
+                     path: str = "") -> Any:
     if path in packed:
-        n, m, axis, shape = packed[path]
-        weight = nmf.PackedNM(arrays["values"], arrays["meta"], n, m, axis, tuple(shape))
-        return PackedLeaf(weight, *(arrays.get(k) for k in ("kept", "bwd", "perm")))
+        n, m, axis, shape = packed[path]["nm"]
+        small = {field: index[dtype][offset:offset + int(np.prod(size))].reshape(size)
+                 for field, (dtype, offset, size) in packed[path]["index"].items()}
+        weight = nmf.PackedNM(arrays["values"], small["meta"], n, m, axis, tuple(shape))
+        return PackedLeaf(weight, *(small.get(k) for k in _INDEX_FIELDS[1:]))
     if isinstance(arrays, Mapping):
-        return {k: _from_checkpoint(v, packed, f"{path}/{k}" if path else k)
+        return {k: _from_checkpoint(v, packed, index, f"{path}/{k}" if path else k)
                 for k, v in arrays.items()}
     return arrays
 
 
 def save(directory: str | os.PathLike, packed: Any) -> None:
     """Writes a packed tree (or any tree of arrays) to a new ``directory`` with orbax: the
-    arrays, and a JSON layout (shapes, dtypes, packed leaves' N:M and axis) that lets
+    arrays (a packed leaf's values as one array; the index metadata, kept and backward
+    flags and permutations of all packed leaves as one flat array per dtype), and a JSON
+    layout (shapes, dtypes, packed leaves' N:M, axis and index offsets) that lets
     :func:`restore` read them back without a target.
 
     Containers must be dicts (string keys), lists or tuples: a Linen ``variables`` dict, a
@@ -329,10 +349,15 @@ def save(directory: str | os.PathLike, packed: Any) -> None:
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         raise ValueError(f"directory {directory!r} exists; save writes a new checkpoint")
-    arrays, layout = _to_checkpoint(packed)
+    index: dict[str, list[np.ndarray]] = {}
+    arrays, layout = _to_checkpoint(packed, index)
+    layout["index"] = {dtype: sum(c.size for c in chunks) for dtype, chunks in index.items()}
+    items = {"arrays": ocp.args.PyTreeSave(arrays), "layout": ocp.args.JsonSave(layout)}
+    if index:
+        items["index"] = ocp.args.PyTreeSave(
+            {dtype: np.concatenate(chunks) for dtype, chunks in index.items()})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(directory, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
-                                                 layout=ocp.args.JsonSave(layout)))
+        ckptr.save(directory, ocp.args.Composite(**items))
 
 
 def restore(directory: str | os.PathLike) -> Any:
@@ -348,9 +373,16 @@ def restore(directory: str | os.PathLike) -> Any:
         target = nest({path: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
                                                    sharding=sharding)
                         for path, (shape, dtype) in layout["arrays"].items()})
-        arrays = ckptr.restore(directory, ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-    return _from_checkpoint(arrays["arrays"], layout["packed"])
+        items = {"arrays": ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
+        if layout["index"]:  # read to the host, cut there, then one device_put
+            items["index"] = ocp.args.PyTreeRestore(
+                {dtype: np.zeros((0,), dtype) for dtype in layout["index"]},
+                restore_args={dtype: ocp.RestoreArgs(restore_type=np.ndarray)
+                              for dtype in layout["index"]})
+        read = ckptr.restore(directory, ocp.args.Composite(**items))
+    tree = _from_checkpoint(read["arrays"], layout["packed"], read.get("index", {}))
+    return jax.device_put(tree, sharding)  # the index pieces; the rest is there already
 
 
 def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: Any,
@@ -360,7 +392,8 @@ def save_compressed_tensors(directory: str | os.PathLike, params: Any, masks: An
     compressed-tensors' ``sparse-24-bitmask`` format, the 2:4 format vLLM loaded.
 
     Example (a Flax GPT-2; the plan finds that its ``FlaxConv1D`` kernels are ``(out, in)``
-    and groups them along ``in``)::
+    and groups them along ``in``; a ``FlaxLlamaForCausalLM`` goes the same way with
+    ``include=r"_proj/kernel$"`` and ``architecture="LlamaForCausalLM"``)::
 
       plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"c_(attn|proj|fc)"),
                            params=model.params, input_ids=ids, attention_mask=mask,

@@ -167,8 +167,22 @@ def test_orbax_save_restore(tmp_path):
     assert_same_tree(restored, packed)
     assert_same_tree(export.unpack_params(restored), apply_masks(params, masks))
     assert_same_masks(export.unpack_masks(restored), masks)
+    # orbax reads each array with a fixed cost: the packed leaves' index metadata, flags and
+    # permutations share one flat array per dtype, so the checkpoint holds as many arrays as
+    # the dense tree's (one values array per packed leaf) plus one per index dtype.
+    layout = json.loads((tmp_path / "ckpt" / "layout" / "metadata").read_text())
+    assert len(layout["arrays"]) == len(jax.tree.leaves(params))
+    leaves = [x for x in jax.tree.leaves(packed, is_leaf=export.is_packed)
+              if export.is_packed(x)]
+    small = [x.weight.meta for x in leaves] + [x.kept for x in leaves] + \
+        [x.bwd for x in leaves] + [x.perm for x in leaves]
+    assert layout["index"] == {
+        "uint32": sum(x.size for x in small if x is not None and x.dtype == jnp.uint32),
+        "int32": 16}  # Bi-Mask's permutation of Dense_0's 16 outputs
     with pytest.raises(ValueError, match="exists"):
         export.save(tmp_path / "ckpt", packed)
+    export.save(tmp_path / "dense", params)  # no packed leaf: no index
+    assert_same_tree(export.restore(tmp_path / "dense"), params)
 
 
 def directory_bytes(path):
@@ -279,6 +293,70 @@ def test_nnx_packed_inference(pattern):
         pack_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
 
 
+def emulated_pallas(calls=None):
+    """The Pallas backend with its kernel's emulated branch in Pallas interpret mode (no GPU
+    runs the tests); ``calls`` counts its ``forward_packed`` calls."""
+    import importlib
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from nmjax import backends
+    from nmjax.kernels import SparseMatmulConfig
+
+    pallas = importlib.import_module("nmjax.kernels._backend")._Pallas(
+        SparseMatmulConfig(tile_m=64, tile_n=64, max_concurrent_steps=2), branch="emulate",
+        interpret=plgpu.InterpretGPUParams())
+
+    def forward_packed(x2d, packed, **kw):
+        if calls is not None:
+            calls.append(packed.shape)
+        return pallas.forward_packed(x2d, packed, **kw)
+
+    return backends.Backend("pallas-emulated", pallas.forward, pallas.input_grad,
+                            lambda problem: None, forward_packed=forward_packed)
+
+
+def test_packed_layers_feed_a_kernel_the_packed_operand(monkeypatch):
+    """With a kernel backend that takes the packed operand (the Pallas sparse-wgmma GEMM;
+    here its emulated branch in Pallas interpret mode, as no GPU runs the tests), NNX's
+    PackedLinear and Linen's SparseDense (packed_variables) hand it the packed values and
+    metadata: no dense kernel is built (the unpacking functions are disabled), and the
+    result is the kernel reference's on the dense masked kernel."""
+    from nmjax import backends
+    from nmjax.kernels import pack_24, sparse_matmul_24_reference
+    from nmjax.nn import PackedLinear
+
+    emulated = emulated_pallas()
+    keys = jax.random.split(jax.random.key(5), 3)
+    w = jax.random.normal(keys[0], (256, 128), jnp.bfloat16)  # (in, out)
+    masks = build_masks({"kernel": w}, MaskRule("2:4", axis=0))
+    packed = export.pack_params({"kernel": w}, masks, axes=0)["kernel"]
+    bias = jax.random.normal(keys[1], (128,), jnp.bfloat16)
+    x = jax.random.normal(keys[2], (4, 16, 256), jnp.bfloat16)
+    forward = nnx.jit(lambda layer, x: layer(x))
+    dense_path = forward(PackedLinear(packed, bias, backend="reference"), x)
+    for name in ("unpack_leaf", "leaf_masks"):
+        monkeypatch.setattr(export, name, lambda *a: pytest.fail("the kernel was unpacked"))
+    got = forward(PackedLinear(packed, bias, backend=emulated), x)
+    fwd = masks["kernel"].fwd
+    want = sparse_matmul_24_reference(pack_24(w.T, fwd.T), x.reshape(64, 256),
+                                      transpose_out=True).reshape(4, 16, 128) + bias
+    assert got.shape == (4, 16, 128) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense_path, np.float32),
+                               rtol=2e-2, atol=2e-2)
+    # Linen: a SparseDense served from packed_variables takes the same route.
+    layer = SparseDense(128, param_dtype=jnp.bfloat16,
+                        sparsity=Sparsity("2:4", mode="static", backend=emulated))
+    variables = packed_variables({"kernel": packed, "bias": bias})
+    linen = jax.jit(layer.apply)(variables, x)
+    np.testing.assert_array_equal(np.asarray(linen, np.float32), np.asarray(got, np.float32))
+    if backends.device_facts()[0] != "gpu":  # an explicit kernel backend does not fall back
+        with pytest.raises(ValueError, match="sm_90"):
+            PackedLinear(packed, bias, backend="pallas")(x)
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
@@ -375,6 +453,67 @@ def test_gpt2_export_decompresses_to_pytorch_names_and_layouts(tmp_path, tiny_gp
         export.save_compressed_tensors(tmp_path / "x", params, four_eight, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random-init Flax Llama (grouped-query attention), its ``*_proj`` kernels 2:4 along
+    ``in`` as the plan finds them (``nn.Dense`` kernels are ``(in, out)``)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.FlaxLlamaForCausalLM(config, seed=0)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+    ids = jnp.arange(16).reshape(2, 8) % 128
+    plan = nmjax.resolve(model.module, MaskRule("2:4", include=r"_proj/kernel$"),
+                         params=params, input_ids=ids,
+                         attention_mask=jnp.ones((2, 8), jnp.int32),
+                         position_ids=jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    assert {leaf.layout.contract for leaf in plan.leaves} == {(0,)}
+    return config, params, build_masks(params, plan), plan
+
+
+def test_llama_export_has_pytorch_names_row_wise_24_and_config(tmp_path, tiny_llama):
+    from safetensors.numpy import load_file
+
+    config, params, masks, plan = tiny_llama
+    targets = export.save_compressed_tensors(tmp_path / "llama", params, masks, config,
+                                             axes=plan, architecture="LlamaForCausalLM")
+    modules = {f"model.layers.{i}.{block}.{proj}_proj" for i in range(2)
+               for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+               for proj in projs}
+    assert sorted(targets) == sorted(modules)
+    raw = load_file(str(tmp_path / "llama" / "model.safetensors"))
+    state = ct.decompress(raw)
+    # transformers' PyTorch LlamaForCausalLM names and shapes, recorded in the fixture by
+    # the real library run (benchmarks/compressed_tensors_check.py); the head is untied.
+    torch_shapes = json.loads(load_fixture()[2]["llama_state_dict"])
+    assert {k: list(v.shape) for k, v in state.items()} == torch_shapes
+    masked = apply_masks(params, masks)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(masked)[0]:
+        name, _ = ct.torch_name_and_axes(ct._key_parts(kp), leaf.ndim)
+        want = np.asarray(leaf).T if ct._key_parts(kp)[-1] == "kernel" else np.asarray(leaf)
+        want = np.ascontiguousarray(want)
+        np.testing.assert_array_equal(bits(state[name]), bits(want))  # weights [out, in]
+    for module in modules:  # 2:4 along each row (in): what row-wise kernels (vLLM) read
+        *path, proj = module.split(".")
+        kernel_t = np.ascontiguousarray(
+            np.asarray(masked["model"]["layers"][path[2]][path[3]][proj]["kernel"]).T)
+        rows, cols = kernel_t.shape
+        kept = np.unpackbits(raw[f"{module}.bitmask"], axis=-1, count=cols,
+                             bitorder="little").astype(bool)
+        assert (kept.reshape(rows, cols // 4, 4).sum(-1) == 2).all()
+        assert not (kernel_t[~kept] != 0).any()
+        np.testing.assert_array_equal(bits(raw[f"{module}.compressed"]),
+                                      bits(kernel_t[kept].reshape(rows, cols // 2)))
+    config_json = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert config_json["architectures"] == ["LlamaForCausalLM"]
+    assert (config_json["model_type"], config_json["num_key_value_heads"],
+            config_json["tie_word_embeddings"]) == ("llama", 2, False)
+    sparsity = config_json["quantization_config"]["sparsity_config"]
+    assert (sparsity["format"], sparsity["sparsity_structure"]) == ("sparse-24-bitmask", "2:4")
+    assert sorted(sparsity["targets"]) == sorted(modules)
+
+
 def test_flags_round_trip():
     flags = jax.random.bernoulli(jax.random.key(0), 0.3, (5, 70))
     words = nmf.pack_flags(flags, axis=1)
@@ -400,3 +539,32 @@ def test_op_level_sparse_model_serves_from_packed_params(pattern):
     want = gpt2.module.apply({"params": apply_masks(gpt2.params, masks)}, **inputs).logits
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert export.nbytes(packed) < 0.8 * export.nbytes(gpt2.params)
+
+
+
+def test_op_level_sparse_model_feeds_a_kernel_the_packed_operand():
+    """A GPT-2 sparsified with a plan, served from packed parameters with a kernel backend
+    that takes the packed operand (emulated, interpret mode): the planned FlaxConv1D
+    kernel's forward (``(out, in)``, grouped along ``in``) reaches the kernel packed, and
+    the logits are those of the reference backend on the same packed tree."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=128, n_layer=1,
+                                  n_head=4)
+    gpt2 = transformers.FlaxGPT2LMHeadModel(cfg, seed=0, dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), gpt2.params)
+    ids = jax.random.randint(jax.random.key(0), (2, 32), 0, 64)  # 64 rows: one kernel tile
+    inputs = dict(input_ids=ids, attention_mask=jnp.ones_like(ids),
+                  position_ids=jnp.broadcast_to(jnp.arange(32), (2, 32)))
+    plan = nmjax.resolve(gpt2.module, MaskRule("2:4", include=r"mlp/c_fc/kernel$"),
+                         params=params, **inputs)
+    packed = export.pack_params(params, build_masks(params, plan), axes=plan)
+    calls = []
+    logits = {}
+    for name, backend in (("kernel", emulated_pallas(calls)), ("reference", "reference")):
+        sparse = nmjax.nn.sparsify(gpt2.module, plan, mode="static", backend=backend)
+        logits[name] = np.asarray(jax.jit(
+            lambda p, s=sparse: s.apply({"params": p}, **inputs).logits)(packed), np.float32)
+    assert calls == [(128, 512)]  # c_fc's (in, out) view, once
+    np.testing.assert_allclose(logits["kernel"], logits["reference"], rtol=1e-2, atol=1e-2)
+    dense = np.asarray(gpt2.module.apply({"params": params}, **inputs).logits, np.float32)
+    assert np.abs(dense - logits["reference"]).max() > 0.1  # the mask shows in the logits

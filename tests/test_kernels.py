@@ -221,6 +221,34 @@ def test_transposable_mask_packs_both_directions_from_one_mask():
     np.testing.assert_array_equal(K.unpack_24(packed.bwd), jnp.where(mask, w, 0))
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_forward_operand_is_a_reshuffle_of_the_packed_kernel(axis):
+    """The kernel's A operand straight from nmjax.format's packed kernel (what a packed
+    checkpoint holds) equals, bit for bit, packing the dense masked Wᵀ; no gather, no
+    scatter, no select: the values are transposed, the metadata's halves permuted."""
+    from nmjax import export
+    from nmjax.masks import Masks
+
+    a, mask = _data(11, 128, 256)  # A = Wᵀ (out, in), 2:4 along in, under-filled groups
+    w, w_mask = (a.T, mask.T) if axis == 0 else (a, mask)  # (in, out) Dense / (out, in)
+    packed = export.pack_params({"k": w}, {"k": Masks(w_mask, w_mask)},
+                                axes=axis, nm=(2, 4))["k"]
+    assert packed.kept is not None  # under-filled groups: explicit zeros in the slots
+    got = K.forward_operand(packed.weight)
+    want = K.pack_24(a, mask)
+    np.testing.assert_array_equal(np.asarray(got.values).view(np.uint16),
+                                  np.asarray(want.values).view(np.uint16))
+    np.testing.assert_array_equal(got.meta, want.meta)
+    prims = {e.primitive.name for e in jax.make_jaxpr(K.forward_operand)(packed.weight).eqns}
+    assert prims <= {"transpose", "reshape", "and", "shift_right_logical", "shift_left",
+                     "or", "convert_element_type", "concatenate", "broadcast_in_dim",
+                     "squeeze", "slice", "stack", "pjit"}, prims
+    with pytest.raises(ValueError, match="2-D 2:4 PackedNM"):
+        K.forward_operand(nmformat.pack(w, w_mask, 4, 8, axis))
+    with pytest.raises(TypeError, match="PackedNM"):
+        K.forward_operand(packed)
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="K a multiple of 128"):
         K.pack_24(jnp.zeros((64, 64)), jnp.zeros((64, 64), bool))
@@ -718,3 +746,22 @@ def test_nm_dense_pallas_matches_reference_on_gpu():
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
         assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2
 
+
+
+@gpu
+@needs_sm90
+def test_packed_linear_runs_the_kernel_from_the_packed_operand_on_gpu():
+    """Packed inference on the sparse tensor cores: PackedLinear with the Pallas backend
+    (forward_packed, no dense kernel) against the reference backend (unpack + dot)."""
+    from nmjax import export
+    from nmjax.masks import Masks
+    from nmjax.nn import PackedLinear
+
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((256, 384)), jnp.bfloat16)  # (in, out)
+    fwd = _mask(rng, 384, 256).T  # 2:4 along in, under-filled groups
+    packed = export.pack_params({"k": w}, {"k": Masks(fwd, fwd)}, axes=0)["k"]
+    x = jnp.asarray(rng.standard_normal((128, 256)), jnp.bfloat16)
+    got = np.asarray(PackedLinear(packed, backend="pallas")(x), np.float64)
+    want = np.asarray(PackedLinear(packed, backend="reference")(x), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2

@@ -6,7 +6,9 @@ Both sparse products of a linear layer ``w: (in, out)`` run the same kernel:
 * input gradient ``dX = dY·(W⊙bwd)ᵀ`` as ``dXᵀ = (W⊙bwd)·dYᵀ`` (A = ``W`` packed along
   ``out``, in ``perm`` order for Bi-Mask).
 
-``W`` is packed on every call (one jitted jnp program, see :func:`nmjax.kernels.pack_24`).
+``W`` is packed on every call (one jitted jnp program, see :func:`nmjax.kernels.pack_24`);
+packed inference skips that: ``forward_packed`` takes the kernel's canonical packed form
+(:mod:`nmjax.format`) and reshuffles it into the operand (:func:`nmjax.kernels.forward_operand`).
 
 The measured table (``measured.json`` beside this module) is written by
 ``benchmarks/gpu_check.sh`` on a GPU, never by hand: per device kind, per kernel variant and
@@ -27,9 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nmjax.format import PackedNM
 from nmjax.kernels._common import SparseMatmulConfig
 from nmjax.kernels._matmul import sparse_matmul_24
-from nmjax.kernels._pack import pack_24
+from nmjax.kernels._pack import forward_operand, pack_24
 
 MEASURED_FILE = "measured.json"
 _NEAR = 1.0  # a measured shape counts for a GEMM within this sum of |log2| ratios per dim
@@ -104,10 +107,15 @@ def _check_operands(lhs: jax.Array, w: jax.Array, lhs_name: str) -> None:
 
 
 class _Pallas:
-    """The backend's functions for one config (``None``: per shape, the measured best)."""
+    """The backend's functions for one config (``None``: per shape, the measured best);
+    ``branch`` and ``interpret`` as in :func:`sparse_matmul_24` (the tests run the emulated
+    kernel in interpret mode on a CPU)."""
 
-    def __init__(self, config: SparseMatmulConfig | None):
+    def __init__(self, config: SparseMatmulConfig | None, branch: str = "ptx",
+                 interpret: Any = False):
         self.config = config
+        self.branch = branch
+        self.interpret = interpret
 
     def _config(self, gemm) -> SparseMatmulConfig:
         return self.config if self.config is not None else measured_config(gemm)
@@ -115,7 +123,8 @@ class _Pallas:
     def _matmul(self, packed, b_t):
         m, k = packed.values.shape[0], 2 * packed.values.shape[1]
         cfg = self._config((m, b_t.shape[0], k))
-        return sparse_matmul_24(packed, b_t, config=cfg, transpose_out=True)
+        return sparse_matmul_24(packed, b_t, config=cfg, transpose_out=True,
+                                branch=self.branch, interpret=self.interpret)
 
     def forward(self, x2d: jax.Array, w: jax.Array, fwd_mask: jax.Array, *,
                 precision: Any = None) -> jax.Array:
@@ -127,6 +136,22 @@ class _Pallas:
         del precision  # honoured: see above
         _check_operands(x2d, w, "x2d")
         return self._matmul(pack_24(w.T, fwd_mask.T), x2d)  # A = Wᵀ (out, in) along in
+
+    def forward_packed(self, x2d: jax.Array, packed: PackedNM, *,
+                       precision: Any = None) -> jax.Array:
+        """``x2d @ unpack(packed)``: ``(rows, in) -> (rows, out)``, bf16, from the kernel held
+        packed (a 2:4 :class:`~nmjax.format.PackedNM` of ``w: (in, out)`` grouped along
+        ``in``). The A operand ``Wᵀ`` is a reshuffle of the packed values and metadata
+        (:func:`~nmjax.kernels.forward_operand`): no dense weight is built. ``precision``
+        as in :meth:`forward`."""
+        del precision
+        if not isinstance(packed, PackedNM) or packed.axis != 0 or len(packed.shape) != 2:
+            raise ValueError(f"forward_packed takes the PackedNM of a kernel (in, out) grouped "
+                             f"along in (axis 0), got {type(packed).__name__} "
+                             f"{getattr(packed, 'shape', '')}, axis "
+                             f"{getattr(packed, 'axis', None)}")
+        _check_operands(x2d, packed.values, "x2d")
+        return self._matmul(forward_operand(packed), x2d)  # A = Wᵀ (out, in) along in
 
     def input_grad(self, dy2d: jax.Array, w: jax.Array, bwd_mask: jax.Array,
                    perm: jax.Array | None = None, *, precision: Any = None) -> jax.Array:
@@ -183,7 +208,8 @@ def _cached_backend(config: SparseMatmulConfig | None):
 
     impl = _Pallas(config)
     return Backend(name="pallas", forward=impl.forward, input_grad=impl.input_grad,
-                   supports=impl.supports, speedup=impl.speedup)
+                   supports=impl.supports, speedup=impl.speedup,
+                   forward_packed=impl.forward_packed)
 
 
 def table_entry(variant: str, config: SparseMatmulConfig, gemm, ratio: float,

@@ -208,6 +208,46 @@ def from_format(packed: _format.PackedNM) -> Packed24:
     return Packed24(packed.values, canonical_to_wgmma_meta(packed.meta))
 
 
+def forward_operand(packed: _format.PackedNM) -> Packed24:
+    """The sparse-wgmma A operand of the product that contracts a 2-D 2:4 weight's grouped
+    axis, straight from its canonical packed form: no dense weight, no gather.
+
+    * grouped along axis 1 (``(out, in)``, e.g. GPT-2's ``FlaxConv1D`` kernel): A is the
+      matrix itself (:func:`from_format`);
+    * grouped along axis 0 (a Flax ``Dense`` kernel ``(in, out)``): A is ``Wᵀ (out, in)``,
+      the forward's ``Yᵀ = Wᵀ·Xᵀ``. The canonical format packs the same slots along the
+      grouped axis whichever axis it is, so ``values.T`` and ``meta.T`` are ``Wᵀ``'s
+      canonical values and metadata.
+
+    Either way a transpose and the metadata's permutation of 16-bit halves
+    (:func:`canonical_to_wgmma_meta`): equal, bit for bit, to :func:`pack_24` of the dense
+    masked ``Wᵀ`` (tested).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax import format as nmf
+    >>> from nmjax.masks import nm_mask
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))      # (in, out), 2:4 along in
+    >>> mask = nm_mask(jnp.abs(w), 2, 4, axis=0)
+    >>> a = forward_operand(nmf.pack(w, mask, 2, 4, axis=0))
+    >>> ref = pack_24(w.T, mask.T)
+    >>> bool((a.values == ref.values).all() and (a.meta == ref.meta).all())
+    True
+
+    Raises:
+      ValueError: not a 2-D 2:4 :class:`~nmjax.format.PackedNM`, or a shape the kernel's
+        operand cannot take (``(out, in)`` must be multiples of ``(64, 128)``).
+    """
+    if not isinstance(packed, _format.PackedNM):
+        raise TypeError(f"packed must be an nmjax.format.PackedNM, got {type(packed).__name__}")
+    if (packed.n, packed.m, len(packed.shape)) != (2, 4, 2) or packed.axis not in (0, 1):
+        raise ValueError(f"forward_operand takes a 2-D 2:4 PackedNM, got n={packed.n}, "
+                         f"m={packed.m}, axis={packed.axis}, shape={packed.shape}")
+    if packed.axis == 0:
+        rows, k = packed.shape[1], packed.shape[0]
+        packed = _format.PackedNM(packed.values.T, packed.meta.T, 2, 4, 1, (rows, k))
+    return from_format(packed)
+
+
 # ------------------------------------------------------------- static masks: plan once
 class Plan24(NamedTuple):
     """What a static 2:4 mask of ``(rows, K)`` fixes: everything but the values.

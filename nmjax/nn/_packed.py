@@ -9,13 +9,17 @@ them inside the forward, so only the packed arrays are resident between calls.
 * NNX: :func:`pack_model` returns a copy of a model whose :class:`~nmjax.nn.SparseLinear`
   layers are :class:`PackedLinear` layers holding a :class:`PackedParam`.
 
-On a GPU a kernel that takes the packed operand can replace the unpack; here the unpacked
-kernel feeds the same dense product as the dense layer, so the outputs equal the dense
-model's on masked weights.
+:class:`PackedLinear` and Linen's :class:`~nmjax.nn.SparseDense` run their product
+through a backend (:func:`packed_product`): a kernel that takes the packed operand (the
+Pallas sparse-wgmma GEMM, on an sm_90 GPU) reads the packed values and metadata directly;
+elsewhere the unpacked kernel feeds the same dense product as the dense layer, so the
+outputs equal the dense model's on masked weights. Other Linen layers read their kernel
+through ``self.param`` and always get it unpacked.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -23,7 +27,8 @@ from flax import nnx, struct
 from flax.core import meta
 from flax.nnx.nn import dtypes
 
-from nmjax import export
+from nmjax import backends, export
+from nmjax.backends import Backend, Problem
 from nmjax.export import PackedLeaf, is_packed
 from nmjax.nn.nnx import SparseLinear
 
@@ -103,16 +108,26 @@ class PackedParam(nnx.Param):
 
 
 class PackedLinear(nnx.Module):
-    """``nnx.Linear`` for inference with a packed kernel ``(in, out)``: unpacks it and runs
-    the same product as ``nnx.Linear``.
+    """``nnx.Linear`` for inference with a packed kernel ``(in, out)``.
+
+    The forward product runs through a backend (:mod:`nmjax.backends`), resolved per call
+    shape like :func:`nmjax.ops.nm_dense`'s: a kernel backend with a ``forward_packed``
+    entry (the Pallas sparse-wgmma GEMM on an sm_90 GPU) takes the packed values and index
+    metadata directly, reshuffled into its operand (:func:`nmjax.kernels.forward_operand`),
+    and no dense kernel is built; a kernel backend without one gets the unpacked kernel and
+    its mask; the reference (every CPU, and ``"auto"`` where no kernel is measured faster)
+    unpacks the kernel and runs the same product as ``nnx.Linear``, so the outputs equal
+    the dense layer's on the masked kernel bit for bit.
 
     Attributes:
       kernel: :class:`PackedParam` of the packed ``(in, out)`` kernel.
       bias: ``nnx.Param`` ``(out,)`` or ``None``.
+      backend: ``"auto"`` (default), ``"reference"``, a kernel factory's name or a
+        :class:`~nmjax.backends.Backend`.
     """
 
     def __init__(self, kernel: PackedLeaf, bias: jax.Array | None = None, *,
-                 dtype: Any = None, precision: Any = None):
+                 dtype: Any = None, precision: Any = None, backend: Any = "auto"):
         if not is_packed(kernel) or len(kernel.shape) != 2:
             raise TypeError(f"kernel must be a rank-2 nmjax.export.PackedLeaf, got "
                             f"{type(kernel).__name__} {getattr(kernel, 'shape', '')}")
@@ -121,24 +136,67 @@ class PackedLinear(nnx.Module):
         self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
         self.dtype = dtype
         self.precision = precision
+        self.backend = backends.check_backend(backend)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Unpack only once the inputs exist, so that XLA does not unpack every layer's kernel
         # up front (6 layers 512x512 f32: 2 MiB of temporaries instead of 9).
         packed, inputs = jax.lax.optimization_barrier((self.kernel.get_value(), inputs))
-        kernel = export.unpack_leaf(packed)
         bias = self.bias.get_value() if self.bias is not None else None
-        inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
+        y = packed_product(inputs, packed, backend=self.backend, dtype=self.dtype,
+                           precision=self.precision)
+        if y is None:  # the reference: unpack, and the product of nnx.Linear
+            kernel = export.unpack_leaf(packed)
+            inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias),
+                                                        dtype=self.dtype)
+            y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                    precision=self.precision)
+        elif bias is not None:
+            bias = bias.astype(y.dtype)
         return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def packed_product(inputs: jax.Array, packed: PackedLeaf, *, backend: Backend | str,
+                   dtype: Any = None, precision: Any = None) -> jax.Array | None:
+    """``inputs @ W`` through a kernel backend, ``W`` the ``(in, out)`` kernel held packed:
+    ``(..., in) -> (..., out)`` in the compute dtype; ``None`` where the backend resolved for
+    this product (:func:`nmjax.backends.resolve`) is the reference, for the caller to unpack
+    and run its own dense product (bit for bit the dense layer's).
+
+    A backend with ``forward_packed`` (the Pallas sparse-wgmma GEMM) takes the packed
+    values and metadata directly; another kernel backend gets the unpacked kernel and its
+    mask. Forward only (inference): the kernel path defines no gradient for ``W``.
+
+    Args:
+      inputs: ``(..., in)``.
+      packed: the kernel ``(in, out)`` (2:4 along ``in``, axis 0, for the Pallas kernel).
+      backend: a validated ``backend=`` value (:func:`nmjax.backends.check_backend`).
+      dtype: the compute dtype (``None``: promoted from ``inputs`` and the kernel, as
+        ``nnx.Linear`` does); precision: as ``nnx.Linear``'s.
+    """
+    n_in, n_out = packed.shape
+    dtype = dtypes.canonicalize_dtype(inputs, packed.weight.values, dtype=dtype)
+    w = packed.weight
+    nm = (w.n, w.m) if w.axis == 0 else None  # groups along in: the forward's N:M
+    problem = Problem("forward", math.prod(inputs.shape[:-1]), n_in, n_out, dtype,
+                      *backends.device_facts(), nm, False, precision)
+    chosen = backends.resolve(backend, problem)
+    if chosen is backends.REFERENCE:
+        return None
+    x2d = inputs.reshape(-1, n_in).astype(dtype)
+    if chosen.forward_packed is not None:
+        y = chosen.forward_packed(x2d, w, precision=precision)
+    else:
+        y = chosen.run(problem, x2d, export.unpack_leaf(packed), export.leaf_masks(packed).fwd)
+    return y.reshape(*inputs.shape[:-1], n_out)
 
 
 def _packed_linear(layer: SparseLinear) -> PackedLinear:
     kernel = layer.kernel.get_value()
     packed = export.pack_params({"kernel": kernel}, {"kernel": layer.masks()}, axes=0)
     bias = layer.bias.get_value() if layer.bias is not None else None
-    return PackedLinear(packed["kernel"], bias, dtype=layer.dtype, precision=layer.precision)
+    return PackedLinear(packed["kernel"], bias, dtype=layer.dtype, precision=layer.precision,
+                        backend=layer.sparsity.backend)
 
 
 def pack_model(model: nnx.Module) -> nnx.Module:

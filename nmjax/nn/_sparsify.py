@@ -15,9 +15,11 @@ import jax
 from flax import linen as nn
 from flax import nnx
 
-from nmjax import _graph, ops
+from nmjax import _graph, export, ops
+from nmjax import format as nmf
 from nmjax.masks import BiMask, Masks
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
+from nmjax.nn._packed import packed_product
 from nmjax.nn.nnx import NMMask
 from nmjax.plan import Plan, Traced, _split_args, as_rules, layout_masks, plan_from_jaxpr
 from nmjax.tree import is_masks_leaf, nest, path_str
@@ -32,14 +34,16 @@ def masks_by_path(masks: Any) -> dict[str, Any]:
     return {path_str(p): m for p, m in flat if m is not None}
 
 
-def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, name: str
-               ) -> tuple[Any, Plan, dict[str, Masks]]:
+def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, name: str,
+               packed: dict[str, Any] | None = None) -> tuple[Any, Plan, dict[str, Masks]]:
     """Runs ``traced`` with the planned products sparse: ``(outputs, plan, {path: the
     Masks the products used})``.
 
     ``target``: a :class:`~nmjax.plan.Plan`, or rules to resolve on this trace. ``masks``:
     ``{path: Masks}`` (static mode) or ``None`` (computed from the weights: dynamic mode;
-    a Bi-Mask permutation may come from ``masks`` then).
+    a Bi-Mask permutation may come from ``masks`` then). ``packed``: ``{path:
+    nmjax.export.PackedLeaf}`` of parameters given packed (packed inference), whose forward
+    products a kernel backend may run from the packed form (:func:`_packed_forward`).
     """
     closed, out_shape = jax.make_jaxpr(traced.fn, return_shape=True)(traced.params,
                                                                      traced.arrays)
@@ -71,7 +75,7 @@ def run_sparse(traced: Traced, target: Plan | tuple, sp: Sparsity, masks: Any, n
         bwd = None if leaf.pattern.same_masks else m.bwd
         lives[invars[index[leaf.path]]] = _graph.Live(
             k, _graph.leaf_dims(leaf.shape), m.fwd, bwd, m.perm, leaf.layout.stack)
-    product = _products(plan, sp)
+    product = _products(plan, sp, packed or {})
     outs = _graph.Rewriter(product).run(closed.jaxpr, closed.consts,
                                          jax.tree.leaves((traced.params, traced.arrays)),
                                          lives)
@@ -89,15 +93,20 @@ def _check_shapes(masks: Masks, leaf: Any) -> None:
                              f"parameter has shape {leaf.shape}")
 
 
-def _products(plan: Plan, sp: Sparsity):
+def _products(plan: Plan, sp: Sparsity, packed: dict[str, Any]):
     def product(eqn, x, w, live, side):
         leaf = plan.leaves[live.leaf]
         kw = dict(decay=sp.decay, backend=sp.backend, fwd_nm=leaf.pattern.fwd_nm,
                   bwd_nm=leaf.pattern.bwd_nm)
         if eqn.primitive.name == "dot_general":
             precision = eqn.params.get("precision")
+            given = packed.get(leaf.path)
 
             def dense(x2, w2, fwd, bwd, perm):
+                if given is not None:
+                    y = _packed_forward(x2, w2, given, leaf, sp, precision)
+                    if y is not None:
+                        return y
                 return ops.nm_dense(x2, w2, fwd, bwd, perm=perm, precision=precision, **kw)
 
             return _graph.sparse_dot_general(eqn, x, w, live, side, leaf.layout, dense)
@@ -108,6 +117,28 @@ def _products(plan: Plan, sp: Sparsity):
         return _graph.sparse_conv(eqn, x, w, live, conv)
 
     return product
+
+
+def _packed_forward(x2: jax.Array, w2: jax.Array, given: Any, leaf: Any, sp: Sparsity,
+                    precision: Any) -> jax.Array | None:
+    """The product ``x2 @ w2`` (``w2`` the kernel's ``(K, N)`` view) from the packed kernel
+    where the backend resolved for it is a kernel (:func:`nmjax.nn._packed.packed_product`:
+    a ``forward_packed`` backend reads the packed values and metadata); ``None`` for the
+    reference, or where the view is not the 2-D kernel grouped along its contraction axis
+    (then ``nm_dense`` runs on the unpacked kernel)."""
+    w = given.weight
+    if (len(w.shape) != 2 or tuple(leaf.layout.contract) != (w.axis,)
+            or tuple(w2.shape) != (w.shape[w.axis], w.shape[1 - w.axis])):
+        return None
+
+    def as_view(x):  # the canonical packing runs along the grouped axis: a transpose
+        return x if x is None or w.axis == 0 else x.T
+
+    # the values in the view's dtype: the model's own cast of the kernel, on the packed values
+    kernel = nmf.PackedNM(as_view(w.values.astype(w2.dtype)), as_view(w.meta), w.n, w.m, 0,
+                          tuple(w2.shape))
+    return packed_product(x2, export.PackedLeaf(kernel, as_view(given.kept)), backend=sp.backend,
+                          dtype=x2.dtype, precision=precision)
 
 
 # --------------------------------------------------------------------------------- Linen
@@ -158,13 +189,13 @@ class SparseModel:
         """``model.apply`` with the planned products sparse."""
         if "params" not in variables:
             raise ValueError(f"variables must hold 'params' (got {sorted(variables)})")
-        variables = _unpacked(variables, self.sparsity.mode)
+        variables, packed = _unpacked(variables, self.sparsity.mode)
         masks = variables.get(MASKS)
         masks = masks_by_path(masks) if masks is not None else None
         report, mutable = _wants_used(mutable)
         traced = self._traced(variables, args, kwargs, method, rngs, mutable)
         out, _, used = run_sparse(traced, self.target, self.sparsity, masks,
-                                  type(self.model).__name__)
+                                  type(self.model).__name__, packed)
         if not report:
             return out
         y, updates = out if mutable else (out, {})
@@ -195,21 +226,23 @@ class SparseModel:
                         "the dense one; it cannot be called inside another module")
 
 
-def _unpacked(variables: Any, mode: str) -> Any:
+def _unpacked(variables: Any, mode: str) -> tuple[Any, dict[str, Any]]:
     """Packed parameters (:func:`nmjax.export.pack_params`) unpacked inside the traced
     forward, so only the packed arrays stay resident; in static mode their masks become the
-    ``"nm_masks"`` collection when none is given (packed inference: one tree serves)."""
-    from nmjax import export
-
+    ``"nm_masks"`` collection when none is given (packed inference: one tree serves).
+    Returns the variables and ``{path: PackedLeaf}`` (for kernels that take the packed
+    form; an unpacked kernel that nothing else reads is then dropped by XLA)."""
     params = variables["params"]
-    if not any(export.is_packed(x) for x in jax.tree.leaves(params, is_leaf=export.is_packed)):
-        return variables
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=export.is_packed)[0]
+    packed = {path_str(p): x for p, x in flat if export.is_packed(x)}
+    if not packed:
+        return variables, {}
     out = {**variables, "params": export.unpack_params(params)}
     if mode == "static" and MASKS not in variables:
         from nmjax.nn.linen import to_collection
 
         out[MASKS] = to_collection(export.unpack_masks(params))
-    return out
+    return out, packed
 
 
 def _wants_used(mutable: Any) -> tuple[bool, Any]:

@@ -17,6 +17,7 @@ from flax.linen.dtypes import promote_dtype
 from nmjax.masks import BiMask, Masks
 from nmjax.nn import _core
 from nmjax.nn._core import MASKS, USED_MASKS, Sparsity
+from nmjax.nn._packed import PackedKernel, packed_product
 from nmjax.tree import build_masks, path_str
 
 
@@ -52,6 +53,9 @@ def dense_call(mdl: nn.Dense, inputs: jax.Array, sp: Sparsity) -> jax.Array:
     if mdl.dot_general is not None or mdl.dot_general_cls is not None:
         raise ValueError(f"layer {_path(mdl)!r} sets a custom dot_general; nmjax replaces the "
                          "product and cannot combine it with yours")
+    y = _packed_call(mdl, inputs, sp)
+    if y is not None:
+        return y
     kernel = mdl.param("kernel", mdl.kernel_init, (jnp.shape(inputs)[-1], mdl.features),
                        mdl.param_dtype)
     bias = mdl.param("bias", mdl.bias_init, (mdl.features,), mdl.param_dtype) \
@@ -59,6 +63,23 @@ def dense_call(mdl: nn.Dense, inputs: jax.Array, sp: Sparsity) -> jax.Array:
     masks = _layer_masks(mdl, kernel, 0, sp)
     inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=mdl.dtype)
     return _core.dense_product(inputs, kernel, bias, masks, sp, mdl.precision)
+
+
+def _packed_call(mdl: nn.Dense, inputs: jax.Array, sp: Sparsity) -> jax.Array | None:
+    """Packed inference (:func:`nmjax.nn.packed_variables`): the forward from the packed
+    kernel where the backend resolved for it is a kernel (:func:`packed_product`); ``None``
+    otherwise (the kernel is then read unpacked)."""
+    if not mdl.has_variable("params", "kernel"):
+        return None
+    boxed = mdl.get_variable("params", "kernel")
+    if not isinstance(boxed, PackedKernel):
+        return None
+    y = packed_product(inputs, boxed.packed, backend=sp.backend, dtype=mdl.dtype,
+                       precision=mdl.precision)
+    if y is None or not mdl.use_bias:
+        return y
+    bias = mdl.param("bias", mdl.bias_init, (mdl.features,), mdl.param_dtype)
+    return y + jnp.reshape(bias.astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
 
 
 def _conv_kernel_shape(mdl: nn.Conv, inputs: jax.Array) -> tuple[int, ...]:
