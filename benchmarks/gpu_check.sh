@@ -22,8 +22,8 @@
 #   6 cuSPARSELt backend: correctness, GEMMs, then      60  results.jsonl ("cusparselt ..."),
 #     nm_dense vs dense XLA and Pallas (--quick)            cusparselt_speedups.json,
 #                                                           cusparselt_table.md
-#   7 transposable solvers at 8192^2 (2:4, 4:8, 8:16),  45  masks_gpu.md
-#     then a refresh at 4096x11008 and 8192x28672 (N:M,
+#   7 transposable solvers at 8192^2 (2:4, 4:8, 8:16)   30  masks_gpu.md
+#   7b a refresh at 4096x11008 and 8192x28672 (N:M,     40  masks_gpu.md (appended)
 #     exact24, exact 4:8, Bi-Mask masks and search)
 #     beside one dense training step of the layer
 #   8 final table (JAX on the CPU)                      10  kernels.md, measured.json
@@ -167,8 +167,11 @@ cusparselt_env() {
   # at LLM layer shapes against a dense training step (issue 22); rows are written as they
   # finish (1 file).
   if [ -f benchmarks/gpu_masks.py ]; then
-    step "7 masks" "${MASKS_TIMEOUT:-45}" "$PY" benchmarks/gpu_masks.py "$O/masks_gpu.md" \
-      --budget 4 --repeats 3 --parts square,llm ${SMOKE_MASKS[@]+"${SMOKE_MASKS[@]}"}
+    step "7 masks" "${MASKS_TIMEOUT:-30}" "$PY" benchmarks/gpu_masks.py "$O/masks_gpu.md" \
+      --budget 4 --repeats 3 --parts square ${SMOKE_MASKS[@]+"${SMOKE_MASKS[@]}"}
+    step "7b masks at LLM shapes" "${MASKS_LLM_TIMEOUT:-40}" "$PY" benchmarks/gpu_masks.py \
+      "$O/masks_gpu.md" --append --budget 3 --repeats 3 --parts llm \
+      ${SMOKE_MASKS[@]+"${SMOKE_MASKS[@]}"}
   else
     echo "== 7 masks: placeholder (benchmarks/gpu_masks.py not in this tree)"
   fi

@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (testing)")
     p.add_argument("--parts", default="square,llm",
                    help="comma-separated, in order: square (8192^2 transposable), llm")
+    p.add_argument("--append", action="store_true",
+                   help="keep what OUT.md holds and add this run's tables after it")
     p.add_argument("--shrink", type=int, default=1,
                    help="divide every size by this (a CPU smoke run of the script)")
     args = p.parse_args()
@@ -105,8 +107,12 @@ def main() -> None:
                 "| layer (in x out) | what | compile s | median s | runs | s per 1e9 weights | "
                 "dense training steps per refresh |", "|---|---|---:|---:|---:|---:|---:|"]
 
+    before = args.out.read_text() + "\n" if args.append and args.out.exists() else ""
+
     def write() -> None:
-        args.out.write_text("\n".join([*head, *rows, PUBLISHED, *llm_head, *llm_rows, ""]))
+        parts = ([*head, *rows, PUBLISHED] if rows else head[:3]) + (
+            [*llm_head, *llm_rows] if llm_rows else [])
+        args.out.write_text(before + "\n".join([*parts, ""]))
 
     parts = args.parts.split(",")
     for part in parts:
