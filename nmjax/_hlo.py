@@ -7,6 +7,7 @@ import re
 
 _COLLECTIVE = re.compile(r"=\s*(\([^=]*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
                          r"collective-permute)(?:-start)?\(")
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 
 
@@ -22,10 +23,14 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
 
     >>> collectives("%a = f32[4,8]{1,0} all-gather(%x), dimensions={0}")
     {'all-gather': (1, 128)}
+    >>> collectives("%b = (f32[2], f32[2], f32[2], f32[2], f32[2], /*index=5*/f32[2]) "
+    ...             "all-reduce(%p, %q, %r, %s, %t, %u), to_apply=%add")
+    {'all-reduce': (1, 48)}
     """
     out: dict[str, tuple[int, int]] = {}
     for line in hlo_text.splitlines():
-        found = _COLLECTIVE.search(line)
+        # a tuple result of more than 5 arrays carries /*index=5*/ comments
+        found = _COLLECTIVE.search(_INDEX_COMMENT.sub("", line))
         if found is None:
             continue
         size = sum(_bytes(d, s) for d, s in _SHAPE.findall(found.group(1)))

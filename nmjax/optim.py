@@ -24,7 +24,12 @@ import optax
 
 from nmjax import _checks
 from nmjax._packed_masks import PackedMasks, expand, normalize, pack
-from nmjax._sharded_refresh import local_masks, shardings_by_path
+from nmjax._sharded_refresh import (
+    local_masks,
+    local_search,
+    out_blocks,
+    shardings_by_path,
+)
 from nmjax.masks import BiMask, Masks, Pattern, as_pattern, is_permutation
 from nmjax.ops import sr_ste_term
 from nmjax.plan import (
@@ -300,16 +305,23 @@ class _Plan:
             return {leaf.path: leaf.pattern for leaf in plan.leaves}
         return {leaf.path: self.stages[stage][1] for leaf in plan.leaves}
 
-    def masks(self, params: Any, stage: int, perms: Mapping[str, Any]) -> Any:
-        """Masks of ``params`` for stage ``stage`` (a Python int)."""
+    def masks(self, params: Any, stage: int, perms: Mapping[str, Any],
+              check_perms: bool = False) -> tuple[Any, frozenset[str]]:
+        """Masks of ``params`` for stage ``stage`` (a Python int), and the paths whose
+        masks ran shard by shard (their permutations checked there when ``check_perms``)."""
         plan = self.resolve(params)
         patterns = self.patterns(plan, stage)
         local = _local_masks(plan, params, patterns, perms, dict(self.shardings),
-                             self.with_perm)
+                             self.with_perm, check_perms)
         rest = {path: None if path in local else p for path, p in patterns.items()}
         masks = plan.masks(params, rest, perms, self.with_perm)
         return jax.tree_util.tree_map_with_path(
-            lambda p, m: local.get(path_str(p), m), masks, is_leaf=is_masks_leaf)
+            lambda p, m: local.get(path_str(p), m), masks, is_leaf=is_masks_leaf
+        ), frozenset(local)
+
+    def patterns_of(self, plan: Plan, path: str) -> list[Pattern | None]:
+        """The patterns leaf ``path`` takes over all stages."""
+        return [self.patterns(plan, i)[path] for i in range(len(self.starts))]
 
     def same_masks(self, plan: Plan) -> dict[str, bool]:
         """Per leaf: whether every stage's pattern makes ``bwd`` equal ``fwd`` (so the
@@ -343,10 +355,15 @@ class _Plan:
                   if isinstance(patterns[path], BiMask)]
         keys = jax.random.split(key, max(len(chosen), 1))
         layouts = {leaf.path: leaf.layout for leaf in plan.leaves}
+        shardings = dict(self.shardings)
         for (path, leaf, pattern), k in zip(chosen, keys, strict=False):
             # "swap" improves the current permutation; "random" draws fresh candidates.
             init = perms.get(path) if pattern.search == "swap" else None
-            perms[path] = layout_search(pattern, leaf, layouts[path], k, init=init)
+            found = None
+            if path in shardings:  # output split: each shard permutes its own channels
+                found = local_search(pattern, leaf, layouts[path], shardings[path], k, init)
+            perms[path] = (found if found is not None
+                           else layout_search(pattern, leaf, layouts[path], k, init=init))
         return perms
 
     def refresh(self, stage: int, params: Any, masks: Any, key: jax.Array,
@@ -355,9 +372,9 @@ class _Plan:
         permutation search when ``do_search`` (a traced bool) holds."""
         perms = jax.lax.cond(do_search, lambda: self.search(params, stage, key, masks),
                              lambda: _perms(masks))
-        new_masks = self.masks(params, stage, perms)
+        new_masks, checked = self.masks(params, stage, perms, check_perms)
         if check_perms:
-            _check_perms(new_masks)
+            _check_perms(new_masks, skip=checked)
         return new_masks
 
     def refresh_at(self, stage: jax.Array, params: Any, masks: Any, key: jax.Array,
@@ -371,10 +388,11 @@ class _Plan:
 
 
 def _local_masks(plan: Plan, params: Any, patterns: Mapping[str, Pattern | None],
-                 perms: Mapping[str, Any], shardings: Mapping[str, Any], with_perm: bool
-                 ) -> dict[str, Masks]:
+                 perms: Mapping[str, Any], shardings: Mapping[str, Any], with_perm: bool,
+                 check_perms: bool = False) -> dict[str, Masks]:
     """``{path: Masks}`` of the leaves whose masks each shard computes alone
-    (:mod:`nmjax._sharded_refresh`); the others are left out."""
+    (:mod:`nmjax._sharded_refresh`); the others are left out. ``check_perms``: each shard
+    checks its block of a Bi-Mask permutation (a permutation of its own channels)."""
     if not shardings:
         return {}
     flat = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -384,7 +402,10 @@ def _local_masks(plan: Plan, params: Any, patterns: Mapping[str, Pattern | None]
         if sharding is None or pattern is None:
             continue
         perm = perms.get(leaf.path) if isinstance(pattern, BiMask) else None
-        masks = local_masks(pattern, flat[leaf.path], leaf.layout, sharding, perm)
+        check = None
+        if check_perms and perm is not None:
+            check = functools.partial(_check_local_perm, leaf.path)
+        masks = local_masks(pattern, flat[leaf.path], leaf.layout, sharding, perm, check)
         if masks is None:
             continue
         if with_perm and masks.perm is None:
@@ -415,12 +436,19 @@ def _raise_bad_perms(paths: tuple[str, ...], ok: Any) -> None:
                          "perm replaced?")
 
 
-def _check_perms(masks: Any) -> None:
+def _check_local_perm(path: str, ok: jax.Array) -> None:
+    """Inside a shard: raises (host callback) where the shard's block of ``path``'s
+    permutation is not a permutation of the shard's own output channels."""
+    jax.debug.callback(functools.partial(_raise_bad_perms, (path,)), ok[None])
+
+
+def _check_perms(masks: Any, skip: frozenset[str] = frozenset()) -> None:
     """Raises (from the compiled step, through a host callback) where a refreshed mask's
-    permutation is not one: the products trust traced permutations."""
+    permutation is not one: the products trust traced permutations. ``skip``: paths
+    checked shard by shard (:func:`_check_local_perm`)."""
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]
     found = [(path_str(p), m.perm) for p, m in flat
-             if isinstance(m, Masks) and m.perm is not None]
+             if isinstance(m, Masks) and m.perm is not None and path_str(p) not in skip]
     if found:
         # one permutation per stacked matrix (scan-stacked layers, dot_general batch axes)
         ok = jnp.stack([jnp.all(jax.vmap(is_permutation)(perm.reshape(-1, perm.shape[-1])))
@@ -465,6 +493,29 @@ def _check_init_masks(params: Any, masks: Any, plan: Plan, tx_plan: _Plan) -> An
             raise ValueError(f"init_masks for {leaf.path!r} are not valid {pattern.label!r} "
                              f"masks along its axes ({leaf.layout.describe()})")
     return masks
+
+
+def _check_perm_blocks(masks: Any, plan: Plan, tx_plan: _Plan) -> None:
+    """Raises ValueError where a concrete Bi-Mask permutation of ``init_masks`` moves a
+    channel across the output shards its kernel's masks are computed in
+    (:func:`nmjax._sharded_refresh.out_blocks`)."""
+    shardings = dict(tx_plan.shardings)
+    flat = {path_str(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masks_leaf)[0]}
+    for leaf in plan.leaves:
+        perm = flat[leaf.path].perm
+        blocks = max(out_blocks(leaf.layout, p, shardings.get(leaf.path))
+                     for p in tx_plan.patterns_of(plan, leaf.path))
+        if blocks == 1 or perm is None or not _checks.is_concrete(perm):
+            continue
+        width = leaf.layout.sizes[2] // blocks
+        block_of = np.asarray(perm).reshape(-1, blocks, width) // width
+        if not (block_of == np.arange(blocks)[:, None]).all():
+            raise ValueError(
+                f"init_masks for {leaf.path!r}: its Bi-Mask permutation moves output "
+                f"channels across the {blocks} output shards of its sharding (shards of "
+                f"{width} channels); a kernel sharded along its output keeps its permutation "
+                "within each shard: permute each shard's channels among themselves")
 
 
 # ---------------------------------------------------------------------------- transform
@@ -557,10 +608,15 @@ def sparse(
       check_perms: check the Bi-Mask permutations at every refresh (see above).
       shardings: a tree like the parameters of their ``NamedSharding``s (``None`` leaves
         allowed), as given to ``jax.jit``: each sharded kernel's refresh then runs on each
-        device's own shard (``jax.shard_map``), adding no communication to the step (a
-        Bi-Mask kernel sharded along its output axis, and the permutation search, still
-        run globally). Checked by :func:`check_sharding` at ``init``. Default: the refresh
-        is left to XLA's partitioner, which gathers transposable kernels.
+        device's own shard (``jax.shard_map``), adding no communication to the step.
+        Bi-Mask: a kernel whose output is split keeps its permutation within each output
+        shard (each shard searches its own channels; ``init_masks`` whose permutation
+        crosses shards are refused), and where the contraction is split the search sums
+        its swap gains over the contraction shards (one all-reduce per kernel and round of
+        2 floats per output channel of the shard). Lay the state's permutations out like
+        their kernel's output axis (``masks_of``'s ``perm``), or XLA gathers them after a
+        search. Checked by :func:`check_sharding` at ``init``. Default: the refresh is
+        left to XLA's partitioner, which gathers transposable kernels.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -657,10 +713,11 @@ class _Sparse:
         if self.init_masks is not None:
             masks = _check_init_masks(params, _normalize_masks(self.init_masks), resolved,
                                       self.plan)
+            _check_perm_blocks(masks, resolved, self.plan)
             # Under jit: own buffers (the state may be donated).
             masks = jax.jit(self.plan.pack)(params, masks)
         else:
-            masks = jax.jit(lambda p: self.plan.pack(p, self.plan.masks(p, 0, {})))(params)
+            masks = jax.jit(lambda p: self.plan.pack(p, self.plan.masks(p, 0, {})[0]))(params)
         key = jax.random.key_data(jax.random.key(self.seed))
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # three buffers: donatable
         return SparseState(zeros[0], masks, self.inner.init(params), key, zeros[1], zeros[2])

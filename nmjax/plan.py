@@ -28,6 +28,7 @@ weights all get masks along their real contraction axes. Pass the :class:`Plan` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -121,15 +122,18 @@ def _identity(layout: Layout) -> jax.Array:
 
 
 def layout_search(pattern: BiMask, w: jax.Array, layout: Layout, key: jax.Array,
-                  init: Any = None) -> jax.Array:
+                  init: Any = None, axis_name: str | tuple[str, ...] | None = None
+                  ) -> jax.Array:
     """A Bi-Mask permutation per matrix of ``w`` (``layout.perm_shape``), by the pattern's
-    search, warm-started from ``init``."""
+    search, warm-started from ``init``. ``axis_name``: inside ``jax.shard_map``, the mesh
+    axes ``w``'s contraction is split across (the search sums its scores over them)."""
     w = layout.to_canonical(jax.lax.stop_gradient(w))
     keys = jax.random.split(key, layout.sizes[0])
+    search = functools.partial(pattern.search_permutation, axis_name=axis_name)
     if init is None:
-        found = _matrices(layout, lambda m, k: pattern.search_permutation(m, k), w, keys)
+        found = _matrices(layout, lambda m, k: search(m, k), w, keys)
     else:
-        found = _matrices(layout, lambda m, k, i: pattern.search_permutation(m, k, init=i),
+        found = _matrices(layout, lambda m, k, i: search(m, k, init=i),
                           w, keys, _perm_matrix(layout, init))
     return found.reshape(layout.perm_shape)
 

@@ -60,11 +60,15 @@ def main() -> None:
                                     shardings=sh if with_shardings else None)
         state = jax.eval_shape(tx.init, params)
 
-        def state_sharding(path, leaf):  # moments and masks laid out like their kernels
+        def state_sharding(path, leaf):
+            # moments and masks laid out like their kernels, Bi-Mask permutations like
+            # their output axis
             name = jax.tree_util.keystr(path)
             for layer in ("up", "down"):
                 if f"'{layer}'" in name and leaf.ndim == 2:
                     return sh[layer]["kernel"]
+                if f"'{layer}'" in name and leaf.ndim == 1 and ".perm" in name:
+                    return NamedSharding(mesh, P(kernel_spec[1]))
             return NamedSharding(mesh, P())
 
         state_sh = jax.tree_util.tree_map_with_path(state_sharding, state)
@@ -96,6 +100,19 @@ def main() -> None:
               "down": {"kernel": rng.standard_normal((F, D)).astype(np.float32)}}
     grads = jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), values)
 
+    def bimask_steps(sh):
+        """Parameters and masks after two steps of Bi-Mask with a search every step."""
+        tx = nmjax.optim.sparse(optax.adam(1e-1), plan_for("2:4 bimask"), refresh_every=1,
+                                perm_every=1, shardings=sh)
+        params, g = jax.device_put(values, sh), jax.device_put(grads, sh)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(2):
+            updates, state = update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return (jax.tree.map(np.asarray, params),
+                jax.tree.map(np.asarray, nmjax.optim.masks_of(state)))
+
     def masks_after_steps(spec, sh):
         """Masks after two refreshes of the given values, sharded by ``sh`` or not."""
         tx = nmjax.optim.sparse(optax.adam(1e-1), plan_for(spec), refresh_every=1,
@@ -117,6 +134,29 @@ def main() -> None:
                                          masks_after_steps(spec, None)))
         print(json.dumps({"mode": mode, "pattern": spec, "same_masks": bool(same)}),
               flush=True)
+
+    from nmjax.masks import BiMask
+    from nmjax.plan import from_axis, layout_masks
+
+    for mode in ("tp", "both"):  # output split: each shard searches its own channels
+        mesh, kernel_spec = meshes[mode]
+        sh = {name: {"kernel": NamedSharding(mesh, kernel_spec)} for name in ("up", "down")}
+        params, masks = bimask_steps(sh)
+        parts = mesh.shape["tp"]
+        for name in ("up", "down"):
+            w, got = params[name]["kernel"], masks[name]["kernel"]
+            width = w.shape[1] // parts
+            blocks = np.sort(got.perm.reshape(parts, width), axis=1)
+            want = layout_masks(BiMask(2, 4), w, from_axis(w.shape, 0), got.perm)
+            print(json.dumps({
+                "mode": mode, "pattern": "2:4 bimask", "kernel": name,
+                # a permutation of each shard's own channels, moved by the search
+                "perm_within_shards": bool((blocks == np.arange(w.shape[1]).reshape(
+                    parts, width)).all()),
+                "searched": bool((got.perm != np.arange(w.shape[1])).any()),
+                # the sharded masks are the unsharded masks for that permutation
+                "same_masks": bool(np.array_equal(want.fwd, got.fwd)
+                                   and np.array_equal(want.bwd, got.bwd))}), flush=True)
 
     for mode in meshes:
         runs = [(None, False), ("2:4", True), ("2:4 transposable", True), ("2:4 bimask", True)]

@@ -157,6 +157,16 @@ def _score_one(values_t: jax.Array, perm: jax.Array, n: int, m: int, score: str)
     return _topn_sum(groups, n)
 
 
+def _axis_names(axis_name: Any) -> tuple[str, ...] | None:
+    if axis_name is None:
+        return None
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(names, tuple) or not names or not all(isinstance(a, str) for a in names):
+        raise TypeError(f"axis_name must be a mesh axis name or a non-empty tuple of them, "
+                        f"got {axis_name!r}")
+    return names
+
+
 def _batch_size(k: int, elements: int) -> int:
     return max(1, min(k, _RANDOM_BATCH_ELEMENTS // max(elements, 1)))
 
@@ -184,8 +194,13 @@ def _candidates(key, out, k):
     return jax.vmap(lambda kk: jax.random.permutation(kk, out))(jax.random.split(key, k))
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "k", "score"))
-def _random_search(w, key, n, m, k, score):
+def _total(x: jax.Array, axis_name: tuple[str, ...] | None) -> jax.Array:
+    """``x`` summed over the named axes the rows of ``w`` are split across (``None``: as is)."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "k", "score", "axis_name"))
+def _random_search(w, key, n, m, k, score, axis_name=None):
     values_t = _kept_values(w, _forward(w, n, m), score, jnp.int8)  # 0/1 counts: bytes
     out = values_t.shape[0]
     keys = jax.random.split(key, k)
@@ -193,7 +208,8 @@ def _random_search(w, key, n, m, k, score):
     def one(kk):
         return _score_one(values_t, jax.random.permutation(kk, out), n, m, score)
 
-    scores = jax.lax.map(one, keys, batch_size=_batch_size(k, values_t.size))
+    scores = _total(jax.lax.map(one, keys, batch_size=_batch_size(k, values_t.size)),
+                    axis_name)
     best = jnp.argmax(scores)  # first maximum: ties go to the earlier candidate, as officially
     return jax.random.permutation(keys[best], out).astype(jnp.int32)
 
@@ -217,8 +233,8 @@ def _removal_stats(g: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return thresh, loss
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "rounds", "score"))
-def _swap_search(w, init, key, n, m, rounds, score):
+@functools.partial(jax.jit, static_argnames=("n", "m", "rounds", "score", "axis_name"))
+def _swap_search(w, init, key, n, m, rounds, score, axis_name=None):
     values_t = _kept_values(w, _forward(w, n, m), score)
     out, size_in = values_t.shape
     num_groups = out // m
@@ -239,7 +255,7 @@ def _swap_search(w, init, key, n, m, rounds, score):
         # gain[p, i, j] of swapping member i of x[p] with member j of y[p]
         gain_x = jnp.maximum(gy[:, None, :, :] - tx[:, :, None, :], 0.0).sum(-1)
         gain_y = jnp.maximum(gx[:, :, None, :] - ty[:, None, :, :], 0.0).sum(-1)
-        gain = gain_x + gain_y - lx[:, :, None] - ly[:, None, :]
+        gain = _total(gain_x + gain_y - lx[:, :, None] - ly[:, None, :], axis_name)
         flat = gain.reshape(pairs, m * m)
         best = jnp.argmax(flat, axis=-1)  # ties: lowest (i, j)
         do = flat[rows, best] > 0
@@ -298,6 +314,7 @@ def search_permutation(
     num_candidates: int | None = None,
     rounds: int | None = None,
     init: Any = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Searches a permutation of the output channels for the Bi-Mask backward mask.
 
@@ -341,6 +358,11 @@ def search_permutation(
       rounds: pairing rounds for ``"swap"`` (>= 0); ``None`` takes ``max(1, 8 // m)``
         (2 at M=4, 1 at M=8). More rounds keep more, at the cost of one more pass each.
       init: ``(out,)`` starting permutation for ``"swap"``.
+      axis_name: inside ``jax.shard_map``, the mesh axis name(s) across which the rows
+        (``in``) of ``w`` are split: each device holds a block of rows and the scores are
+        summed over these axes (one ``psum`` of the candidates' scores, or of a round's
+        ``(out / 2m, m, m)`` swap gains), so every device finds the same permutation as the
+        unsplit ``w`` would. ``None`` (default): ``w`` is whole.
 
     Returns:
       ``(out,)`` int32 permutation ``perm``: ``w[:, perm]`` has each backward group as
@@ -350,6 +372,7 @@ def search_permutation(
     w = _check_weight(w, m)
     method = _checks.check_choice(method, "method", METHODS)
     key = _checks.check_key(key, method)
+    axis_name = _axis_names(axis_name)
     if score is None:
         score = "count" if method == "random" else "magnitude"
     score = _checks.check_choice(score, "score", SCORES)
@@ -360,7 +383,7 @@ def search_permutation(
                                  "method='random'")
         k = 100 if num_candidates is None else num_candidates
         k = _checks.check_count(k, "num_candidates", 1)
-        return _random_search(w, key, n=n, m=m, k=k, score=score)
+        return _random_search(w, key, n=n, m=m, k=k, score=score, axis_name=axis_name)
     if num_candidates is not None:
         raise ValueError("num_candidates is an option of method='random', not of "
                          "method='swap' (which takes rounds)")
@@ -369,4 +392,5 @@ def search_permutation(
     if init is None:
         init = jnp.arange(out, dtype=jnp.int32)
     init = _checks.check_perm(init, out, "init")
-    return _swap_search(w, init, key, n=n, m=m, rounds=rounds, score=score)
+    return _swap_search(w, init, key, n=n, m=m, rounds=rounds, score=score,
+                        axis_name=axis_name)

@@ -310,14 +310,17 @@ class BiMask(_NMPattern):
         # never cross a spatial position; the output permutation is shared by all of them.
         return w.reshape(-1, w.shape[-1])
 
-    def search_permutation(self, w: Any, key: Any, init: Any = None) -> jax.Array:
+    def search_permutation(self, w: Any, key: Any, init: Any = None,
+                           axis_name: str | tuple[str, ...] | None = None) -> jax.Array:
         """A permutation of the output channels of ``w`` (Dense ``(in, out)`` or conv
-        ``(..., I, O)``) by :attr:`search` (``init``: a warm start for ``"swap"``).
-        Returns ``(out,)`` int32."""
+        ``(..., I, O)``) by :attr:`search` (``init``: a warm start for ``"swap"``;
+        ``axis_name``: the mesh axes the rows are split across inside ``jax.shard_map``, see
+        :func:`~nmjax.masks.search_permutation`). Returns ``(out,)`` int32."""
         w, _ = self._check_call(w, getattr(w, "ndim", 2) - 2)
         return search_permutation(
             self._as_2d(w), self.n, self.m, method=self.search, key=key, score=self.score,
-            num_candidates=self.num_candidates, rounds=self.rounds, init=init)
+            num_candidates=self.num_candidates, rounds=self.rounds, init=init,
+            axis_name=axis_name)
 
     def __call__(self, w: Any, axis: int = 0, *, perm: Any = None, key: Any = None) -> Masks:
         """``Masks(fwd, bwd, perm)`` for ``perm`` (identity when ``None``), or for a
