@@ -158,6 +158,21 @@ def main() -> None:
                 "same_masks": bool(np.array_equal(want.fwd, got.fwd)
                                    and np.array_equal(want.bwd, got.bwd))}), flush=True)
 
+    # init_masks whose permutation moves channels across output shards: refused at init
+    mesh, kernel_spec = meshes["tp"]
+    sh = {name: {"kernel": NamedSharding(mesh, kernel_spec)} for name in ("up", "down")}
+    pattern = as_pattern("2:4 bimask")
+    given = {name: {"kernel": pattern(jnp.asarray(v["kernel"]), perm=jnp.roll(
+        jnp.arange(v["kernel"].shape[1]), 1))} for name, v in values.items()}
+    tx = nmjax.optim.sparse(optax.adam(1e-1), plan_for("2:4 bimask"), init_masks=given,
+                            shardings=sh)
+    try:
+        tx.init(jax.device_put(values, sh))
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    print(json.dumps({"crossing_perm_refused": refused}), flush=True)
+
     for mode in meshes:
         runs = [(None, False), ("2:4", True), ("2:4 transposable", True), ("2:4 bimask", True)]
         if mode != "tp":

@@ -27,6 +27,8 @@ def steps():
     # an output-split Bi-Mask kernel: each shard's search permuted its own channels only
     local = [r for r in checks if "perm_within_shards" in r]
     assert len(local) == 4 and all(r["perm_within_shards"] and r["searched"] for r in local)
+    refused = [r["crossing_perm_refused"] for r in rows if "crossing_perm_refused" in r]
+    assert refused and "across the 8 output shards" in refused[0], refused
     rows = [r for r in rows if "collectives" in r]
     return {(r["mode"], r["pattern"], r["shardings"]): {k: tuple(v) for k, v in
                                                         r["collectives"].items()}
