@@ -96,8 +96,9 @@ def _decay_cotangent(decay):
 
 class _DenseConfig(NamedTuple):
     """The static half of a dense product (hashed as ``custom_vjp``'s one non-differentiable
-    argument): the backend and problem of each product, and whether both are the reference
-    on one mask, so that the input gradient reuses the forward's masked kernel."""
+    argument): the backend and problem of each product, and whether both are the reference,
+    so that the forward masks the kernel for both products in one pass and the input
+    gradient reads the kernel masked for it (the forward's own when the masks are one)."""
 
     fwd: tuple[Backend, Problem]
     bwd: tuple[Backend, Problem]
@@ -112,14 +113,19 @@ def _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, cfg: _DenseConfig):
 
 def _dense2d_fwd(x2d, w, fwd_mask, bwd_mask, perm, decay, cfg: _DenseConfig):
     if cfg.shared:
-        # One pass over W fewer per step: the input gradient reuses this masked kernel.
+        # One pass over W fewer per step: both masked kernels come from one read of W (XLA
+        # fuses the two selects), and the input gradient keeps its masked kernel, not W and
+        # its mask (one residual of W's size instead of W's and the masks').
         w_masked = backends.masked(w, fwd_mask)
+        w_bwd = w_masked if bwd_mask is None else backends.masked(w, bwd_mask)
         y = backends.masked_forward(x2d, w_masked, precision=cfg.fwd[1].precision)
         w_res = w if decay is not None else None  # the decay term needs the dense W
-        return y, (x2d, w_masked, w_res, fwd_mask, None, perm, decay)
+        return y, (x2d, w_bwd, w_res, fwd_mask if decay is not None else None, None, perm,
+                   decay)
     backend, problem = cfg.fwd
     y = backend.run(problem, x2d, w, fwd_mask)
-    return y, (x2d, None, w, fwd_mask, bwd_mask, perm, decay)
+    return y, (x2d, None, w, fwd_mask, fwd_mask if bwd_mask is None else bwd_mask, perm,
+               decay)
 
 
 def _dense2d_bwd(cfg: _DenseConfig, res, dy2d):
@@ -231,8 +237,9 @@ def nm_dense(
     x2d = x.reshape(-1, w.shape[0])
     fwd, bwd = _plan(backend, x2d.shape[0], w.shape, dtype, fwd_nm, bwd_nm, perm is not None,
                      _check_precision(precision))
-    shared = fwd[0] is REFERENCE and bwd[0] is REFERENCE and bwd_mask is fwd_mask
-    y = _dense2d(x2d, w, fwd_mask, bwd_mask, perm, decay, _DenseConfig(fwd, bwd, shared))
+    shared = fwd[0] is REFERENCE and bwd[0] is REFERENCE
+    y = _dense2d(x2d, w, fwd_mask, None if bwd_mask is fwd_mask else bwd_mask, perm, decay,
+                 _DenseConfig(fwd, bwd, shared))
     return y.reshape(*lead, w.shape[1])
 
 
