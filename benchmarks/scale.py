@@ -117,14 +117,21 @@ def kernel_spec(path: str, ndim: int) -> P:
 
 def state_shardings(state, param_sh, mesh):
     """The optimizer state laid out like the parameters: each leaf under a parameter's
-    path with the parameter's rank takes its sharding (moments, packed masks)."""
+    path with the parameter's rank takes its sharding (moments, packed masks); a Bi-Mask
+    permutation ``(layers, out)`` of a kernel ``(layers, in, out)`` its output axis's."""
     by_key = {jax.tree_util.keystr(p): s for p, s in
               jax.tree_util.tree_flatten_with_path(param_sh)[0]}
 
     def one(path, leaf):
         key = jax.tree_util.keystr(path)
         hits = [k for k in by_key if k in key and len(by_key[k].spec) == leaf.ndim]
-        return by_key[max(hits, key=len)] if hits else NamedSharding(mesh, P())
+        if hits:
+            return by_key[max(hits, key=len)]
+        kernels = [k for k in by_key if k in key and len(by_key[k].spec) == leaf.ndim + 1]
+        if key.endswith(".perm") and kernels:
+            spec = by_key[max(kernels, key=len)].spec
+            return NamedSharding(mesh, P(*spec[:-2], spec[-1]))
+        return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, state)
 
@@ -263,7 +270,8 @@ def write(rows, times, layer_weights, weights) -> None:
         f"{weights / 1e9:.3f} B parameters, abstract (`jax.eval_shape`). Mesh 2 (fsdp) x 4 "
         "(tp), kernels FSDP x TP (`benchmarks/scale.py`'s `kernel_spec`), optimizer state "
         f"laid out like the parameters, batch {BATCH} x {SEQ} tokens over fsdp. Every "
-        "kernel of the 22 layers is sparse (the embedding and the LM head stay dense). "
+        "kernel of the 22 layers is sparse (the embedding and the LM head stay dense); "
+        "Bi-Mask permutations are laid out like their kernel's output axis. "
         "Sparse steps: `nmjax.optim.sparse(optax.adam(1e-4), plan, refresh_every=1, "
         "shardings=...)` (Bi-Mask: `perm_every=100`), static sparse layers reading the "
         "state's masks (expanded from the packed state inside the step).",

@@ -16,6 +16,8 @@ the amortised cost weighs each class's median by how often the schedule runs it.
   .venv/bin/python benchmarks/train_step.py            # writes results/train.md
   .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds, prints only
   .venv/bin/python benchmarks/train_step.py --expansion --rounds 10   # unpacking the masks
+  .venv/bin/python benchmarks/train_step.py --only "Bi-Mask (swap search), wrapper, refresh 100" \
+      --rounds 6                   # dense and the variants whose label holds a string; prints
 """
 
 from __future__ import annotations
@@ -175,8 +177,9 @@ def allocator() -> str:
     return "glibc malloc, default settings"
 
 
-def measure(rounds: int, steps: int):
-    """Times every variant in turns; returns the table rows and the timing context."""
+def measure(rounds: int, steps: int, only: list[str] | None = None):
+    """Times every variant (``only``: those whose label contains one of these strings, and
+    dense) in turns; returns the table rows and the timing context."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((TOKENS, D)), jnp.float32)
     params = Block().init(jax.random.key(0), x)["params"]
@@ -188,6 +191,9 @@ def measure(rounds: int, steps: int):
         for every in (1, 10, 100):
             makers.append((f"{label}, wrapper, refresh {every}",
                            lambda p=pattern, k=every: wrapper_step(p, k)))
+    if only:
+        makers = makers[:1] + [(label, make) for label, make in makers[1:]
+                               if any(o in label for o in only)]
     load0 = os.getloadavg()
     t_start = time.perf_counter()
     variants = []
@@ -266,6 +272,9 @@ def main():
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc settings (print only)")
     ap.add_argument("--table-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="time dense and the variants whose label contains TEXT (repeatable); "
+                         "print only")
     ap.add_argument("--expansion", action="store_true",
                     help="time the expansion of the state's packed masks alone; print only")
     args = ap.parse_args()
@@ -277,11 +286,11 @@ def main():
     if args.expansion:
         expansion(rounds)
         return
-    rows, context = measure(rounds, args.steps)
+    rows, context = measure(rounds, args.steps, args.only)
     if args.table_only:
         print("TABLE-START\n" + context + "\n" + "\n".join(table(rows)), flush=True)
         return
-    if args.quick or args.system_malloc:
+    if args.quick or args.system_malloc or args.only:
         return
     # The same variants under glibc's default settings, in a fresh process (fewer rounds).
     other = subprocess.run(
