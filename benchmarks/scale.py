@@ -226,6 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
     mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    load0 = os.getloadavg()
     rows, dense = [], None
     for pattern in (None, *PATTERNS):
         mem, coll, seconds, weights = plan_step(cfg, pattern, mesh)
@@ -247,14 +248,26 @@ def main() -> None:
               f"{t / layer_weights * 1e9:.2f} s per 1e9 weights", flush=True)
     if args.quick:
         return
-    write(rows, times, layer_weights, weights)
+    load = " ".join(f"{v:.2f}" for v in load0) + " → " + " ".join(
+        f"{v:.2f}" for v in os.getloadavg())
+    write(rows, times, layer_weights, weights, load)
 
 
 def _coll_text(coll: dict) -> str:
     return ", ".join(f"{k} {c} ({mib(b)} MiB)" for k, (c, b) in sorted(coll.items())) or "none"
 
 
-def write(rows, times, layer_weights, weights) -> None:
+BIMASK_NOTE = (
+    "Bi-Mask's extra all-reduces are its permutation search's (run every `perm_every` "
+    "steps): each output shard searches its own channels, and the contraction shards of "
+    "one output block sum their swap gains, one all-reduce per kernel of 2 float32 per "
+    "output channel of the shard (7 kernels, 43 KiB per device in all). What every "
+    "sparse step adds to the temporaries (462 MiB per device here, 4 B per sparse weight "
+    "this device holds) is each layer's masked kernel, kept by the forward pass for the "
+    "input gradient; the masks enter the layer scan bit-packed.")
+
+
+def write(rows, times, layer_weights, weights, load) -> None:
     sparse_weights = FULL["layers"] * layer_weights
     dense = rows[0]
     lines = [
@@ -262,7 +275,7 @@ def write(rows, times, layer_weights, weights) -> None:
         "",
         f"Measured {datetime.date.today()} on a shared 2-core CPU ({platform.machine()}), "
         f"jax {jax.__version__}, 8 host devices forced with `--xla_force_host_platform_device_"
-        "count=8`. Command: `python benchmarks/scale.py`.",
+        f"count=8`; load average {load}. Command: `python benchmarks/scale.py`.",
         "",
         f"Model: Llama-style decoder, d_model {FULL['d']}, FFN {FULL['ffn']} (SwiGLU), "
         f"{FULL['layers']} layers stacked with `nn.scan`, {FULL['heads']} query / "
@@ -297,6 +310,8 @@ def write(rows, times, layer_weights, weights) -> None:
         f"Mask state = the step's arguments beyond dense Adam's, per device; "
         f"{sparse_weights / 1e9:.3f} B weights are sparse (8 devices hold one copy of the "
         "state between them). Bi-Mask's includes its int32 permutations.",
+        "",
+        BIMASK_NOTE,
     ]
     lines += [
         "",

@@ -436,10 +436,19 @@ def _raise_bad_perms(paths: tuple[str, ...], ok: Any) -> None:
                          "perm replaced?")
 
 
+def _raise_bad_local_perm(path: str, ok: Any) -> None:
+    if not bool(np.asarray(ok)):
+        raise ValueError(f"the Bi-Mask permutation of {path!r} is not a permutation of each "
+                         "output shard's own channels (a channel moved across shards, or "
+                         "repeated or out-of-range indices): a kernel sharded along its output "
+                         "keeps its permutation within each shard; was the optimizer state's "
+                         "perm replaced?")
+
+
 def _check_local_perm(path: str, ok: jax.Array) -> None:
     """Inside a shard: raises (host callback) where the shard's block of ``path``'s
     permutation is not a permutation of the shard's own output channels."""
-    jax.debug.callback(functools.partial(_raise_bad_perms, (path,)), ok[None])
+    jax.debug.callback(functools.partial(_raise_bad_local_perm, path), ok)
 
 
 def _check_perms(masks: Any, skip: frozenset[str] = frozenset()) -> None:

@@ -172,6 +172,19 @@ def main() -> None:
     except ValueError as err:
         refused = str(err)
     print(json.dumps({"crossing_perm_refused": refused}), flush=True)
+    # ... and, put into the state under jit, refused by the refresh's check in each shard
+    tx = nmjax.optim.sparse(optax.adam(1e-1), plan_for("2:4 bimask"), shardings=sh)
+    params = jax.device_put(values, sh)
+    state = tx.init(params)
+    packed = state.masks["up"]["kernel"]
+    bad = packed._replace(perm=jnp.roll(packed.perm, 1))
+    state = state._replace(masks={**state.masks, "up": {"kernel": bad}})
+    try:
+        jax.block_until_ready(jax.jit(tx.update)(grads, state, params))
+        raised = ""
+    except Exception as err:  # noqa: BLE001 - the host callback's error, wrapped by jax
+        raised = str(err)
+    print(json.dumps({"crossing_perm_raised": raised[-600:]}), flush=True)
 
     for mode in meshes:
         runs = [(None, False), ("2:4", True), ("2:4 transposable", True), ("2:4 bimask", True)]

@@ -29,6 +29,8 @@ def steps():
     assert len(local) == 4 and all(r["perm_within_shards"] and r["searched"] for r in local)
     refused = [r["crossing_perm_refused"] for r in rows if "crossing_perm_refused" in r]
     assert refused and "across the 8 output shards" in refused[0], refused
+    raised = [r["crossing_perm_raised"] for r in rows if "crossing_perm_raised" in r]
+    assert raised and "up/kernel" in raised[0] and "own channels" in raised[0], raised
     rows = [r for r in rows if "collectives" in r]
     return {(r["mode"], r["pattern"], r["shardings"]): {k: tuple(v) for k, v in
                                                         r["collectives"].items()}
