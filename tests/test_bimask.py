@@ -271,6 +271,24 @@ def test_search_deterministic_and_jittable(method):
     np.testing.assert_array_equal(eager, jitted)
 
 
+@pytest.mark.parametrize("method", ["random", "swap"])
+def test_search_over_row_blocks_summed_by_axis_name_is_the_whole_search(method):
+    # The rows (in) split in 4 blocks, one per mapped device (vmap stands in for shard_map's
+    # mesh axis); count scores are integers, so the summed scores are exactly the whole's.
+    w = _weights(6, (32, 16))
+    key = jax.random.key(2)
+    kw = dict(method=method, key=key, score="count")
+    if method == "random":
+        kw["num_candidates"] = 8
+    whole = search_permutation(w, 2, 4, **kw)
+    blocks = jax.vmap(lambda b: search_permutation(b, 2, 4, axis_name="rows", **kw),
+                      axis_name="rows")(w.reshape(4, 8, 16))
+    for perm in blocks:
+        np.testing.assert_array_equal(perm, whole)
+    with pytest.raises(TypeError, match="axis_name"):
+        search_permutation(w, 2, 4, axis_name=3, **kw)
+
+
 def test_random_search_depends_on_key():
     n, m, shape = CASES[0]
     w = _weights(4, shape)
