@@ -38,6 +38,7 @@ from nmjax import _checks, _oneshot
 from nmjax import _convert_solve as solve
 from nmjax._convert_capture import Model, Site, stacked
 from nmjax._progress import Bars
+from nmjax._text import table
 from nmjax.masks import NM, BiMask, Masks, Pattern, Transposable, as_pattern
 from nmjax.plan import LeafPlan, Plan, _matches, as_rules, layout_reason, plan_for_params
 from nmjax.tree import MaskRule, apply_masks, path_str
@@ -85,13 +86,6 @@ _METHOD_NAMES = {"lstsq": "AdaPrune", "adam": "AdaPrune", "sparsegpt": "SparseGP
                  "wanda": "Wanda"}
 
 
-def _table(head: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    fmt = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths))
-    return [fmt.format(*head), fmt.format(*("-" * w for w in widths)),
-            *(fmt.format(*row) for row in body)]
-
-
 @dataclasses.dataclass(frozen=True)
 class ConversionReport:
     """Per layer: density, output error after magnitude N:M and after AdaPrune, time; for
@@ -124,12 +118,12 @@ class ConversionReport:
                  f"{r.error_magnitude:.4f}", f"{r.error_adaprune:.4f}",
                  f"{r.fit_error_magnitude:.4f}", f"{r.fit_error_adaprune:.4f}",
                  f"{r.seconds:.2f}") for r in self.layers]
-        lines = _table(head, body, set(range(4, 10)))
+        lines = table(head, body, set(range(4, 10)))
         if self.model:
             metrics = list(dict.fromkeys(k for v in self.model.values() for k in v))
             rows = [(stage, *(f"{values[k]:.4f}" if k in values else "" for k in metrics))
                     for stage, values in self.model.items()]
-            lines += ["", *_table(("model", *metrics), rows, set(range(1, len(metrics) + 1)))]
+            lines += ["", *table(("model", *metrics), rows, set(range(1, len(metrics) + 1)))]
         return "\n".join(lines)
 
 

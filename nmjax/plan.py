@@ -40,6 +40,7 @@ import numpy as np
 
 from nmjax import _graph
 from nmjax._graph import Layout
+from nmjax._text import table
 from nmjax.masks import BiMask, Masks, Pattern
 from nmjax.tree import MaskRule, path_str
 
@@ -269,10 +270,7 @@ class Plan:
             body.append((leaf.path, leaf.op, "x".join(map(str, leaf.shape)),
                          str(leaf.layout.contract) + stack, str(leaf.layout.out),
                          leaf.pattern.label, f"{n / m:.3f}"))
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-        fmt = "  ".join(f"{{:{'>' if i == 6 else '<'}{w}}}" for i, w in enumerate(widths))
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in body]
+        lines = table(head, body, {6})
         lines.append(f"{len(self.leaves)} parameters sparse ({kept:,} of {total:,} weights: "
                      f"density {kept / max(total, 1):.3f} kept)")
         for path, reason in self.dense:

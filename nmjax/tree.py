@@ -24,6 +24,7 @@ import numpy as np
 
 from nmjax import _checks
 from nmjax._progress import Bars
+from nmjax._text import table
 from nmjax.masks import Masks, Pattern, Transposable, as_pattern, transposable_mask_lp
 
 Path = str
@@ -259,10 +260,7 @@ class MaskSummary(NamedTuple):
         head = ("path", "shape", "axes (contract -> out)", "pattern", "density")
         body = [(r.path, "x".join(map(str, r.shape)), r.axes, r.pattern, f"{r.density:.3f}")
                 for r in self.rows]
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(5)]
-        fmt = "  ".join(f"{{:{'>' if i == 4 else '<'}{w}}}" for i, w in enumerate(widths))
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in body]
+        lines = table(head, body, {4})
         lines.append(f"total: {self.kept:,} of {self.total:,} parameters kept "
                      f"(density {self.density:.3f})")
         return "\n".join(lines)
