@@ -123,7 +123,7 @@ class Bench:
                           context=s["context"], d_model=s["d_model"], layers=s["layers"],
                           warmup=s["warmup"], eval_every=s["eval_every"],
                           eval_windows=s["eval_windows"], train_limit=s["train_limit"])
-        self.gpt2 = s["model"] == "gpt2"
+        self.gpt2 = s.get("model", "lm") == "gpt2"
         t0 = time.perf_counter()
         if self.gpt2:
             self.model, self.params = train_gpt2(cfg, data)
@@ -230,7 +230,7 @@ def run(s) -> str:
     rows, ft_rows, time_rows, errors, by_pattern = [], [], [], {}, {}
     tuned_by_pattern = {}
     for pattern in s["patterns"]:
-        rule = MaskRule(as_pattern(pattern), exclude=EXCLUDE[s["model"]])
+        rule = MaskRule(as_pattern(pattern), exclude=EXCLUDE[s.get("model", "lm")])
         losses, tuned, seconds = {}, {}, {}
         convs = {}
         for method in METHODS:
@@ -259,7 +259,7 @@ def run(s) -> str:
                                                       for r in convs["wanda"].layers]))
 
     # The calibration-set size curve of the best method at 2:4.
-    rule = MaskRule("2:4", exclude=EXCLUDE[s["model"]])
+    rule = MaskRule("2:4", exclude=EXCLUDE[s.get("model", "lm")])
     best = min(METHODS, key=lambda k: by_pattern["2:4"][k])
     tuned_24 = tuned_by_pattern["2:4"]
     curve = []
