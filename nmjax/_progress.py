@@ -55,6 +55,11 @@ class Bars:
 
         yield update
 
+    def print(self, text: str) -> None:
+        """A line under the bars (nothing without a display)."""
+        if self.progress is not None:
+            self.progress.console.print(text)
+
     def done(self, description: str) -> None:
         """Marks the last item's bar complete, with a final description."""
         if self.progress is not None and self.task is not None:

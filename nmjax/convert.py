@@ -40,7 +40,7 @@ from nmjax._convert_capture import Model, Site, stacked
 from nmjax._progress import Bars
 from nmjax._text import table
 from nmjax.masks import NM, BiMask, Masks, Pattern, Transposable, as_pattern
-from nmjax.plan import LeafPlan, Plan, _matches, as_rules, layout_reason, plan_for_params
+from nmjax.plan import LeafPlan, Plan, as_rules, layout_reason, plan_for_params
 from nmjax.tree import MaskRule, apply_masks, path_str
 
 SOLVERS = ("auto", "lstsq", "adam")
@@ -337,12 +337,24 @@ def _bias_of(flat: Mapping[str, Any], unit: _Unit) -> Any:
     return jnp.reshape(bias, (site.stacked, width))[unit.index]
 
 
-def _inputs(setup: _Setup, params: Any, batch: tuple[jax.Array, ...], unit: _Unit
-            ) -> tuple[jax.Array, ...]:
-    """The unit's inputs on ``batch``, one array per call, samples first."""
-    path = unit.site.path
-    records = setup.model.capture(params, batch, frozenset({path}))[path]
-    return tuple(stacked(x, key, unit.site.stacked)[unit.index] for key, x in records)
+class _Inputs:
+    """The units' inputs on a batch, captured once per kernel from ``params`` (all its
+    stacked layers at once) until :meth:`invalidate` says ``params`` changed."""
+
+    def __init__(self, setup: _Setup, batch: tuple[jax.Array, ...]):
+        self.setup, self.batch = setup, batch
+        self.cache: dict[str, tuple[jax.Array, ...]] = {}
+
+    def invalidate(self) -> None:
+        self.cache.clear()
+
+    def __call__(self, params: Any, unit: _Unit) -> tuple[jax.Array, ...]:
+        """One array per call of the unit's products, ``(samples, ...)``."""
+        path, count = unit.site.path, unit.site.stacked
+        if path not in self.cache:
+            records = self.setup.model.capture(params, self.batch, frozenset({path}))[path]
+            self.cache[path] = tuple(stacked(x, key, count) for key, x in records)
+        return tuple(x[unit.index] for x in self.cache[path])
 
 
 def _write(params: Any, unit: _Unit, kernel2: np.ndarray, bias: np.ndarray | None) -> Any:
@@ -390,15 +402,17 @@ def _convert(setup: _Setup, solve_unit: SolveUnit, *, sequential: bool, progress
     magnitude: dict[str, Masks] = {}
     reports = []
     units = [_Unit(site, s) for site in setup.sites for s in range(site.stacked)]
+    # Without ``sequential`` every unit's inputs come from the dense model: captured once.
+    fit_inputs = _Inputs(setup, setup.args)
+    held_inputs = _Inputs(setup, setup.held) if setup.held is not None else None
     with _Bars(progress) as bars:
         for index, unit in enumerate(units):
             t0 = time.perf_counter()
             leaf = unit.site.leaf
             source = current if sequential else dense
-            inputs = _inputs(setup, source, setup.args, unit)
+            inputs = fit_inputs(source, unit)
             _check_finite_inputs(inputs, unit.name)
-            held = (_inputs(setup, source, setup.held, unit) if setup.held is not None
-                    else None)
+            held = held_inputs(source, unit) if held_inputs is not None else None
             kernel = dense_flat[leaf.path]
             if leaf.path not in magnitude:
                 magnitude[leaf.path] = leaf.masks(jnp.asarray(kernel))
@@ -423,6 +437,10 @@ def _convert(setup: _Setup, solve_unit: SolveUnit, *, sequential: bool, progress
                         else fit_err)
             current = _write(current, unit, solved.new[:d],
                              solved.new[d] if solved.fit_bias and bias is not None else None)
+            if sequential:  # later units read the model converted so far
+                fit_inputs.invalidate()
+                if held_inputs is not None:
+                    held_inputs.invalidate()
             found.setdefault(leaf.path, []).append(solved.masks)
             size = d * unit.site.geometry.out
             reports.append(LayerReport(
@@ -504,17 +522,16 @@ class _AdaPrune:
     bias: bool
     absorb_mean: bool
     key: jax.Array
-    samples: int
 
     def pick(self, unit: _Unit, inputs: tuple, kmax: int) -> str:
         """``solver``, or for ``"auto"`` the cheaper by the measured cost model."""
         if self.solver != "auto":
             return self.solver
-        geom = unit.site.geometry
+        geom, samples = unit.site.geometry, inputs[0].shape[0]
         per_sample = solve.rows_per_sample(geom, inputs)
-        cheap = (solve.lstsq_cost(geom, self.samples * per_sample, kmax)
+        cheap = (solve.lstsq_cost(geom, samples * per_sample, kmax)
                  <= solve.adam_cost(geom, per_sample, self.iters, self.batch))
-        return "lstsq" if cheap or self.batch > self.samples else "adam"
+        return "lstsq" if cheap or self.batch > samples else "adam"
 
     def __call__(self, index: int, unit: _Unit, inputs: tuple, w: jax.Array, masks: Masks,
                  has_bias: bool, bars: _Bars) -> _Solved:
@@ -653,7 +670,7 @@ def adaprune(
     options = _AdaPrune(
         solver, _checks.check_count(iters, "iters", 1), _check_positive(lr, "lr"),
         _check_positive(bias_lr, "bias_lr"), _checks.check_count(batch, "batch", 1),
-        _check_positive(damping, "damping", zero=True), bias, absorb_mean, _check_key(key), 0)
+        _check_positive(damping, "damping", zero=True), bias, absorb_mean, _check_key(key))
     setup = _setup(model, calibration_batch, rule, held_out, collections, call_kwargs,
                    "AdaPrune")
     if solver == "adam" and batch > setup.samples:
@@ -664,7 +681,6 @@ def adaprune(
             if site.leaf.pattern.fwd_nm is None:
                 raise ValueError(f"absorb_mean needs an N:M pattern; {site.path!r} has "
                                  f"{site.leaf.pattern.label!r}, which declares no fwd_nm")
-    options = dataclasses.replace(options, samples=setup.samples)
     return _convert(setup, options, sequential=sequential, progress=progress)
 
 
@@ -992,21 +1008,22 @@ def rules_for_density(params: Any, m: int, plan: Plan | None = None, *, kind: st
       ValueError: a kernel that the chosen pattern cannot take along its layout (the leaf
         is named).
     """
-    groups: dict[str, list[str]] = {}
-    kernels = _kernels(params, plan, include, exclude, predicate)
-    for path, leaf, _ in kernels:
+    groups: dict[str, list[LeafPlan]] = {}
+    for _, leaf, leaf_plan in _kernels(params, plan, include, exclude, predicate):
         density = float(jnp.count_nonzero(leaf)) / max(math.prod(leaf.shape), 1)
-        groups.setdefault(f"{choose_n(density, m, confidence=confidence)}:{m}", []).append(path)
-    rules = tuple(MaskRule(as_pattern(nm, kind), include=tuple(f"^{re.escape(p)}$"
-                                                               for p in paths))
-                  for nm, paths in groups.items())
-    for path, _, leaf_plan in kernels:  # fail here, naming the leaf, not later in adaprune
-        pattern = next(r.pattern for r in rules if _matches(r, path, None))
-        reason = layout_reason(pattern, leaf_plan.layout)
-        if reason is not None:
-            raise ValueError(f"{path!r} of shape {leaf_plan.shape} cannot take pattern "
-                             f"{pattern.label!r}: {reason}; exclude it")
-    return rules
+        nm = f"{choose_n(density, m, confidence=confidence)}:{m}"
+        groups.setdefault(nm, []).append(leaf_plan)
+    rules = []
+    for nm, leaves in groups.items():
+        pattern = as_pattern(nm, kind)
+        for leaf_plan in leaves:  # fail here, naming the leaf, not later in adaprune
+            reason = layout_reason(pattern, leaf_plan.layout)
+            if reason is not None:
+                raise ValueError(f"{leaf_plan.path!r} of shape {leaf_plan.shape} cannot take "
+                                 f"pattern {pattern.label!r}: {reason}; exclude it")
+        rules.append(MaskRule(pattern, include=tuple(f"^{re.escape(p.path)}$"
+                                                     for p in leaves)))
+    return tuple(rules)
 
 
 class Pruned(NamedTuple):

@@ -261,10 +261,12 @@ def _check_precision(precision: Any) -> Any:
         if isinstance(p, str):
             try:
                 return lax.Precision(p)
-            except ValueError:
-                pass
-        raise TypeError(f"precision must be None, a jax.lax.Precision, its name or a pair of "
-                        f"them, got {precision!r}")
+            except ValueError as e:  # an unknown name
+                raise TypeError(bad) from e
+        raise TypeError(bad)
+
+    bad = (f"precision must be None, a jax.lax.Precision, its name or a pair of them, got "
+           f"{precision!r}")
 
     if isinstance(precision, tuple | list) and len(precision) == 2:
         return (one(precision[0]), one(precision[1]))

@@ -350,9 +350,8 @@ def build_masks_lp(
             bars.done(f"leaf {done + 1}/{total} {leaf.path}")
             mask = np.asarray(layout.from_canonical(jnp.asarray(mask)))
             solved[leaf.path] = Masks(mask, mask, None)
-        if bars.progress is not None and total:
-            bars.progress.console.print(f"{total} leaves solved in "
-                                        f"{time.perf_counter() - t0:.1f}s")
+        if total:
+            bars.print(f"{total} leaves solved in {time.perf_counter() - t0:.1f}s")
     return jax.tree_util.tree_map_with_path(lambda kp, _: solved.get(path_str(kp)), params)
 
 

@@ -32,6 +32,10 @@ from nmjax.backends import Backend, Problem
 from nmjax.export import PackedLeaf, is_packed
 from nmjax.nn.nnx import SparseLinear
 
+_NOT_LIFTED = ("a packed kernel cannot be lifted over nn.scan/nn.vmap (its packed values and "
+               "metadata have no per-layer axis): serve such a model from its dense masked "
+               "parameters (nmjax.export.unpack_params)")
+
 
 class PackedKernel(struct.PyTreeNode, meta.AxisMetadata):
     """A Linen parameter box holding a :class:`~nmjax.export.PackedLeaf`; ``self.param``
@@ -46,11 +50,13 @@ class PackedKernel(struct.PyTreeNode, meta.AxisMetadata):
         raise TypeError("a packed kernel is read-only (packed inference); train the dense "
                         "parameters and pack them again")
 
+    # A packed leaf's values and metadata have no per-layer axis to split off: a model whose
+    # layers are lifted by nn.scan / nn.vmap is served from its dense masked parameters.
     def add_axis(self, index: int, params: dict[Any, Any]) -> Any:
-        raise NotImplementedError("packed kernels cannot be lifted over nn.scan/nn.vmap")
+        raise TypeError(_NOT_LIFTED)
 
     def remove_axis(self, index: int, params: dict[Any, Any]) -> Any:
-        raise NotImplementedError("packed kernels cannot be lifted over nn.scan/nn.vmap")
+        raise TypeError(_NOT_LIFTED)
 
 
 class PackedMasks(PackedKernel):
