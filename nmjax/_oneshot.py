@@ -70,8 +70,19 @@ def sparsegpt(geom: solve.Geometry, inputs: tuple[jax.Array, ...], w: jax.Array,
     Returns:
       ``(new (d, out) float32, mask (d, out) bool)``: ``new`` is 0 outside ``mask``.
     """
-    d, out = w.shape
-    m = pattern.fwd_nm[1]
+    d = w.shape[0]
+    w, lower, blocks = _inverse_factor(geom, inputs, w, damping, block)
+    sweep = functools.partial(_sweep_block, pattern, block, blocks, lower, progress)
+    w, mask = jax.lax.fori_loop(0, blocks, sweep, (w, jnp.zeros(w.shape, bool)))
+    return w[:d], mask[:d]
+
+
+def _inverse_factor(geom: solve.Geometry, inputs: tuple[jax.Array, ...], w: jax.Array,
+                    damping: jax.Array, block: int) -> tuple[jax.Array, jax.Array, int]:
+    """``(w, lower, blocks)``: the weights (dead inputs' rows zeroed) and the lower Cholesky
+    factor of the damped ``H⁻¹``, both padded to ``blocks · block`` rows (identity Hessian,
+    zero weights)."""
+    d = w.shape[0]
     h = solve.gram(geom, inputs)[:d, :d]
     dead = jnp.diag(h) == 0
     h = h + jnp.diag(dead.astype(h.dtype))
@@ -86,47 +97,53 @@ def sparsegpt(geom: solve.Geometry, inputs: tuple[jax.Array, ...], w: jax.Array,
     hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(size, dtype=h.dtype))
     # H⁻¹ = Uᵀ U with U upper = the transpose of the lower factor: row j of U is column j of
     # `lower`; rows above a block are 0 there, so the block's update never reaches them.
-    lower = jnp.linalg.cholesky(hinv)
-    groups = block // m
+    return w, jnp.linalg.cholesky(hinv), blocks
 
-    def sweep_block(b, carry):
-        w, mask = carry
-        i1 = b * block
-        u_rows = jax.lax.dynamic_slice_in_dim(lower, i1, block, axis=1).T     # (block, size)
-        u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, block, axis=1)          # (block, block)
-        diag1 = jnp.diag(u1)
-        w1 = jax.lax.dynamic_slice_in_dim(w, i1, block, axis=0)
 
-        def group(g, carry):
-            w1, err1, mask1 = carry
-            slab = jax.lax.dynamic_slice_in_dim(w1, g * m, m, axis=0)
-            scale = jax.lax.dynamic_slice_in_dim(diag1, g * m, m)
-            keep = select(pattern, slab ** 2 / (scale ** 2)[:, None], 0)
-            mask1 = jax.lax.dynamic_update_slice_in_dim(mask1, keep, g * m, axis=0)
+def _sweep_block(pattern: Pattern, block: int, blocks: int, lower: jax.Array, progress: bool,
+                 b: jax.Array, carry: tuple[jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Block ``b`` of the sweep: its groups pruned one by one, then the rows below it take
+    the block's errors at once."""
+    w, mask = carry
+    i1 = b * block
+    u_rows = jax.lax.dynamic_slice_in_dim(lower, i1, block, axis=1).T     # (block, size)
+    u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, block, axis=1)          # (block, block)
+    w1 = jax.lax.dynamic_slice_in_dim(w, i1, block, axis=0)
+    init = (w1, jnp.zeros_like(w1), jnp.zeros(w1.shape, bool))
+    group = functools.partial(_prune_group, pattern, u1)
+    w1, err1, mask1 = jax.lax.fori_loop(0, block // pattern.fwd_nm[1], group, init)
+    w = w - jnp.matmul(u_rows.T, err1, precision=HIGHEST)
+    w = jax.lax.dynamic_update_slice_in_dim(w, w1, i1, axis=0)
+    mask = jax.lax.dynamic_update_slice_in_dim(mask, mask1, i1, axis=0)
+    if progress:
+        solve._tick(b, blocks, 1)
+    return w, mask
 
-            def row(k, carry):
-                w1, err1 = carry
-                j = g * m + k
-                wj = w1[j]
-                q = jnp.where(keep[k], wj, 0.0)
-                e = (wj - q) / u1[j, j]
-                w1 = w1 - jnp.outer(u1[j], e)
-                return w1.at[j].set(q), err1.at[j].set(e)
 
-            w1, err1 = jax.lax.fori_loop(0, m, row, (w1, err1))
-            return w1, err1, mask1
+def _prune_group(pattern: Pattern, u1: jax.Array, g: jax.Array,
+                 carry: tuple[jax.Array, jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Group ``g`` (``m`` rows) of a block: its mask from the saliencies of its current
+    weights, then each row pruned and the block's later rows updated (OBS)."""
+    w1, err1, mask1 = carry
+    m = pattern.fwd_nm[1]
+    slab = jax.lax.dynamic_slice_in_dim(w1, g * m, m, axis=0)
+    scale = jax.lax.dynamic_slice_in_dim(jnp.diag(u1), g * m, m)
+    keep = select(pattern, slab ** 2 / (scale ** 2)[:, None], 0)
+    mask1 = jax.lax.dynamic_update_slice_in_dim(mask1, keep, g * m, axis=0)
 
-        init = (w1, jnp.zeros_like(w1), jnp.zeros(w1.shape, bool))
-        w1, err1, mask1 = jax.lax.fori_loop(0, groups, group, init)
-        w = w - jnp.matmul(u_rows.T, err1, precision=HIGHEST)
-        w = jax.lax.dynamic_update_slice_in_dim(w, w1, i1, axis=0)
-        mask = jax.lax.dynamic_update_slice_in_dim(mask, mask1, i1, axis=0)
-        if progress:
-            solve._tick(b, blocks, 1)
-        return w, mask
+    def row(k, carry):
+        w1, err1 = carry
+        j = g * m + k
+        wj = w1[j]
+        q = jnp.where(keep[k], wj, 0.0)
+        e = (wj - q) / u1[j, j]
+        w1 = w1 - jnp.outer(u1[j], e)
+        return w1.at[j].set(q), err1.at[j].set(e)
 
-    w, mask = jax.lax.fori_loop(0, blocks, sweep_block, (w, jnp.zeros(w.shape, bool)))
-    return w[:d], mask[:d]
+    w1, err1 = jax.lax.fori_loop(0, m, row, (w1, err1))
+    return w1, err1, mask1
 
 
 @functools.partial(jax.jit, static_argnames=("geom",))
